@@ -1,0 +1,24 @@
+"""Functional mHC operators: the reference implementation of the method, in plain PyTorch.
+
+Conventions (stated here once; every other module, kernel and doc follows them):
+
+* Streams of a token are an ``n x C`` matrix, stream ``i`` is row ``i``. Operators take them as
+  ``[..., n, C]``; the model stores them as ``[s, b, n*C]`` (stream 0 first), the same memory.
+* ``h_res`` multiplies the streams from the left: ``out[i] = sum_j h_res[i, j] * x[j]``. Row ``i``
+  of ``h_res`` produces output stream ``i``.
+* Sinkhorn-Knopp starts from ``exp(logits - max)`` (one max per matrix) and normalises columns,
+  then rows, in each iteration: rows sum to 1 exactly, columns approximately.
+* The RMS norm of the mappings is ``sqrt(mean(v^2) + eps)``, eps inside the root, over all ``n*C``
+  values of the token, applied after the projection (``m / r``).
+* Coefficients (``h_pre``, ``h_post``, ``h_res``) are computed in float32 whatever the dtype of the
+  streams (float64 for float64 streams); stream outputs keep the dtype of the streams.
+
+All four operators are differentiable in every tensor argument and validate their arguments.
+"""
+
+from mhc_megatron.ops.mappings import mhc_mappings, num_mapping_columns, rms_projection
+from mhc_megatron.ops.post_res import mhc_post_res
+from mhc_megatron.ops.pre import mhc_pre
+from mhc_megatron.ops.sinkhorn import sinkhorn
+
+__all__ = ["mhc_mappings", "mhc_post_res", "mhc_pre", "num_mapping_columns", "rms_projection", "sinkhorn"]

@@ -1,0 +1,43 @@
+"""``mhc_post_res``: mix the streams and write the sub-layer output into each of them.
+
+    out[i] = sum_j h_res[i, j] * x[j] + h_post[i] * f
+
+``h_res`` multiplies the streams from the left: row i of ``h_res`` produces output stream i.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mhc_megatron.ops.checks import check_floating, check_same_device, check_shape, coefficient_dtype
+from mhc_megatron.ops.mappings import check_streams
+
+
+def mhc_post_res(
+    x: torch.Tensor, f: torch.Tensor, h_post: torch.Tensor, h_res: torch.Tensor
+) -> torch.Tensor:
+    """Next stream state from the current streams and the sub-layer output.
+
+    Args:
+        x: ``[..., n, C]`` streams entering the sub-layer.
+        f: ``[..., C]`` sub-layer output.
+        h_post: ``[..., n]`` write weights.
+        h_res: ``[..., n, n]`` mixing matrices, ``h_res[..., i, j]`` = weight of input stream j in
+            output stream i.
+
+    Returns:
+        ``[..., n, C]`` in the dtype of ``x``, accumulated in float32 (float64 for float64 ``x``).
+    """
+    n, hidden = check_streams("x", x)
+    lead = tuple(x.shape[:-2])
+    f = check_floating("f", f)
+    h_post = check_floating("h_post", h_post)
+    h_res = check_floating("h_res", h_res)
+    check_shape("f", f, (*lead, hidden), "[..., C] with the leading dimensions of x")
+    check_shape("h_post", h_post, (*lead, n), "[..., n] with the leading dimensions of x")
+    check_shape("h_res", h_res, (*lead, n, n), "[..., n, n] with the leading dimensions of x")
+    check_same_device(x=x, f=f, h_post=h_post, h_res=h_res)
+    dtype = coefficient_dtype(x.dtype)
+    mixed = torch.einsum("...ij,...jc->...ic", h_res.to(dtype), x.to(dtype))
+    written = h_post.to(dtype).unsqueeze(-1) * f.to(dtype).unsqueeze(-2)
+    return (mixed + written).to(x.dtype)
