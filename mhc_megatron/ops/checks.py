@@ -49,12 +49,19 @@ def check_num_streams(name: str, n: int) -> None:
         raise ValueError(f"the number of streams n (from {name}) must be >= 1, got {n}")
 
 
-def check_iters(iters: object) -> int:
-    if isinstance(iters, bool) or not isinstance(iters, int):
-        raise TypeError(f"iters must be an int, got {type(iters).__name__}")
-    if iters < 0:
-        raise ValueError(f"iters must be >= 0, got {iters}")
-    return iters
+def check_int(name: str, value: object, minimum: int) -> int:
+    """An ``int`` (not ``bool``) that is at least ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def check_choice(name: str, value: object, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+    return value
 
 
 def check_positive_float(name: str, value: object) -> float:

@@ -18,7 +18,7 @@ import torch
 
 from mhc_megatron.ops.checks import (
     check_floating,
-    check_iters,
+    check_int,
     check_min_rank,
     check_num_streams,
     check_positive_float,
@@ -86,7 +86,7 @@ def mhc_mappings(
     phi = check_floating("phi", phi)
     alpha = check_floating("alpha", alpha)
     bias = check_floating("bias", bias)
-    iters = check_iters(iters)
+    iters = check_int("iters", iters, minimum=0)
     eps = check_positive_float("eps", eps)
     width = num_mapping_columns(n)
     layout = f"(n*C, n*n + 2*n) for n={n}, C={hidden}"

@@ -19,7 +19,7 @@ import torch
 
 from mhc_megatron.ops.checks import (
     check_floating,
-    check_iters,
+    check_int,
     check_min_rank,
     check_num_streams,
     coefficient_dtype,
@@ -88,7 +88,7 @@ def sinkhorn(logits: torch.Tensor, iters: int = 20) -> torch.Tensor:
         moderate logits).
     """
     logits = check_floating("logits", logits)
-    iters = check_iters(iters)
+    iters = check_int("iters", iters, minimum=0)
     check_min_rank("logits", logits, 2, "[..., n, n]")
     n = logits.shape[-1]
     if logits.shape[-2] != n:

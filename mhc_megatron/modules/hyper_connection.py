@@ -1,0 +1,167 @@
+"""The hyper-connection around one sub-layer (attention or MLP), in three modes.
+
+A sub-layer ``F`` (which includes its own pre-norm) turns the stream state of a token into the next:
+
+    residual:  x' = x + F(x)                                   streams [..., C] (n = 1)
+    hc, mhc:   x' = h_res x + h_post^T F(h_pre x)              streams [..., n*C], viewed [..., n, C]
+
+``hc`` is ByteDance's dynamic Hyper-Connections (Zhu et al., 2409.19606, eq. 10-13): per-stream RMS
+norm, ``tanh`` dynamic part scaled by ``alpha``, static part initialised to Pre-Norm (stream
+``layer_index mod n`` is read, every stream is written, identity mixing). Unconstrained.
+
+``mhc`` is DeepSeek's manifold-constrained version (Xie et al., 2512.24880, eq. 7-9), through
+``mhc_megatron.ops.mhc_mappings``: ``h_res`` is projected onto doubly stochastic matrices.
+
+Use it in three calls, so that a Megatron layer can run its sub-layer in between::
+
+    layer_input, mixing = hc.pre(streams)        # [..., C], plus what post_res needs
+    output = sublayer(layer_input)               # [..., C]
+    streams = hc.post_res(streams, output, mixing)
+
+or as ``hc(streams, sublayer)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from mhc_megatron.modules.streams import as_stream_matrix
+from mhc_megatron.ops import mhc_mappings, mhc_post_res, mhc_pre, num_mapping_columns
+from mhc_megatron.ops.checks import check_choice, check_int, check_positive_float, coefficient_dtype
+
+HC_MODES = ("residual", "hc", "mhc")
+
+
+class Mixing(NamedTuple):
+    """What ``post_res`` needs from ``pre``: ``h_post [..., n]`` and ``h_res [..., n, n]``."""
+
+    h_post: torch.Tensor
+    h_res: torch.Tensor
+
+
+class HyperConnection(nn.Module):
+    """Hyper-connection of one sub-layer.
+
+    Args:
+        hidden_size: C, the width of the sub-layer.
+        num_streams: n; must be 1 in ``residual`` mode.
+        mode: ``residual`` | ``hc`` | ``mhc``.
+        layer_index: index of this sub-layer in the network (attention and MLP sub-layers counted
+            separately, from 0). Only ``hc`` uses it: at init it reads stream ``layer_index mod n``.
+        sinkhorn_iters: Sinkhorn-Knopp iterations of ``mhc``.
+        alpha_init: initial value of the three dynamic scales ``alpha = (pre, post, res)``.
+        phi_init_std: std of the normal init of ``phi`` (``mhc``); default ``1/sqrt(n*C)``, which gives
+            the normalised projection ``m / r`` unit scale, so that ``alpha`` alone sets the size of
+            the dynamic part (0.01 at init).
+        eps: of the RMS norms.
+
+    Parameters (``mhc``): ``phi [n*C, n*n + 2n]``, ``alpha [3]``, ``bias [n*n + 2n]`` (zeros, so
+    ``h_pre = 0.5``, ``h_post = 1``, ``h_res = J/n`` up to the alpha terms). With streams expanded
+    by copy and a scale-invariant pre-norm in the sub-layer, this initialisation makes the layer the
+    plain pre-norm residual layer (exactly so when ``alpha = 0``).
+
+    Parameters (``hc``): ``weight [C, n + 2]`` (dynamic, zeros; columns pre | post | res n),
+    ``alpha [3]``, ``static_pre [n]`` (one-hot), ``static_post [n]`` (ones), ``static_res [n, n]``
+    (identity, indexed ``[input stream, output stream]`` as in the HC paper's ``A_r``).
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_streams: int = 4,
+        mode: str = "mhc",
+        layer_index: int = 0,
+        sinkhorn_iters: int = 20,
+        alpha_init: float = 0.01,
+        phi_init_std: float | None = None,
+        eps: float = 1e-6,
+    ) -> None:
+        super().__init__()
+        self.hidden_size = check_int("hidden_size", hidden_size, minimum=1)
+        self.num_streams = n = check_int("num_streams", num_streams, minimum=1)
+        self.mode = check_choice("mode", mode, HC_MODES)
+        self.layer_index = check_int("layer_index", layer_index, minimum=0)
+        self.sinkhorn_iters = check_int("sinkhorn_iters", sinkhorn_iters, minimum=0)
+        self.eps = check_positive_float("eps", eps)
+        self.mapping_observer: Callable[[HyperConnection, torch.Tensor], None] | None = None
+        if mode == "residual":
+            if n != 1:
+                raise ValueError(f"num_streams must be 1 in mode 'residual', got {n}")
+            return
+        alpha = torch.full((3,), float(alpha_init))
+        if mode == "mhc":
+            width = n * hidden_size
+            std = 1.0 / math.sqrt(width) if phi_init_std is None else phi_init_std
+            self.phi = nn.Parameter(torch.randn(width, num_mapping_columns(n)) * std)
+            self.alpha = nn.Parameter(alpha)
+            self.bias = nn.Parameter(torch.zeros(num_mapping_columns(n)))
+        else:
+            self.weight = nn.Parameter(torch.zeros(hidden_size, n + 2))
+            self.alpha = nn.Parameter(alpha)
+            self.static_pre = nn.Parameter(nn.functional.one_hot(torch.tensor(layer_index % n), n).float())
+            self.static_post = nn.Parameter(torch.ones(n))
+            self.static_res = nn.Parameter(torch.eye(n))
+
+    def mappings(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(h_pre [..., n], h_post [..., n], h_res [..., n, n])`` for streams ``x [..., n, C]``."""
+        if self.mode == "mhc":
+            return mhc_mappings(x, self.phi, self.alpha, self.bias, self.sinkhorn_iters, self.eps)
+        if self.mode == "hc":
+            return self._hc_mappings(x)
+        raise RuntimeError("mode 'residual' has no mappings")
+
+    def _hc_mappings(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        dtype = coefficient_dtype(x.dtype)
+        xs = x.to(dtype)
+        normed = xs * torch.rsqrt(xs.square().mean(dim=-1, keepdim=True) + self.eps)
+        dynamic = torch.tanh(normed @ self.weight.to(dtype))  # [..., n, n + 2], row = stream
+        alpha = self.alpha.to(dtype)
+        h_pre = alpha[0] * dynamic[..., 0] + self.static_pre.to(dtype)
+        h_post = alpha[1] * dynamic[..., 1] + self.static_post.to(dtype)
+        a_res = alpha[2] * dynamic[..., 2:] + self.static_res.to(dtype)  # [input, output]
+        return h_pre, h_post, a_res.transpose(-1, -2)
+
+    def pre(self, streams: torch.Tensor) -> tuple[torch.Tensor, Mixing | None]:
+        """Sub-layer input ``[..., C]`` from ``streams [..., n*C]``, and the mixing for ``post_res``."""
+        if self.mode == "residual":
+            as_stream_matrix(streams, 1, self.hidden_size)
+            return streams, None
+        x = as_stream_matrix(streams, self.num_streams, self.hidden_size)
+        h_pre, h_post, h_res = self.mappings(x)
+        if self.mapping_observer is not None:
+            self.mapping_observer(self, h_res.detach())
+        return mhc_pre(x, h_pre), Mixing(h_post, h_res)
+
+    def post_res(
+        self, streams: torch.Tensor, output: torch.Tensor, mixing: Mixing | None
+    ) -> torch.Tensor:
+        """Next ``streams [..., n*C]`` from the current ones and the sub-layer ``output [..., C]``."""
+        if self.mode == "residual":
+            as_stream_matrix(streams, 1, self.hidden_size)
+            if output.shape != streams.shape:
+                raise ValueError(
+                    f"output must have the shape of streams {tuple(streams.shape)}, "
+                    f"got {tuple(output.shape)}"
+                )
+            return streams + output
+        if mixing is None:
+            raise ValueError(f"mode {self.mode!r} needs the mixing returned by pre(), got None")
+        x = as_stream_matrix(streams, self.num_streams, self.hidden_size)
+        return mhc_post_res(x, output, mixing.h_post, mixing.h_res).flatten(-2)
+
+    def forward(
+        self, streams: torch.Tensor, sublayer: Callable[[torch.Tensor], torch.Tensor]
+    ) -> torch.Tensor:
+        layer_input, mixing = self.pre(streams)
+        return self.post_res(streams, sublayer(layer_input), mixing)
+
+    def extra_repr(self) -> str:
+        return (
+            f"mode={self.mode}, hidden_size={self.hidden_size}, num_streams={self.num_streams}, "
+            f"sinkhorn_iters={self.sinkhorn_iters}"
+        )
