@@ -28,11 +28,9 @@ find_python312() {
         return 1
     fi
     # A python3.12 on PATH may be a pyenv shim that fails unless a version is selected: run it.
-    for candidate in python3.12 /usr/bin/python3.12 /usr/local/bin/python3.12; do
-        if command -v "$candidate" >/dev/null 2>&1 && is_python312 "$candidate"; then
-            command -v "$candidate"; return 0
-        fi
-    done
+    if command -v python3.12 >/dev/null 2>&1 && is_python312 python3.12; then
+        command -v python3.12; return 0
+    fi
     if command -v pyenv >/dev/null 2>&1; then
         for candidate in $(ls -d "$(pyenv root)"/versions/3.12.*/bin/python3.12 2>/dev/null | sort -V -r); do
             if is_python312 "$candidate"; then echo "$candidate"; return 0; fi
@@ -68,4 +66,5 @@ pip=("$venv/bin/python" -m pip --disable-pip-version-check --no-input)
 # --no-build-isolation: the build must see the pinned torch, never resolve another one.
 "${pip[@]}" install --quiet -c constraints.txt --no-build-isolation -e ".[test]"
 echo "$wanted" >"$stamp"
-echo "setup: done ($("$venv/bin/python" -c 'import torch, megatron.core as m; print(f"torch {torch.__version__}, megatron-core {m.__version__}")'))"
+versions=$("$venv/bin/python" -c 'from importlib.metadata import version as v; print("torch", v("torch") + ", megatron-core", v("megatron-core"))')
+echo "setup: done ($versions)"
