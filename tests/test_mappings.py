@@ -76,6 +76,7 @@ def bad_cases():
         ((x[0, 0, 0], phi, alpha, bias), {}, ValueError, r"x must have at least 2 dimensions"),
         ((x.long(), phi, alpha, bias), {}, TypeError, "x must have a floating-point dtype"),
         ((torch.randn(2, 0, 8), phi, alpha, bias), {}, ValueError, "n .* must be >= 1, got 0"),
+        ((torch.randn(2, 4, 0), phi, alpha, bias), {}, ValueError, "hidden size C >= 1"),
         ((x, phi[:-1], alpha, bias), {}, ValueError, r"phi must have shape \(32, 24\)"),
         ((x, phi.T, alpha, bias), {}, ValueError, r"phi must have shape \(32, 24\).*got \(24, 32\)"),
         ((x, phi, alpha[:2], bias), {}, ValueError, r"alpha must have shape \(3,\)"),
