@@ -1,0 +1,117 @@
+"""``MhcTransformerConfig``: megatron-core's ``TransformerConfig`` plus the hyper-connection fields.
+
+Everything is validated in ``__post_init__``, before any model is built, with errors that name the
+field, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from mhc_megatron.modules import COLLAPSE_MODES, HC_MODES
+
+EXPAND_MODES = ("copy",)
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+@dataclass
+class MhcTransformerConfig(TransformerConfig):
+    """Transformer config for residual, HC and mHC models.
+
+    Fields (besides megatron-core's):
+        hc_mode: ``residual`` (the plain residual baseline), ``hc`` (Hyper-Connections) or ``mhc``.
+        num_streams: n, the number of residual streams of ``hc``/``mhc`` (ignored by ``residual``,
+            which always has one; see ``stream_count``).
+        sinkhorn_iters: Sinkhorn-Knopp iterations of ``mhc``.
+        hc_alpha_init: initial value of the dynamic scales ``alpha``.
+        hc_eps: epsilon of the hyper-connection RMS norms.
+        hc_expand: how the embedding becomes n streams on the first stage: ``copy``.
+        hc_collapse: how the streams become one before the final norm: ``mean`` or ``weighted``.
+    """
+
+    hc_mode: str = "mhc"
+    num_streams: int = 4
+    sinkhorn_iters: int = 20
+    hc_alpha_init: float = 0.01
+    hc_eps: float = 1e-6
+    hc_expand: str = "copy"
+    hc_collapse: str = "mean"
+
+    def __post_init__(self) -> None:
+        self._validate_hyper_connection_fields()
+        self._validate_parallel_fit()
+        if not torch.cuda.is_available():
+            # gloo pairs the batched sends of the interleaved schedule in the wrong order (the
+            # loss silently changes); unbatched exchanges are exact. See docs/architecture.md.
+            self.batch_p2p_comm = False
+        super().__post_init__()
+        self._validate_supported_combinations()
+
+    @property
+    def stream_count(self) -> int:
+        """Streams in the model state: ``num_streams`` for ``hc``/``mhc``, 1 for ``residual``."""
+        return 1 if self.hc_mode == "residual" else self.num_streams
+
+    def _validate_hyper_connection_fields(self) -> None:
+        for name, allowed in (
+            ("hc_mode", HC_MODES),
+            ("hc_expand", EXPAND_MODES),
+            ("hc_collapse", COLLAPSE_MODES),
+        ):
+            value = getattr(self, name)
+            _require(value in allowed, f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+        for name, minimum in (("num_streams", 1), ("sinkhorn_iters", 0)):
+            value = getattr(self, name)
+            _require(
+                isinstance(value, int) and not isinstance(value, bool) and value >= minimum,
+                f"{name} must be an int >= {minimum}, got {value!r}",
+            )
+        _require(self.hc_eps > 0, f"hc_eps must be > 0, got {self.hc_eps!r}")
+
+    def _validate_parallel_fit(self) -> None:
+        tp, pp = self.tensor_model_parallel_size, self.pipeline_model_parallel_size
+        _require(
+            self.hidden_size % tp == 0,
+            f"hidden_size ({self.hidden_size}) must be divisible by tensor_model_parallel_size ({tp})",
+        )
+        uneven = (
+            self.num_layers_in_first_pipeline_stage is not None
+            or self.num_layers_in_last_pipeline_stage is not None
+            or self.pipeline_model_parallel_layout is not None
+        )
+        if not uneven:
+            stages = pp * (self.virtual_pipeline_model_parallel_size or 1)
+            _require(
+                self.num_layers % stages == 0,
+                f"num_layers ({self.num_layers}) must be divisible among the pipeline stages: "
+                f"pipeline_model_parallel_size ({pp}) x virtual_pipeline_model_parallel_size "
+                f"({self.virtual_pipeline_model_parallel_size or 1}) = {stages}",
+            )
+
+    def _validate_supported_combinations(self) -> None:
+        if self.hc_mode == "residual":
+            return
+        unsupported = {
+            "mtp_num_layers": (
+                self.mtp_num_layers,
+                "multi-token-prediction layers would need the n-stream state, which they do not carry",
+            ),
+            "cuda_graph_impl": (
+                self.cuda_graph_impl not in (None, "none") and self.cuda_graph_impl,
+                "the hyper-connection layer is not captured in CUDA graphs yet",
+            ),
+            "fp32_residual_connection": (
+                self.fp32_residual_connection,
+                "the stream state keeps the model dtype; mixing coefficients are already float32",
+            ),
+        }
+        for field, (value, why) in unsupported.items():
+            _require(not value, f"{field}={value!r} is not supported with hc_mode={self.hc_mode!r}: {why}")

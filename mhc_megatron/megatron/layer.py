@@ -1,0 +1,159 @@
+"""``HyperConnectionTransformerLayer``: megatron-core's transformer layer with each sub-layer hyper-connected.
+
+Data flow through one layer (``x`` is the stream state ``[s, b, n*C]``)::
+
+    u, mix = attention_hyper_connection.pre(x)          u: [s, b, C]
+    f = dropout(attention(input_layernorm(u)) + bias)    megatron's _forward_attention, unchanged
+    x = attention_hyper_connection.post_res(x, f, mix)
+    u, mix = mlp_hyper_connection.pre(x)
+    f = dropout(mlp(pre_mlp_layernorm(u)) + bias)        megatron's _forward_mlp (dense or MoE)
+    x = mlp_hyper_connection.post_res(x, f, mix)
+
+The residual add of megatron's bias-dropout-add is the hyper-connection's job here, so the spec puts
+``get_bias_dropout`` (bias and dropout, no add) in the ``*_bda`` slots; everything else (attention,
+MLP, MoE, norms, selective recompute of norms and MLP) runs through megatron's own code.
+
+The two ends of the network live in its first and last layers, so that ``TransformerBlock`` and
+``GPTModel`` stay stock: global layer 1 expands the embedding ``[s, b, C]`` into the streams, and the
+last layer collapses them to ``[s, b, C]`` before the block's final norm. The first layer of any
+other pipeline chunk receives the stream state through megatron's pipeline buffer, allocated as
+``[s, b*n, C]`` when the schedule is given ``micro_batch_size * n`` (see
+``mhc_megatron.megatron.pipeline``); it views it back as ``[s, b, n*C]``, and the last layer of a
+chunk that sends to another stage hands its streams out in that buffer shape.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Union
+
+import torch
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from megatron.core.transformer.transformer_block import get_num_layers_to_build
+from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+from megatron.core.utils import get_pg_rank, make_viewless_tensor
+
+from mhc_megatron.megatron.hyper_connection import MegatronStreamCollapse
+from mhc_megatron.modules import expand_streams
+
+
+def get_bias_dropout(training: bool, fused: bool):
+    """Drop-in for megatron's ``get_bias_dropout_add`` that leaves the residual add out.
+
+    Returns ``f(x_with_bias, residual, prob) = dropout(x + bias)``; ``residual`` is ignored (the
+    hyper-connection adds it). ``fused`` is accepted for the same signature; the unfused ops are
+    used, which is what megatron's fused path computes.
+    """
+
+    def bias_dropout(x_with_bias, residual, prob):
+        x, bias = x_with_bias
+        if bias is not None:
+            x = x + bias
+        return torch.nn.functional.dropout(x, p=prob, training=training)
+
+    return bias_dropout
+
+
+@dataclass
+class HyperConnectionLayerSubmodules(TransformerLayerSubmodules):
+    """``TransformerLayerSubmodules`` plus one hyper-connection per sub-layer."""
+
+    attention_hyper_connection: Union[ModuleSpec, type] = IdentityOp
+    mlp_hyper_connection: Union[ModuleSpec, type] = IdentityOp
+
+
+class HyperConnectionTransformerLayer(TransformerLayer):
+    """A transformer layer whose attention and MLP sub-layers each sit in a hyper-connection.
+
+    Input: ``[s, b, C]`` for global layer 1 (the embedding), ``[s, b*n, C]`` for the first layer of
+    another pipeline chunk (the pipeline buffer), ``[s, b, n*C]`` otherwise. Output: ``[s, b, C]``
+    from the last layer of the model, ``[s, b*n, C]`` from the last layer of any other pipeline
+    chunk (the shape of the buffers, so that the gradient coming back matches), ``[s, b, n*C]``
+    otherwise.
+    """
+
+    def __init__(self, config, submodules: HyperConnectionLayerSubmodules, layer_number: int = 1, **kwargs):
+        super().__init__(config, submodules, layer_number, **kwargs)
+        self.num_streams = config.stream_count
+        self.stream_width = config.stream_count * config.hidden_size
+        self.expands_embedding = self.layer_number == 1
+        self.receives_pipeline_buffer = layer_number == 1 and not self.expands_embedding
+        first_sublayer = 2 * (self.layer_number - 1)
+        self.attention_hyper_connection = build_module(
+            submodules.attention_hyper_connection, config=config, layer_index=first_sublayer
+        )
+        self.mlp_hyper_connection = build_module(
+            submodules.mlp_hyper_connection, config=config, layer_index=first_sublayer + 1
+        )
+        is_last_layer = self.layer_number == config.num_layers
+        self.stream_collapse = (
+            MegatronStreamCollapse(config) if is_last_layer and self.num_streams > 1 else None
+        )
+        chunk_layers = get_num_layers_to_build(
+            config, vp_stage=kwargs.get("vp_stage"), pp_rank=get_pg_rank(self.pg_collection.pp)
+        )
+        self.sends_pipeline_buffer = layer_number == chunk_layers and not is_last_layer
+
+    def _stream_state(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.num_streams == 1:
+            return hidden_states
+        s, b, width = hidden_states.shape
+        if self.expands_embedding:
+            if width != self.config.hidden_size:
+                raise ValueError(
+                    f"layer 1 expects the embedding [s, b, C] with C={self.config.hidden_size}, "
+                    f"got {tuple(hidden_states.shape)}"
+                )
+            return expand_streams(hidden_states, self.num_streams)
+        if self.receives_pipeline_buffer:
+            if width != self.config.hidden_size or b % self.num_streams:
+                raise ValueError(
+                    f"layer {self.layer_number} starts a pipeline chunk and expects the stream state "
+                    f"in megatron's buffer [s, b*n, C] with n={self.num_streams}, "
+                    f"C={self.config.hidden_size}, got {tuple(hidden_states.shape)}: pass "
+                    f"micro_batch_size * num_streams to the schedule "
+                    f"(mhc_megatron.megatron.pipeline.stream_micro_batch_size)"
+                )
+            return hidden_states.view(s, b // self.num_streams, self.stream_width)
+        if width != self.stream_width:
+            raise ValueError(
+                f"layer {self.layer_number} expects the stream state [s, b, n*C] = "
+                f"[s, b, {self.stream_width}], got {tuple(hidden_states.shape)}"
+            )
+        return hidden_states
+
+    def forward(self, hidden_states: torch.Tensor, **kwargs):
+        streams = self._stream_state(hidden_states)
+
+        layer_input, mixing = self.attention_hyper_connection.pre(streams)
+        attention_output, context = self._forward_attention(layer_input, **kwargs)
+        streams = self.attention_hyper_connection.post_res(streams, attention_output, mixing)
+
+        layer_input, mixing = self.mlp_hyper_connection.pre(streams)
+        mlp_output = self._forward_mlp(
+            layer_input,
+            kwargs.get("inference_context"),
+            padding_mask=kwargs.get("padding_mask"),
+            packed_seq_params=kwargs.get("packed_seq_params"),
+        )
+        streams = self.mlp_hyper_connection.post_res(streams, mlp_output, mixing)
+
+        if self.stream_collapse is not None:
+            streams = self.stream_collapse(streams)
+        elif self.sends_pipeline_buffer and self.num_streams > 1:
+            s, b, _ = streams.shape
+            streams = streams.view(s, b * self.num_streams, self.config.hidden_size)
+        output = make_viewless_tensor(inp=streams, requires_grad=streams.requires_grad, keep_graph=True)
+        return output, context
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
+        """Per-layer tensors are stacked along the layer axis by ``sharded_offsets``; the collapse,
+        which exists in the last layer only, is saved under its own key without that axis."""
+        state = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        if self.stream_collapse is not None:
+            collapse_prefix = f"{prefix}stream_collapse."
+            for key in [k for k in state if k.startswith(collapse_prefix)]:
+                del state[key]
+            state.update(self.stream_collapse.sharded_state_dict(collapse_prefix, (), metadata))
+        return state

@@ -1,0 +1,47 @@
+"""Process groups and seeds for a megatron-core run, on GPUs (NCCL) or on CPUs (gloo).
+
+``initialize_parallel`` is what a training script or a multi-process test calls first, in every
+process started by ``torchrun`` (it reads ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``).
+Without CUDA it applies ``cpu_compat`` and uses gloo.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from megatron.core import parallel_state, tensor_parallel
+
+
+def initialize_parallel(
+    tensor_model_parallel_size: int = 1,
+    pipeline_model_parallel_size: int = 1,
+    virtual_pipeline_model_parallel_size: int | None = None,
+    expert_model_parallel_size: int = 1,
+    seed: int = 1234,
+) -> None:
+    """Start ``torch.distributed`` (if needed), build megatron's process groups and seed the RNGs."""
+    on_gpu = torch.cuda.is_available()
+    if not on_gpu:
+        from mhc_megatron.megatron.cpu_compat import apply_cpu_compat
+
+        apply_cpu_compat()
+    if not torch.distributed.is_initialized():
+        if on_gpu:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.distributed.init_process_group(backend="nccl" if on_gpu else "gloo")
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tensor_model_parallel_size,
+        pipeline_model_parallel_size=pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
+        expert_model_parallel_size=expert_model_parallel_size,
+    )
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def destroy_parallel() -> None:
+    """Tear down megatron's groups and the default process group (a process must call it to exit)."""
+    parallel_state.destroy_model_parallel()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

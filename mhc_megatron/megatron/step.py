@@ -1,0 +1,105 @@
+"""One training step of GPT model chunks with megatron-core's DDP, optimizer and pipeline schedules.
+
+The pieces a training loop needs around ``build_model_chunks``: ``wrap_with_ddp`` (megatron's DDP,
+optionally for the distributed optimizer), ``build_optimizer`` and ``train_step``, which runs
+``get_forward_backward_func()`` over the micro-batches of one global batch (1F1B or interleaved
+under pipeline parallelism, with the stream-sized pipeline buffers) and the optimizer step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from mhc_megatron.megatron.config import MhcTransformerConfig
+from mhc_megatron.megatron.pipeline import stream_micro_batch_size
+
+
+@dataclass
+class MicroBatch:
+    """Token ids ``[b, s]``, next-token labels ``[b, s]`` and the loss mask ``[b, s]``."""
+
+    tokens: torch.Tensor
+    labels: torch.Tensor
+    loss_mask: torch.Tensor
+
+    @property
+    def position_ids(self) -> torch.Tensor:
+        b, s = self.tokens.shape
+        return torch.arange(s, device=self.tokens.device).unsqueeze(0).expand(b, s)
+
+
+def wrap_with_ddp(
+    model_chunks: list[torch.nn.Module], config: MhcTransformerConfig, use_distributed_optimizer: bool = False
+) -> list[DistributedDataParallel]:
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, use_distributed_optimizer=use_distributed_optimizer
+    )
+    return [
+        DistributedDataParallel(config, ddp_config, chunk, disable_bucketing=index > 0)
+        for index, chunk in enumerate(model_chunks)
+    ]
+
+
+def build_optimizer(model_chunks, lr: float, use_distributed_optimizer: bool = False, clip_grad: float = 1.0, **kwargs):
+    """megatron's Adam (``OptimizerConfig`` fields may be passed in ``kwargs``)."""
+    config = OptimizerConfig(
+        optimizer="adam", lr=lr, clip_grad=clip_grad, use_distributed_optimizer=use_distributed_optimizer, **kwargs
+    )
+    return get_megatron_optimizer(config, model_chunks)
+
+
+def _masked_mean_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
+    mask = loss_mask.float()
+    loss = (per_token_loss.float() * mask).sum() / mask.sum()
+    return loss, {"lm loss": loss.detach().clone()}
+
+
+def gpt_forward_step(data_iterator, model):
+    """``forward_step_func`` for megatron's schedules: per-token loss and its masked mean."""
+    batch = next(data_iterator)
+    per_token_loss = model(batch.tokens, batch.position_ids, None, labels=batch.labels)
+    return per_token_loss, partial(_masked_mean_loss, batch.loss_mask)
+
+
+def train_step(
+    model_chunks: list[torch.nn.Module],
+    optimizer,
+    config: MhcTransformerConfig,
+    micro_batches: list[MicroBatch],
+) -> tuple[float | None, float]:
+    """Forward and backward over ``micro_batches`` (this data-parallel rank's share), then step.
+
+    Returns ``(loss, grad_norm)``: the loss averaged over micro-batches and data-parallel ranks on
+    the last pipeline stage (``None`` elsewhere), and the gradient norm the optimizer clipped.
+    """
+    config.finalize_model_grads_func = finalize_model_grads
+    config.no_sync_func = [chunk.no_sync for chunk in model_chunks]
+    if len(model_chunks) == 1:
+        config.no_sync_func = config.no_sync_func[0]
+    for chunk in model_chunks:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    iterators = [iter(micro_batches) for _ in model_chunks]
+    micro_batch_size, seq_length = micro_batches[0].tokens.shape
+    losses = get_forward_backward_func()(
+        forward_step_func=gpt_forward_step,
+        data_iterator=iterators if len(iterators) > 1 else iterators[0],
+        model=model_chunks if len(model_chunks) > 1 else model_chunks[0],
+        num_microbatches=len(micro_batches),
+        seq_length=seq_length,
+        micro_batch_size=stream_micro_batch_size(config, micro_batch_size),
+        forward_only=False,
+    )
+    _, grad_norm, _ = optimizer.step()
+    if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        return None, grad_norm
+    loss = torch.stack([entry["lm loss"] for entry in losses]).mean()
+    torch.distributed.all_reduce(loss, group=parallel_state.get_data_parallel_group())
+    return (loss / parallel_state.get_data_parallel_world_size()).item(), grad_norm
