@@ -57,11 +57,14 @@ def global_batch(step: int) -> torch.Tensor:
     return (start + stride * torch.arange(SEQ + 1)) % VOCAB
 
 
-def my_micro_batches(step: int) -> list[MicroBatch]:
+def micro_batches(step: int, data_parallel: bool = True) -> list[MicroBatch]:
+    """The micro-batches of this data-parallel rank's share of step ``step`` (all of them if not
+    ``data_parallel``)."""
     from megatron.core import parallel_state
 
-    dp_size, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
-    rows = global_batch(step).chunk(dp_size)[dp_rank]
+    rows = global_batch(step)
+    if data_parallel:
+        rows = rows.chunk(parallel_state.get_data_parallel_world_size())[parallel_state.get_data_parallel_rank()]
     return [
         MicroBatch(tokens=chunk[:, :-1], labels=chunk[:, 1:], loss_mask=torch.ones(chunk.shape[0], SEQ))
         for chunk in rows.split(MICRO_BATCH)
@@ -76,9 +79,10 @@ def collect_logits(chunks, config, micro_batches):
 
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
-        logits = model(batch.tokens, batch.position_ids, None)  # [s, b, vocab / tp]
-        gathered = tensor_parallel.gather_from_tensor_model_parallel_region(logits)
-        return gathered, lambda output, non_loss_data=True: output.detach().clone()
+        output = model(batch.tokens, batch.position_ids, None)  # logits [s, b, vocab / tp] on the last stage
+        if model.post_process:
+            output = tensor_parallel.gather_from_tensor_model_parallel_region(output)
+        return output, lambda output, non_loss_data=True: output.detach().clone()
 
     iterators = [iter(micro_batches) for _ in chunks]
     outputs = get_forward_backward_func()(
@@ -107,13 +111,13 @@ def main():
 
     for chunk in chunks:
         chunk.eval()
-    logits = collect_logits(chunks, config, my_micro_batches(0))
+    logits = collect_logits(chunks, config, micro_batches(0, data_parallel=False))
     for chunk in chunks:
         chunk.train()
 
     model = wrap_with_ddp(chunks, config, args.distributed_optimizer)
     optimizer = build_optimizer(model, lr=1e-2, use_distributed_optimizer=args.distributed_optimizer)
-    losses = [train_step(model, optimizer, config, my_micro_batches(step))[0] for step in range(STEPS)]
+    losses = [train_step(model, optimizer, config, micro_batches(step))[0] for step in range(STEPS)]
 
     writer = (
         parallel_state.is_pipeline_last_stage(ignore_virtual=True)

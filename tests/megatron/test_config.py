@@ -1,0 +1,41 @@
+"""MhcTransformerConfig validation: every bad field raises before anything is built."""
+
+import pytest
+
+from mhc_megatron.megatron import MhcTransformerConfig
+
+BASE = dict(num_layers=4, hidden_size=32, num_attention_heads=4)
+
+
+def test_defaults_are_the_papers():
+    config = MhcTransformerConfig(**BASE)
+    assert (config.hc_mode, config.num_streams, config.sinkhorn_iters, config.hc_alpha_init) == ("mhc", 4, 20, 0.01)
+    assert config.stream_count == 4
+    assert MhcTransformerConfig(**BASE, hc_mode="residual").stream_count == 1
+
+
+def test_batched_p2p_is_off_on_cpu():
+    """gloo mis-pairs the interleaved schedule's batched exchanges; the CPU path turns them off."""
+    assert MhcTransformerConfig(**BASE).batch_p2p_comm is False
+
+
+@pytest.mark.parametrize("fields, words", [
+    ({"hc_mode": "dense"}, "hc_mode must be one of 'residual', 'hc', 'mhc', got 'dense'"),
+    ({"hc_collapse": "sum"}, "hc_collapse must be one of 'mean', 'weighted', got 'sum'"),
+    ({"hc_expand": "zeros"}, "hc_expand must be one of 'copy', got 'zeros'"),
+    ({"num_streams": 0}, "num_streams must be an int >= 1, got 0"),
+    ({"num_streams": 2.5}, "num_streams must be an int >= 1, got 2.5"),
+    ({"sinkhorn_iters": -1}, "sinkhorn_iters must be an int >= 0, got -1"),
+    ({"hc_eps": 0.0}, "hc_eps must be > 0"),
+    ({"hidden_size": 30, "num_attention_heads": 2, "tensor_model_parallel_size": 4},
+     r"hidden_size \(30\) must be divisible by tensor_model_parallel_size \(4\)"),
+    ({"num_layers": 5, "pipeline_model_parallel_size": 2},
+     r"num_layers \(5\) must be divisible among the pipeline stages.*= 2"),
+    ({"num_layers": 6, "pipeline_model_parallel_size": 2, "virtual_pipeline_model_parallel_size": 2},
+     r"num_layers \(6\) must be divisible among the pipeline stages.*= 4"),
+    ({"mtp_num_layers": 1}, "mtp_num_layers=1 is not supported with hc_mode='mhc'"),
+    ({"fp32_residual_connection": True}, "fp32_residual_connection=True is not supported with hc_mode='mhc'"),
+])
+def test_bad_config_raises(fields, words):
+    with pytest.raises(ValueError, match=words):
+        MhcTransformerConfig(**{**BASE, **fields})
