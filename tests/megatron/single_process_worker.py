@@ -5,7 +5,10 @@
 2. ``mhc`` with alpha = 0 and zero biases, and ``hc`` at its init, give the residual model's logits
    to 1e-5 (the pre-norms are scale-invariant: ``layernorm_epsilon`` is tiny next to the
    activations);
-3. a checkpoint whose ``num_streams`` or ``hc_mode`` differs from the config, a missing and a corrupt
+3. a bf16 mHC model (megatron's ``Float16Module``) is at most 2x as far from its float32 logits as
+   the bf16 residual model is from its own, and gives finite gradients to every hyper-connection
+   parameter;
+4. a checkpoint whose ``num_streams`` or ``hc_mode`` differs from the config, a missing and a corrupt
    checkpoint each raise a ``ValueError`` naming the problem, and leave the model untouched.
 Prints ``ALL CHECKS PASSED`` at the end; any failure raises.
 """
@@ -65,6 +68,31 @@ def check_hyper_connections_at_identity_equal_residual(residual, tokens):
         print(f"{mode} vs residual: max abs logit difference {error:.2e}")
 
 
+def bf16_error(mode, tokens, **fields):
+    """Largest |bf16 logits - float32 logits|, relative to the largest float32 logit."""
+    from megatron.core.transformer.module import Float16Module
+
+    _, model = build(mode, **fields)
+    expected = logits_of(model, tokens)
+    half = Float16Module(MhcTransformerConfig(**SHAPE, hc_mode=mode, bf16=True, **fields), model)
+    got = logits_of(half, tokens).float()
+    return ((got - expected).abs().max() / expected.abs().max()).item(), model, half
+
+
+def check_bf16_model(tokens):
+    """flash-attention's rule at model level: bf16 mHC is at most 2x as far from its float32 self
+    as the bf16 residual model is from its own."""
+    residual_error, _, _ = bf16_error("residual", tokens)
+    mhc_error, model, half = bf16_error("mhc", tokens, hc_alpha_init=0.3)
+    assert mhc_error <= 2 * residual_error, f"bf16 error: mhc {mhc_error:.3g}, residual {residual_error:.3g}"
+    half.train()
+    half(tokens, torch.arange(SEQ).expand_as(tokens), None, labels=tokens).float().mean().backward()
+    for name, parameter in model.named_parameters():
+        if "hyper_connection" in name:
+            assert parameter.dtype == torch.bfloat16 and torch.isfinite(parameter.grad).all(), name
+    print(f"bf16 vs float32 logits, relative: mhc {mhc_error:.2e}, residual {residual_error:.2e}")
+
+
 def expect_load_error(model, config, directory, words):
     before = {key: value.clone() for key, value in model.state_dict().items() if torch.is_tensor(value)}
     try:
@@ -104,6 +132,7 @@ def main():
     tokens = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(0))
     residual = check_residual_equals_stock(tokens)
     check_hyper_connections_at_identity_equal_residual(residual, tokens)
+    check_bf16_model(tokens)
     check_bad_checkpoints(Path(args.tmp))
     destroy_parallel()
     print("ALL CHECKS PASSED")
