@@ -42,7 +42,7 @@ def make_config(args) -> MhcTransformerConfig:
         hc_mode=args.hc_mode, num_streams=4, hc_alpha_init=0.3,
         tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp,
         virtual_pipeline_model_parallel_size=args.vpp, expert_model_parallel_size=args.ep,
-        sequence_parallel=args.sp, num_moe_experts=args.experts, moe_router_topk=2 if args.experts else 2,
+        sequence_parallel=args.sp, num_moe_experts=args.experts, moe_router_topk=2,
         moe_router_load_balancing_type="none",
         normalization="RMSNorm", add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0,
         use_cpu_initialization=True, pipeline_dtype=torch.float32, params_dtype=torch.float32,
