@@ -60,3 +60,12 @@ def test_checkpoint_from_tp2_pp2_loads_at_tp1_pp1_and_back(dense_reference, tmp_
     checkpoint, reference = dense_reference
     back = run_parallel_case(4, tmp_path / "back.json", "--tp", "2", "--pp", "2", "--load", str(checkpoint))
     assert_same_run(back, reference)
+
+
+def test_hc_mode_under_sequence_and_interleaved_pipeline_parallelism(tmp_path):
+    """HC's parameters (dynamic weight, static parts) travel the same paths as mHC's."""
+    hc = ["--hc-mode", "hc"]
+    reference = run_parallel_case(1, tmp_path / "reference.json", *hc, "--save", str(tmp_path / "checkpoint"))
+    for name, args in {"sp": ["--tp", "2", "--sp"], "vpp": ["--pp", "2", "--vpp", "2"]}.items():
+        got = run_parallel_case(2, tmp_path / f"{name}.json", *hc, *args, "--load", str(tmp_path / "checkpoint"))
+        assert_same_run(got, reference)
