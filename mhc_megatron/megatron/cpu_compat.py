@@ -10,11 +10,18 @@ megatron-core assumes a GPU in a handful of places (measured with 0.19.2, see
 * The RNG tracker keeps CUDA generator states -> ``CpuRngStatesTracker`` keeps CPU generator
   states with the same API (``add``, ``fork``, ``get_states``, ``set_states``), and
   ``torch.cuda.manual_seed`` seeds the CPU generator, so dropout in tensor-parallel regions forks
-  the RNG exactly as on GPU.
+  the RNG exactly as on GPU. Activation recomputation saves and restores "the CUDA generator"
+  (``random._get_cuda_rng_state`` / ``_set_cuda_rng_state``) -> the CPU generator, the one that
+  drew the random numbers on CPU.
 * Tensors created with ``device="cuda"`` (schedules, optimizer, grad clipping) and type checks
   against ``"torch.cuda.FloatTensor"`` (grad clipping, distributed optimizer) -> a
   ``TorchFunctionMode`` that maps CUDA device arguments to the CPU and reports CPU tensors under
-  their CUDA type names; it sees only torch calls, so nothing else changes.
+  their CUDA type names; it sees only torch calls, so nothing else changes. Torch function modes
+  are not active inside autograd's backward, where megatron's activation recomputation reruns
+  forward code (``get_default_causal_mask`` creates its mask with ``device="cuda"``), so the
+  recompute entry points (``CheckpointFunction.backward``,
+  ``CheckpointWithoutOutputFunction.backward``, ``CheckpointWithoutOutput._recompute``) enter the
+  mode again.
 * ``CheckpointWithoutOutput`` leaves its ``fp8`` flag wrong when fp8 is ``None`` (selective
   recompute of ``layernorm``) -> the flag is ``bool(fp8)``.
 
@@ -101,6 +108,15 @@ def _cpu_rng_tracker_class():
     return CpuRngStatesTracker
 
 
+def _under_cpu_mode(function):
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        with CudaArgumentsOnCpu():
+            return function(*args, **kwargs)
+
+    return wrapper
+
+
 def apply_cpu_compat() -> bool:
     """Apply the CPU fixes once in this process when CUDA is absent; return whether they apply."""
     global _applied
@@ -114,6 +130,8 @@ def apply_cpu_compat() -> bool:
     torch.cuda.synchronize = lambda device=None: None
     torch.cuda.current_stream = lambda device=None: _CpuStream()
     torch.cuda.manual_seed = torch.manual_seed
+    megatron_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
+    megatron_random._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
     megatron_random.CudaRNGStatesTracker = _cpu_rng_tracker_class()
     megatron_random.initialize_rng_tracker(force_reset=True)
 
@@ -125,6 +143,10 @@ def apply_cpu_compat() -> bool:
         self.fp8 = bool(fp8)
 
     megatron_random.CheckpointWithoutOutput.__init__ = init_with_fp8_flag
+    for function_class in (megatron_random.CheckpointFunction, megatron_random.CheckpointWithoutOutputFunction):
+        function_class.backward = staticmethod(_under_cpu_mode(function_class.backward))
+    recompute = megatron_random.CheckpointWithoutOutput._recompute
+    megatron_random.CheckpointWithoutOutput._recompute = _under_cpu_mode(recompute)
     CudaArgumentsOnCpu().__enter__()
     _applied = True
     return True

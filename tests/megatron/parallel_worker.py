@@ -30,14 +30,23 @@ def parse_args():
     parser.add_argument("--sp", action="store_true")
     parser.add_argument("--experts", type=int, default=None)
     parser.add_argument("--distributed-optimizer", action="store_true")
+    parser.add_argument("--recompute", choices=["full", "selective"])
     parser.add_argument("--save")
     parser.add_argument("--load")
     parser.add_argument("--out", required=True)
     return parser.parse_args()
 
 
+RECOMPUTE = {
+    None: {},
+    "full": dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1),
+    "selective": dict(recompute_granularity="selective", recompute_modules=["layernorm", "core_attn", "mlp"]),
+}
+
+
 def make_config(args) -> MhcTransformerConfig:
     return MhcTransformerConfig(
+        **RECOMPUTE[args.recompute],
         num_layers=4, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4,
         hc_mode=args.hc_mode, num_streams=4, hc_alpha_init=0.3,
         tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp,

@@ -21,6 +21,8 @@ DENSE_LAYOUTS = {
     "PP=2 x VPP=2 (interleaved)": (2, ["--pp", "2", "--vpp", "2"]),
     "DP=2 (DDP)": (2, []),
     "DP=2 (distributed optimizer)": (2, ["--distributed-optimizer"]),
+    "full recompute": (1, ["--recompute", "full"]),
+    "selective recompute (layernorm, core_attn, mlp)": (1, ["--recompute", "selective"]),
 }
 
 
