@@ -26,10 +26,13 @@ def architecture_record(config: MhcTransformerConfig) -> dict:
     return record
 
 
+def _chunk_keys(model_chunks: list[torch.nn.Module]) -> list[str]:
+    """megatron's naming: ``model`` for one chunk, ``model0``, ``model1``, ... for virtual stages."""
+    return ["model"] if len(model_chunks) == 1 else [f"model{i}" for i in range(len(model_chunks))]
+
+
 def _sharded_state(model_chunks: list[torch.nn.Module]) -> dict:
-    if len(model_chunks) == 1:
-        return {"model": model_chunks[0].sharded_state_dict()}
-    return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(model_chunks)}
+    return {key: chunk.sharded_state_dict() for key, chunk in zip(_chunk_keys(model_chunks), model_chunks)}
 
 
 def save_checkpoint(model_chunks: list[torch.nn.Module], config: MhcTransformerConfig, directory: str | Path) -> None:
@@ -86,6 +89,5 @@ def load_checkpoint(model_chunks: list[torch.nn.Module], config: MhcTransformerC
     """Load ``directory`` into ``model_chunks`` (any TP/PP/VPP layout), after ``check_checkpoint``."""
     check_checkpoint(model_chunks, config, directory)
     loaded = dist_checkpointing.load(_sharded_state(model_chunks), str(directory))
-    keys = ["model"] if len(model_chunks) == 1 else [f"model{i}" for i in range(len(model_chunks))]
-    for key, chunk in zip(keys, model_chunks):
+    for key, chunk in zip(_chunk_keys(model_chunks), model_chunks):
         chunk.load_state_dict(loaded[key], strict=True)

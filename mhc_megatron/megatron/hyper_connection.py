@@ -15,20 +15,21 @@ from mhc_megatron.megatron.config import MhcTransformerConfig
 from mhc_megatron.modules import HyperConnection, StreamCollapse
 
 
-def mark_sequence_parallel(module: nn.Module, config: MhcTransformerConfig) -> None:
-    for parameter in module.parameters():
-        parameter.sequence_parallel = config.sequence_parallel
+class ReplicatedOverTensorRanks:
+    """Megatron conventions for a module whose parameters are replicated over tensor ranks: the
+    config's ``params_dtype``, the ``sequence_parallel`` mark, and a replicated ``sharded_state_dict``."""
 
-
-class ReplicatedShardedStateDict:
-    """``sharded_state_dict`` for modules whose parameters are replicated over tensor ranks."""
+    def adopt_megatron_conventions(self: nn.Module, config: MhcTransformerConfig) -> None:
+        self.to(config.params_dtype)
+        for parameter in self.parameters():
+            parameter.sequence_parallel = config.sequence_parallel
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
         state = self.state_dict(prefix="", keep_vars=True)
         return make_sharded_tensors_for_checkpoint(state, prefix, {}, sharded_offsets)
 
 
-class MegatronHyperConnection(ReplicatedShardedStateDict, HyperConnection):
+class MegatronHyperConnection(ReplicatedOverTensorRanks, HyperConnection):
     """``HyperConnection`` of one sub-layer, configured by ``MhcTransformerConfig``.
 
     Args:
@@ -46,11 +47,10 @@ class MegatronHyperConnection(ReplicatedShardedStateDict, HyperConnection):
             alpha_init=config.hc_alpha_init,
             eps=config.hc_eps,
         )
-        self.to(config.params_dtype)
-        mark_sequence_parallel(self, config)
+        self.adopt_megatron_conventions(config)
 
 
-class MegatronStreamCollapse(ReplicatedShardedStateDict, StreamCollapse):
+class MegatronStreamCollapse(ReplicatedOverTensorRanks, StreamCollapse):
     """``StreamCollapse`` configured by ``MhcTransformerConfig`` (``hc_collapse``)."""
 
     def __init__(self, config: MhcTransformerConfig) -> None:
@@ -61,5 +61,4 @@ class MegatronStreamCollapse(ReplicatedShardedStateDict, StreamCollapse):
             alpha_init=config.hc_alpha_init,
             eps=config.hc_eps,
         )
-        self.to(config.params_dtype)
-        mark_sequence_parallel(self, config)
+        self.adopt_megatron_conventions(config)

@@ -68,6 +68,29 @@ def gpt_forward_step(data_iterator, model):
     return per_token_loss, partial(_masked_mean_loss, batch.loss_mask)
 
 
+def run_schedule(
+    model_chunks: list[torch.nn.Module],
+    config: MhcTransformerConfig,
+    micro_batches: list[MicroBatch],
+    forward_step_func=gpt_forward_step,
+    **schedule_kwargs,
+) -> list:
+    """Run megatron's ``forward_backward_func`` (no pipelining, 1F1B or interleaved) over
+    ``micro_batches``, with one data iterator per model chunk and the stream-sized pipeline buffers.
+    ``schedule_kwargs`` (``forward_only``, ``collect_non_loss_data``, ...) go to the schedule."""
+    iterators = [iter(micro_batches) for _ in model_chunks]
+    micro_batch_size, seq_length = micro_batches[0].tokens.shape
+    return get_forward_backward_func()(
+        forward_step_func=forward_step_func,
+        data_iterator=iterators if len(iterators) > 1 else iterators[0],
+        model=model_chunks if len(model_chunks) > 1 else model_chunks[0],
+        num_microbatches=len(micro_batches),
+        seq_length=seq_length,
+        micro_batch_size=stream_micro_batch_size(config, micro_batch_size),
+        **schedule_kwargs,
+    )
+
+
 def train_step(
     model_chunks: list[torch.nn.Module],
     optimizer,
@@ -86,17 +109,7 @@ def train_step(
     for chunk in model_chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
-    iterators = [iter(micro_batches) for _ in model_chunks]
-    micro_batch_size, seq_length = micro_batches[0].tokens.shape
-    losses = get_forward_backward_func()(
-        forward_step_func=gpt_forward_step,
-        data_iterator=iterators if len(iterators) > 1 else iterators[0],
-        model=model_chunks if len(model_chunks) > 1 else model_chunks[0],
-        num_microbatches=len(micro_batches),
-        seq_length=seq_length,
-        micro_batch_size=stream_micro_batch_size(config, micro_batch_size),
-        forward_only=False,
-    )
+    losses = run_schedule(model_chunks, config, micro_batches, forward_only=False)
     _, grad_norm, _ = optimizer.step()
     if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
         return None, grad_norm

@@ -15,7 +15,7 @@ import torch
 
 from mhc_megatron.megatron import MhcTransformerConfig, build_model_chunks, destroy_parallel, initialize_parallel
 from mhc_megatron.megatron.checkpointing import load_checkpoint, save_checkpoint
-from mhc_megatron.megatron.step import MicroBatch, build_optimizer, train_step, wrap_with_ddp
+from mhc_megatron.megatron.step import MicroBatch, build_optimizer, run_schedule, train_step, wrap_with_ddp
 
 VOCAB, SEQ, MICRO_BATCH, GLOBAL_BATCH, STEPS = 64, 16, 2, 8, 3
 
@@ -82,9 +82,6 @@ def micro_batches(step: int, data_parallel: bool = True) -> list[MicroBatch]:
 
 def collect_logits(chunks, config, micro_batches):
     from megatron.core import tensor_parallel
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    from mhc_megatron.megatron.pipeline import stream_micro_batch_size
 
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
@@ -93,14 +90,8 @@ def collect_logits(chunks, config, micro_batches):
             output = tensor_parallel.gather_from_tensor_model_parallel_region(output)
         return output, lambda output, non_loss_data=True: output.detach().clone()
 
-    iterators = [iter(micro_batches) for _ in chunks]
-    outputs = get_forward_backward_func()(
-        forward_step_func=forward_step,
-        data_iterator=iterators if len(iterators) > 1 else iterators[0],
-        model=chunks if len(chunks) > 1 else chunks[0],
-        num_microbatches=len(micro_batches), seq_length=SEQ,
-        micro_batch_size=stream_micro_batch_size(config, MICRO_BATCH),
-        forward_only=True, collect_non_loss_data=True,
+    outputs = run_schedule(
+        chunks, config, micro_batches, forward_step, forward_only=True, collect_non_loss_data=True
     )
     return torch.cat(outputs, dim=1) if outputs else None  # [s, b, vocab]
 
