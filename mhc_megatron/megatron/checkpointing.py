@@ -1,10 +1,12 @@
 """Distributed checkpoints of hyper-connected models with megatron-core's ``dist_checkpointing``.
 
 A checkpoint holds the sharded state of every model chunk plus a small ``mhc`` record of the
-architecture (``hc_mode``, ``num_streams``, ``hidden_size``, ``num_layers``, ...). Because tensors are
-saved by their global keys and shapes, a checkpoint saved under one TP/PP/VPP layout loads under
-another. ``load_checkpoint`` checks the record and every tensor's key and global shape against the
-model before it reads any weight, so a mismatched checkpoint raises and leaves the model untouched.
+architecture (``hc_mode``, ``num_streams``, ``hidden_size``, ``num_layers``, ...), and optionally the
+optimizer's sharded state and a picklable ``train_state`` (iteration, scheduler, ...). Because
+tensors are saved by their global keys and shapes, a checkpoint saved under one TP/PP/VPP layout
+loads under another (the distributed optimizer's state too: it is saved fully reshardable).
+``load_checkpoint`` checks the record and every tensor's key and global shape against the model
+before it reads any weight, so a mismatched checkpoint raises and leaves the model untouched.
 """
 
 from __future__ import annotations
@@ -14,8 +16,12 @@ from pathlib import Path
 import torch
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
+from megatron.core.utils import unwrap_model
 
 from mhc_megatron.megatron.config import MhcTransformerConfig
+
+# The distributed optimizer's state in a layout-independent form (plain optimizers ignore it).
+_OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 ARCHITECTURE_FIELDS = ("hc_mode", "num_streams", "hc_collapse", "hidden_size", "num_layers", "num_moe_experts")
 
@@ -32,17 +38,29 @@ def _chunk_keys(model_chunks: list[torch.nn.Module]) -> list[str]:
 
 
 def _sharded_state(model_chunks: list[torch.nn.Module]) -> dict:
-    return {key: chunk.sharded_state_dict() for key, chunk in zip(_chunk_keys(model_chunks), model_chunks)}
+    """The chunks' sharded state under their own keys (DDP / Float16Module wrappers add none)."""
+    return {key: chunk.sharded_state_dict() for key, chunk in zip(_chunk_keys(model_chunks), unwrap_model(model_chunks))}
 
 
-def save_checkpoint(model_chunks: list[torch.nn.Module], config: MhcTransformerConfig, directory: str | Path) -> None:
-    """Save ``model_chunks`` (this rank's chunks) to ``directory``, collectively over all ranks."""
+def save_checkpoint(
+    model_chunks: list[torch.nn.Module],
+    config: MhcTransformerConfig,
+    directory: str | Path,
+    optimizer=None,
+    train_state: dict | None = None,
+) -> None:
+    """Save ``model_chunks`` (this rank's chunks), and ``optimizer``'s state and ``train_state`` when
+    given, to ``directory``, collectively over all ranks."""
     directory = Path(directory)
     if torch.distributed.get_rank() == 0:
         directory.mkdir(parents=True, exist_ok=True)
     torch.distributed.barrier()
     state = _sharded_state(model_chunks)
     state["mhc"] = architecture_record(config)
+    if train_state is not None:
+        state["train_state"] = train_state
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(state, metadata=_OPTIMIZER_METADATA)
     dist_checkpointing.save(state, str(directory))
 
 
@@ -54,8 +72,11 @@ def _flat_tensors(state: dict):
             yield value
 
 
-def check_checkpoint(model_chunks: list[torch.nn.Module], config: MhcTransformerConfig, directory: str | Path) -> None:
-    """Raise ``ValueError`` naming the difference if ``directory`` cannot be loaded into the model."""
+def check_checkpoint(
+    model_chunks: list[torch.nn.Module], config: MhcTransformerConfig, directory: str | Path, with_optimizer: bool = False
+) -> dict:
+    """Raise ``ValueError`` naming the difference if ``directory`` cannot be loaded into the model
+    (and, ``with_optimizer``, holds no optimizer state); return the saved ``train_state`` (or ``{}``)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise ValueError(f"checkpoint directory {str(directory)!r} does not exist")
@@ -83,11 +104,26 @@ def check_checkpoint(model_chunks: list[torch.nn.Module], config: MhcTransformer
                 f"checkpoint tensor {tensor.key!r} has global shape {saved_shape}, "
                 f"the model expects {tuple(tensor.global_shape)}"
             )
+    if with_optimizer and not any(key.startswith("optimizer.") for key in saved_tensors):
+        raise ValueError(
+            f"checkpoint {str(directory)!r} holds no optimizer state; load only its weights (finetune=true) "
+            "or give a checkpoint saved by a training run"
+        )
+    return common.get("train_state") or {}
 
 
-def load_checkpoint(model_chunks: list[torch.nn.Module], config: MhcTransformerConfig, directory: str | Path) -> None:
-    """Load ``directory`` into ``model_chunks`` (any TP/PP/VPP layout), after ``check_checkpoint``."""
-    check_checkpoint(model_chunks, config, directory)
-    loaded = dist_checkpointing.load(_sharded_state(model_chunks), str(directory))
-    for key, chunk in zip(_chunk_keys(model_chunks), model_chunks):
+def load_checkpoint(
+    model_chunks: list[torch.nn.Module], config: MhcTransformerConfig, directory: str | Path, optimizer=None
+) -> dict:
+    """Load ``directory`` into ``model_chunks`` (any TP/PP/VPP layout), and into ``optimizer`` when
+    given, after ``check_checkpoint``; return the saved ``train_state`` (``{}`` if none)."""
+    train_state = check_checkpoint(model_chunks, config, directory, with_optimizer=optimizer is not None)
+    state = _sharded_state(model_chunks)
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True, metadata=_OPTIMIZER_METADATA)
+    loaded = dist_checkpointing.load(state, str(directory))
+    for key, chunk in zip(_chunk_keys(model_chunks), unwrap_model(model_chunks)):
         chunk.load_state_dict(loaded[key], strict=True)
+    if optimizer is not None:
+        optimizer.load_state_dict(loaded["optimizer"])
+    return train_state

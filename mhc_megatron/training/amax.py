@@ -1,0 +1,38 @@
+"""The Amax gain of the whole model's stream mixing, measured during a training step.
+
+Each pipeline rank records the ``h_res`` of its own sub-layers (the first micro-batch's, the one
+every stage processes first); the ranks of one pipeline exchange them and the product runs over
+all sub-layers in global order, as ``diagnostics.amax_gain`` defines it.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core import parallel_state
+
+from mhc_megatron.diagnostics import AmaxGain, MappingRecorder, amax_gain
+
+
+def first_micro_batch_mappings(recorder: MappingRecorder, max_tokens: int) -> dict[int, torch.Tensor]:
+    """``{sub-layer index: h_res [tokens, n, n]}`` of the first call of each sub-layer, at most
+    ``max_tokens`` tokens, float32 on the CPU."""
+    mappings: dict[int, torch.Tensor] = {}
+    for h_res, index in zip(recorder.h_res, recorder.layer_indices):
+        if index not in mappings:
+            n = h_res.shape[-1]
+            mappings[index] = h_res.reshape(-1, n, n)[:max_tokens].float().cpu()
+    return mappings
+
+
+def pipeline_amax_gain(recorder: MappingRecorder, max_tokens: int = 4096) -> AmaxGain | None:
+    """Amax gain over every sub-layer of the pipeline (collective over the pipeline group).
+
+    Returns ``None`` when no hyper-connection recorded anything (the residual model).
+    """
+    local = first_micro_batch_mappings(recorder, max_tokens)
+    gathered: list[dict[int, torch.Tensor]] = [{} for _ in range(parallel_state.get_pipeline_model_parallel_world_size())]
+    torch.distributed.all_gather_object(gathered, local, group=parallel_state.get_pipeline_model_parallel_group())
+    merged = {index: h_res for part in gathered for index, h_res in part.items()}
+    if not merged:
+        return None
+    return amax_gain([merged[index] for index in sorted(merged)])

@@ -1,0 +1,122 @@
+"""The training job's own settings (everything that is not part of the model's config).
+
+Names follow Megatron-LM's command-line arguments where one exists (``train_iters``,
+``global_batch_size``, ``lr_warmup_iters``, ``save_interval``, ``finetune``, ...), so a Megatron user
+reads a config without a glossary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root")
+POSITION_EMBEDDINGS = ("rope", "learned_absolute", "none")
+
+
+@dataclass
+class TrainingArguments:
+    """Settings of one training run.
+
+    Steps, batches and data:
+        train_iters: optimizer steps of the whole run (the LR schedule spans them).
+        exit_interval: stop (after saving, when ``save`` is set) once this step is reached; the
+            schedule still spans ``train_iters``, so a later run with ``load`` continues exactly.
+        micro_batch_size / global_batch_size: sequences per micro-batch / per optimizer step
+            (over all data-parallel ranks); the ratio over data-parallel size is the number of
+            micro-batches of the pipeline schedule.
+        seq_length: tokens per sequence. max_position_embeddings: defaults to ``seq_length``.
+        data_path: prefix of an indexed dataset (``PREFIX.bin``/``PREFIX.idx``, see
+            ``mhc-preprocess``); unset: the default corpus, built once under ``data_dir``.
+        split: megatron's ``"train,valid,test"`` document weights.
+        tokenizer: ``byte-level`` or the path of a local HuggingFace tokenizer directory.
+    Optimizer and schedule (megatron-core's Adam and ``OptimizerParamScheduler``):
+        lr, min_lr, lr_warmup_iters, lr_decay_iters (default ``train_iters``), lr_decay_style,
+        weight_decay, adam_beta1, adam_beta2, adam_eps, clip_grad, use_distributed_optimizer.
+    Evaluation, logging, checkpoints:
+        eval_interval (0: never), eval_iters: validation batches per evaluation (the same ones each
+        time, so evaluations compare). log_interval: steps between console lines and Amax-gain
+        measurements (metrics.jsonl gets every step). save: checkpoint directory; save_interval
+        (0: only at the end). load: checkpoint directory to resume from (its latest iteration);
+        finetune: load only the weights and start at step 0 with a fresh optimizer.
+        run_dir: where config.yaml, metrics.jsonl and tensorboard/ go. wandb / wandb_project:
+        also log to Weights & Biases (offline unless WANDB_MODE says otherwise).
+    Model building (``GPTModel`` arguments; the transformer's own fields are the model keys):
+        position_embedding_type, untie_embeddings_and_output_weights,
+        swiglu (gated SiLU MLP), make_vocab_size_divisible_by (vocabulary padding, times TP).
+    """
+
+    train_iters: int = 100
+    exit_interval: int | None = None
+    micro_batch_size: int = 1
+    global_batch_size: int = 8
+    seq_length: int = 256
+    max_position_embeddings: int | None = None
+    seed: int = 1234
+    data_path: str | None = None
+    data_dir: str = "runs/data"
+    split: str = "98,2,0"
+    tokenizer: str = "byte-level"
+    lr: float = 3.0e-4
+    min_lr: float = 0.0
+    lr_warmup_iters: int = 0
+    lr_decay_iters: int | None = None
+    lr_decay_style: str = "cosine"
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1.0e-8
+    clip_grad: float = 1.0
+    use_distributed_optimizer: bool = False
+    eval_interval: int = 0
+    eval_iters: int = 2
+    log_interval: int = 10
+    save: str | None = None
+    save_interval: int = 0
+    load: str | None = None
+    finetune: bool = False
+    run_dir: str = "runs/run"
+    wandb: bool = False
+    wandb_project: str = "mhc-megatron"
+    position_embedding_type: str = "rope"
+    untie_embeddings_and_output_weights: bool = False
+    swiglu: bool = False
+    make_vocab_size_divisible_by: int = 128
+
+    def __post_init__(self) -> None:
+        for name in ("train_iters", "micro_batch_size", "global_batch_size", "seq_length", "log_interval",
+                     "eval_iters", "make_vocab_size_divisible_by"):
+            _require_int(name, getattr(self, name), minimum=1 if name != "train_iters" else 0)
+        for name in ("lr_warmup_iters", "eval_interval", "save_interval"):
+            _require_int(name, getattr(self, name), minimum=0)
+        for name in ("exit_interval", "lr_decay_iters", "max_position_embeddings"):
+            if getattr(self, name) is not None:
+                _require_int(name, getattr(self, name), minimum=1)
+        for name, allowed in (
+            ("lr_decay_style", LR_DECAY_STYLES),
+            ("position_embedding_type", POSITION_EMBEDDINGS),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {getattr(self, name)!r}")
+        if not 0.0 <= self.min_lr <= self.lr:
+            raise ValueError(f"min_lr must be in [0, lr={self.lr}], got {self.min_lr}")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"global_batch_size {self.global_batch_size} must be a multiple of micro_batch_size "
+                f"{self.micro_batch_size}"
+            )
+        if self.finetune and not self.load:
+            raise ValueError("finetune=true loads weights from 'load', but load is not set")
+
+    @property
+    def decay_iters(self) -> int:
+        return self.lr_decay_iters if self.lr_decay_iters is not None else self.train_iters
+
+    @property
+    def last_step(self) -> int:
+        """The step this run stops after: ``train_iters``, or ``exit_interval`` when it is earlier."""
+        return min(self.train_iters, self.exit_interval or self.train_iters)
+
+
+def _require_int(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")

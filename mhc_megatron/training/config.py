@@ -1,0 +1,177 @@
+"""One flat configuration for a run: a YAML file plus ``key=value`` overrides.
+
+Keys are megatron-core's ``TransformerConfig`` field names (``num_layers``, ``hidden_size``,
+``tensor_model_parallel_size``, ``bf16``, ...), the hyper-connection fields of
+``MhcTransformerConfig`` (``hc_mode``, ``num_streams``, ...) and the run's own settings
+(``TrainingArguments``: ``train_iters``, ``lr``, ``save``, ...). An unknown key, or a value of the
+wrong type, is an error that names it (and the closest valid key). ``RunConfig.to_yaml`` writes the
+resolved configuration, which loads back as a config file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from mhc_megatron.megatron.config import MhcTransformerConfig
+from mhc_megatron.megatron.specs import resolve_backend
+from mhc_megatron.training.arguments import TrainingArguments
+
+# Set by the trainer from other keys (bf16, the device); not settable in a config.
+_DERIVED_MODEL_FIELDS = {"params_dtype", "pipeline_dtype", "autocast_dtype"}
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads ``3e-4`` (no dot) as a string; configs mean a float."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+    list("-+0123456789."),
+)
+
+
+def _is_settable(annotation) -> bool:
+    """Whether a config field of this type can be written in YAML (scalars, lists, literals)."""
+    origin = typing.get_origin(annotation)
+    if annotation in (int, float, str, bool, type(None), list):
+        return True
+    if origin is typing.Literal:
+        return True
+    if origin in (typing.Union, types.UnionType, list, tuple):
+        return all(_is_settable(arg) for arg in typing.get_args(annotation) if arg is not Ellipsis)
+    return False
+
+
+def _accepts(annotation, value) -> bool:
+    origin = typing.get_origin(annotation)
+    if annotation is type(None):
+        return value is None
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is str:
+        return isinstance(value, str)
+    if annotation is list:
+        return isinstance(value, list)
+    if origin is typing.Literal:
+        return value in typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_accepts(arg, value) for arg in typing.get_args(annotation))
+    if origin in (list, tuple):
+        args = [arg for arg in typing.get_args(annotation) if arg is not Ellipsis]
+        return isinstance(value, list) and all(any(_accepts(a, item) for a in args) for item in value)
+    return False
+
+
+def _field_types(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
+
+
+MODEL_KEYS: dict[str, Any] = {
+    name: annotation
+    for name, annotation in _field_types(MhcTransformerConfig).items()
+    if name not in _DERIVED_MODEL_FIELDS and _is_settable(annotation)
+}
+TRAINING_KEYS: dict[str, Any] = _field_types(TrainingArguments)
+ALL_KEYS: dict[str, Any] = {**MODEL_KEYS, **TRAINING_KEYS}
+
+
+def _unknown_key_error(key: str, where: str) -> ValueError:
+    close = difflib.get_close_matches(key, ALL_KEYS, n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else " (see docs/training.md for the keys)"
+    return ValueError(f"unknown config key {key!r} in {where}{hint}")
+
+
+def _typed(key: str, value, where: str):
+    annotation = ALL_KEYS[key]
+    if not _accepts(annotation, value):
+        expected = getattr(annotation, "__name__", str(annotation).replace("typing.", ""))
+        raise ValueError(f"config key {key!r} in {where} must be {expected}, got {value!r}")
+    if annotation is float and isinstance(value, int):
+        return float(value)
+    return value
+
+
+def parse_override(text: str):
+    """``key=value`` -> ``(key, value)``, the value read as YAML (``true``, ``1e-3``, ``[a, b]``, ``null``)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise ValueError(f"override {text!r} must have the form key=value")
+    return key.strip(), yaml.load(raw, Loader=_Loader) if raw.strip() else ""
+
+
+@dataclass
+class RunConfig:
+    """The run's settings (``training``) and the model config's fields set by the user (``model``)."""
+
+    training: TrainingArguments
+    model: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_mapping(cls, values: dict[str, Any], where: str = "the config") -> RunConfig:
+        training, model = {}, {}
+        for key, value in values.items():
+            if key not in ALL_KEYS:
+                raise _unknown_key_error(key, where)
+            (training if key in TRAINING_KEYS else model)[key] = _typed(key, value, where)
+        return cls(TrainingArguments(**training), model)
+
+    @classmethod
+    def load(cls, path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+        """The config of ``path`` (YAML mapping; ``None``: defaults only) with ``overrides`` applied."""
+        values: dict[str, Any] = {}
+        if path is not None:
+            path = Path(path)
+            if not path.is_file():
+                raise ValueError(f"config file {str(path)!r} does not exist")
+            try:
+                loaded = yaml.load(path.read_text(), Loader=_Loader)
+            except yaml.YAMLError as error:
+                raise ValueError(f"config file {str(path)!r} is not valid YAML: {error}") from error
+            if loaded is not None and not isinstance(loaded, dict):
+                raise ValueError(f"config file {str(path)!r} must hold a mapping of keys, got {type(loaded).__name__}")
+            values.update(loaded or {})
+        for text in overrides:
+            key, value = parse_override(text)
+            if key not in ALL_KEYS:
+                raise _unknown_key_error(key, f"override {text!r}")
+            values[key] = value
+        return cls.from_mapping(values, where=str(path) if path is not None else "the overrides")
+
+    def transformer_config(self) -> MhcTransformerConfig:
+        """``MhcTransformerConfig`` of the model: dtypes from ``bf16``, CPU initialisation without CUDA,
+        ``transformer_impl`` Transformer Engine when importable (else ``local``) unless set."""
+        model = dict(self.model)
+        model.setdefault("transformer_impl", resolve_backend("auto"))
+        if model.get("fp16"):
+            raise ValueError("fp16 is not supported (it needs loss scaling); use bf16: true")
+        dtype = torch.bfloat16 if model.get("bf16") else torch.float32
+        model.setdefault("use_cpu_initialization", not torch.cuda.is_available())
+        if self.training.swiglu:
+            model.update(gated_linear_unit=True, activation_func=torch.nn.functional.silu, bias_activation_fusion=False)
+        return MhcTransformerConfig(**model, params_dtype=dtype, pipeline_dtype=dtype)
+
+    def to_mapping(self) -> dict[str, Any]:
+        """Every training setting plus the model fields the config sets and the mHC fields."""
+        defaults = {name: getattr(MhcTransformerConfig, name) for name in (
+            "hc_mode", "num_streams", "sinkhorn_iters", "hc_alpha_init", "hc_eps", "hc_expand", "hc_collapse"
+        )}
+        return {**defaults, **self.model, **dataclasses.asdict(self.training)}
+
+    def to_yaml(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_mapping(), sort_keys=True))

@@ -1,0 +1,111 @@
+"""Where a run's numbers go: ``metrics.jsonl`` (every step), TensorBoard (always), Weights & Biases
+(when installed and enabled; offline unless ``WANDB_MODE`` says otherwise, so it never asks to log
+in or needs the network) and the console (a line per ``log_interval``, or a progress bar when the
+output is a terminal).
+
+Per-step record keys: ``step``, ``loss``, ``lr``, ``grad_norm``, ``step_time_s``, ``tokens_per_s``,
+``peak_mem_bytes``, ``consumed_samples``; ``amax_gain_forward`` / ``amax_gain_backward`` (HC and mHC,
+every ``log_interval``); ``eval_loss`` (evaluation steps). A resumed run appends to the same file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+
+def format_bytes(count: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(count) < 1024 or unit == "TB":
+            return f"{count:.1f} {unit}"
+        count /= 1024
+    raise AssertionError("unreachable")
+
+
+def console_line(record: dict, train_iters: int) -> str:
+    parts = [f"step {record['step']}/{train_iters}", f"loss {record['loss']:.4f}"]
+    if "eval_loss" in record:
+        parts.append(f"eval {record['eval_loss']:.4f}")
+    parts += [
+        f"lr {record['lr']:.3e}",
+        f"grad {record['grad_norm']:.3f}",
+        f"{record['step_time_s']:.3f} s/step",
+        f"{record['tokens_per_s']:.0f} tok/s",
+        f"mem {format_bytes(record['peak_mem_bytes'])}",
+    ]
+    if "amax_gain_forward" in record:
+        parts.append(f"amax fwd {record['amax_gain_forward']:.3f} bwd {record['amax_gain_backward']:.3f}")
+    return " | ".join(parts)
+
+
+class MetricsLogger:
+    """Writes the records of one run (only the logging rank creates one)."""
+
+    def __init__(
+        self,
+        run_dir: str | Path,
+        train_iters: int,
+        log_interval: int,
+        start_step: int = 0,
+        config: dict | None = None,
+        use_wandb: bool = False,
+        wandb_project: str = "mhc-megatron",
+    ) -> None:
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.train_iters = train_iters
+        self.log_interval = log_interval
+        self.jsonl = (self.run_dir / "metrics.jsonl").open("a")
+        self.tensorboard = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=start_step + 1)
+        self.wandb_run = self._start_wandb(config or {}, wandb_project) if use_wandb else None
+        self.bar = (
+            tqdm(total=train_iters, initial=start_step, unit="step", dynamic_ncols=True)
+            if sys.stdout.isatty()
+            else None
+        )
+
+    def _start_wandb(self, config: dict, project: str):
+        try:
+            import wandb
+        except ImportError:
+            print("metrics: wandb=true but the wandb package is not installed; logging without it")
+            return None
+        return wandb.init(
+            project=project,
+            dir=str(self.run_dir),
+            config=config,
+            mode=os.environ.get("WANDB_MODE", "offline"),
+            name=self.run_dir.name,
+        )
+
+    def log(self, record: dict) -> None:
+        step = record["step"]
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+        for key, value in record.items():
+            if key != "step":
+                self.tensorboard.add_scalar(key, value, step)
+        if self.wandb_run is not None:
+            self.wandb_run.log(record, step=step)
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix_str(f"loss {record['loss']:.4f}")
+        if step % self.log_interval == 0 or step == self.train_iters or "eval_loss" in record:
+            line = console_line(record, self.train_iters)
+            if self.bar is not None:
+                self.bar.write(line)
+            else:
+                print(line, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self.jsonl.close()
+        self.tensorboard.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
