@@ -104,6 +104,11 @@ class TrainingArguments:
                 f"global_batch_size {self.global_batch_size} must be a multiple of micro_batch_size "
                 f"{self.micro_batch_size}"
             )
+        if self.lr_warmup_iters and self.lr_warmup_iters >= self.decay_iters:
+            raise ValueError(
+                f"lr_warmup_iters {self.lr_warmup_iters} must be less than lr_decay_iters {self.decay_iters} "
+                "(which defaults to train_iters)"
+            )
         if self.finetune and not self.load:
             raise ValueError("finetune=true loads weights from 'load', but load is not set")
 

@@ -30,6 +30,16 @@ from mhc_megatron.training.arguments import TrainingArguments
 _DERIVED_MODEL_FIELDS = {"params_dtype", "pipeline_dtype", "autocast_dtype"}
 
 
+# Written to every resolved config, set or not: what a reader of a run directory asks first.
+SUMMARY_MODEL_FIELDS = (
+    "hc_mode", "num_streams", "sinkhorn_iters", "hc_alpha_init", "hc_eps", "hc_expand", "hc_collapse",
+    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_moe_experts", "bf16",
+    "tensor_model_parallel_size", "pipeline_model_parallel_size", "virtual_pipeline_model_parallel_size",
+    "expert_model_parallel_size", "context_parallel_size", "sequence_parallel", "recompute_granularity",
+    "transformer_impl",
+)
+
+
 class _Loader(yaml.SafeLoader):
     """YAML 1.1 reads ``3e-4`` (no dot) as a string; configs mean a float."""
 
@@ -167,11 +177,14 @@ class RunConfig:
         return MhcTransformerConfig(**model, params_dtype=dtype, pipeline_dtype=dtype)
 
     def to_mapping(self) -> dict[str, Any]:
-        """Every training setting plus the model fields the config sets and the mHC fields."""
-        defaults = {name: getattr(MhcTransformerConfig, name) for name in (
-            "hc_mode", "num_streams", "sinkhorn_iters", "hc_alpha_init", "hc_eps", "hc_expand", "hc_collapse"
-        )}
-        return {**defaults, **self.model, **dataclasses.asdict(self.training)}
+        """Every training setting, plus the model fields the config sets and ``SUMMARY_MODEL_FIELDS``,
+        as the model config resolved them (a mapping that loads back as the same config)."""
+        config = self.transformer_config()
+        model = {}
+        for name in (*SUMMARY_MODEL_FIELDS, *self.model):
+            value = getattr(config, name)
+            model[name] = list(value) if isinstance(value, tuple) else value
+        return {**model, **dataclasses.asdict(self.training)}
 
     def to_yaml(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_mapping(), sort_keys=True))

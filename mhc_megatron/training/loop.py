@@ -25,7 +25,12 @@ from mhc_megatron.megatron import build_model_chunks, destroy_parallel, initiali
 from mhc_megatron.megatron.config import MhcTransformerConfig
 from mhc_megatron.megatron.step import build_optimizer, run_schedule, train_step, wrap_with_ddp
 from mhc_megatron.training.amax import pipeline_amax_gain
-from mhc_megatron.training.checkpoints import has_checkpoints, load_training_checkpoint, save_training_checkpoint
+from mhc_megatron.training.checkpoints import (
+    has_checkpoints,
+    iteration_directory,
+    load_training_checkpoint,
+    save_training_checkpoint,
+)
 from mhc_megatron.training.config import RunConfig
 from mhc_megatron.training.metrics import MetricsLogger, format_bytes
 
@@ -155,7 +160,7 @@ def _build_scheduler(run: RunConfig, optimizer) -> OptimizerParamScheduler:
         max_lr=args.lr,
         min_lr=args.min_lr,
         lr_warmup_steps=args.lr_warmup_iters,
-        lr_decay_steps=args.decay_iters,
+        lr_decay_steps=max(args.decay_iters, 1),
         lr_decay_style=args.lr_decay_style,
         start_wd=args.weight_decay,
         end_wd=args.weight_decay,
@@ -282,6 +287,12 @@ def _train(run: RunConfig, config: MhcTransformerConfig) -> TrainResult:
         if _is_logging_rank()
         else None
     )
+    def save(iteration: int, consumed_samples: int) -> Path:
+        state = {"iteration": iteration, "consumed_samples": consumed_samples, "scheduler": scheduler.state_dict()}
+        directory = save_training_checkpoint(args.save, iteration, model, optimizer, config, state)
+        _say(f"saved checkpoint {directory}")
+        return directory
+
     checkpoint = None
     tokens_per_step = args.global_batch_size * args.seq_length
     measures_gain = config.hc_mode != "residual"
@@ -319,12 +330,10 @@ def _train(run: RunConfig, config: MhcTransformerConfig) -> TrainResult:
             record["eval_loss"] = evaluate(model, config, valid_batches, args.eval_iters)
         if metrics is not None:
             metrics.log(record)
-        if args.save and (
-            iteration == args.last_step or (args.save_interval and iteration % args.save_interval == 0)
-        ):
-            state = {"iteration": iteration, "consumed_samples": consumed_samples, "scheduler": scheduler.state_dict()}
-            checkpoint = save_training_checkpoint(args.save, iteration, model, optimizer, config, state)
-            _say(f"saved checkpoint {checkpoint}")
+        if args.save and args.save_interval and iteration % args.save_interval == 0:
+            checkpoint = save(iteration, consumed_samples)
+    if args.save and not iteration_directory(args.save, iteration).exists():
+        checkpoint = save(iteration, consumed_samples)
     if metrics is not None:
         metrics.close()
         _say(f"metrics: {run_dir / 'metrics.jsonl'} (TensorBoard: {run_dir / 'tensorboard'}); peak memory "

@@ -1,0 +1,49 @@
+"""Fixtures of the training-job tests: a small dataset and a way to run ``mhc-train``."""
+
+import json
+import os
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+# A model small enough for a torchrun launch of a few seconds; 4 layers so PP = 2 splits it.
+TINY = [
+    "num_layers=4", "hidden_size=32", "ffn_hidden_size=64", "num_attention_heads=4", "normalization=RMSNorm",
+    "add_bias_linear=false", "hidden_dropout=0.0", "attention_dropout=0.0", "hc_mode=mhc", "num_streams=4",
+    "hc_alpha_init=0.3", "seq_length=32", "micro_batch_size=2", "global_batch_size=8", "lr=5e-3",
+    "lr_warmup_iters=2", "log_interval=2", "tokenizer=byte-level",
+]
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory) -> Path:
+    """An indexed dataset of 40 standard-library files, written by the mhc-preprocess command."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    sources = sorted(root.glob("*.py"))[:40]
+    prefix = tmp_path_factory.mktemp("data") / "stdlib40"
+    run_command([sys.executable, "-m", "mhc_megatron.data.preprocess", "--input", *map(str, sources),
+                 "--output-prefix", str(prefix)])
+    return prefix
+
+
+def run_command(command: list[str], expect_success: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+    if expect_success:
+        assert result.returncode == 0, f"{' '.join(command)} failed:\n{(result.stdout + result.stderr)[-6000:]}"
+    return result
+
+
+def run_train(*overrides: str, nproc: int = 1, expect_success: bool = True) -> subprocess.CompletedProcess:
+    """``mhc-train`` with ``overrides`` in one process, or ``nproc`` under torchrun."""
+    launcher = [sys.executable]
+    if nproc > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    return run_command([*launcher, "-m", "mhc_megatron.train", *overrides], expect_success)
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

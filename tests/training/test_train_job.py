@@ -1,0 +1,85 @@
+"""``mhc-train`` end to end on CPU/gloo: layouts against one process, exact resume, bad input."""
+
+import pytest
+
+from .conftest import TINY, read_metrics, run_train
+
+
+@pytest.fixture(scope="module")
+def initial_weights(dataset, tmp_path_factory):
+    """The initial weights of the tiny model, saved by a zero-step run: every layout starts from
+    them (``finetune``), since a pipeline stage draws its layers' initial values in another order."""
+    save = tmp_path_factory.mktemp("init") / "checkpoints"
+    run_train(*TINY, f"data_path={dataset}", "train_iters=0", "lr_warmup_iters=0", f"save={save}", f"run_dir={save.parent / 'run'}")
+    return save
+
+
+def train_from(initial_weights, dataset, run_dir, *overrides, nproc=1):
+    run_train(*TINY, f"data_path={dataset}", f"load={initial_weights}", "finetune=true", "train_iters=4",
+              "eval_interval=2", "eval_iters=1", f"data_dir={run_dir / 'data'}", f"run_dir={run_dir}", *overrides,
+              nproc=nproc)
+    return read_metrics(run_dir)
+
+
+@pytest.fixture(scope="module")
+def single_process(initial_weights, dataset, tmp_path_factory):
+    return train_from(initial_weights, dataset, tmp_path_factory.mktemp("single"))
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [["tensor_model_parallel_size=2"], ["pipeline_model_parallel_size=2"]],
+    ids=["tp2", "pp2"],
+)
+def test_two_processes_match_one(layout, single_process, initial_weights, dataset, tmp_path):
+    parallel = train_from(initial_weights, dataset, tmp_path, *layout, nproc=2)
+    assert [r["step"] for r in parallel] == [1, 2, 3, 4]
+    for one, two in zip(single_process, parallel):
+        assert two["loss"] == pytest.approx(one["loss"], rel=1e-5), (one, two)
+        assert two["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-4), (one, two)
+        assert two.get("eval_loss") == pytest.approx(one.get("eval_loss"), rel=1e-5)
+        assert two.get("amax_gain_forward") == pytest.approx(one.get("amax_gain_forward"), rel=1e-5)
+    assert single_process[-1]["loss"] < single_process[0]["loss"]
+
+
+def test_resume_gives_the_uninterrupted_losses(dataset, tmp_path):
+    common = [*TINY, f"data_path={dataset}", "train_iters=6", "eval_interval=3", "eval_iters=1",
+              "hidden_dropout=0.1", f"data_dir={tmp_path / 'data'}"]
+    run_train(*common, f"run_dir={tmp_path / 'whole'}")
+    save = tmp_path / "checkpoints"
+    run_train(*common, f"run_dir={tmp_path / 'parts'}", f"save={save}", "exit_interval=3")
+    resumed = run_train(*common, f"run_dir={tmp_path / 'parts'}", f"save={save}", f"load={save}")
+    assert "resuming after step 3" in resumed.stdout
+    whole, parts = read_metrics(tmp_path / "whole"), read_metrics(tmp_path / "parts")
+    assert [r["step"] for r in parts] == [1, 2, 3, 4, 5, 6]
+    for key in ("loss", "grad_norm", "lr", "eval_loss", "amax_gain_forward", "amax_gain_backward"):
+        assert [r.get(key) for r in parts] == [r.get(key) for r in whole], key
+
+
+def test_unknown_key_names_the_closest(tmp_path):
+    result = run_train(*TINY, "hiden_size=64", f"run_dir={tmp_path}", expect_success=False)
+    assert result.returncode == 2
+    assert "unknown config key 'hiden_size'" in result.stderr and "did you mean 'hidden_size'" in result.stderr
+
+
+def test_missing_dataset_is_a_clear_error(tmp_path):
+    result = run_train(*TINY, f"data_path={tmp_path / 'absent'}", f"run_dir={tmp_path}", expect_success=False)
+    assert result.returncode == 2
+    assert f"{tmp_path / 'absent'}.idx does not exist" in result.stderr
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_corrupt_dataset_is_a_clear_error(dataset, tmp_path):
+    corrupt = tmp_path / "cut"
+    corrupt.with_suffix(".idx").write_bytes(dataset.with_suffix(".idx").read_bytes())
+    corrupt.with_suffix(".bin").write_bytes(dataset.with_suffix(".bin").read_bytes()[:1000])
+    result = run_train(*TINY, f"data_path={corrupt}", f"run_dir={tmp_path}", expect_success=False)
+    assert result.returncode == 2
+    assert "is truncated" in result.stderr
+
+
+def test_saving_over_another_runs_checkpoints_is_refused(initial_weights, dataset, tmp_path):
+    result = run_train(*TINY, f"data_path={dataset}", f"save={initial_weights}", f"run_dir={tmp_path}",
+                       expect_success=False)
+    assert result.returncode == 2
+    assert "already holds checkpoints" in result.stderr
