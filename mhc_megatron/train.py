@@ -10,9 +10,28 @@ training with a message that names it (exit status 2).
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
+import warnings
 from collections.abc import Sequence
+
+# Notices megatron-core and torch print on every start that say nothing about this run: the
+# optional Apex / Transformer Engine fallbacks, experimental or deprecated APIs we do not use
+# (GPTModel still is megatron-core's GPT), and torch's CUDA_HOME probe on machines without CUDA.
+_START_UP_NOTICES = (
+    "Transformer Engine and Apex are not installed",
+    "Apex is not installed",
+    "full scope is deprecated",
+    "MimoModelConfig is experimental",
+)
+
+
+def _quiet_start_up_notices() -> None:
+    for text in _START_UP_NOTICES:
+        warnings.filterwarnings("ignore", message=text, category=UserWarning)
+    logging.getLogger("megatron.core.models.gpt.gpt_model").setLevel(logging.ERROR)
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 
 def _parse_args(argv: Sequence[str] | None):
@@ -31,6 +50,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(name, value)
     os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    _quiet_start_up_notices()
     from mhc_megatron.training import RunConfig, train
 
     try:

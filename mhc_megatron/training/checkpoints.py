@@ -25,7 +25,13 @@ def iteration_directory(save_dir: str | Path, iteration: int) -> Path:
 
 
 def has_checkpoints(directory: str | Path) -> bool:
+    """Whether ``directory`` is a save directory with at least one completed checkpoint."""
     return (Path(directory) / TRACKER).is_file()
+
+
+def holds_checkpoint(directory: str | Path) -> bool:
+    """Whether ``load=directory`` has something to load: a save directory or one checkpoint."""
+    return has_checkpoints(directory) or (Path(directory) / "metadata.json").is_file()
 
 
 def resolve_checkpoint(load_dir: str | Path) -> Path:

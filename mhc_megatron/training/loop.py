@@ -27,6 +27,7 @@ from mhc_megatron.megatron.step import build_optimizer, run_schedule, train_step
 from mhc_megatron.training.amax import pipeline_amax_gain
 from mhc_megatron.training.checkpoints import (
     has_checkpoints,
+    holds_checkpoint,
     iteration_directory,
     load_training_checkpoint,
     save_training_checkpoint,
@@ -187,11 +188,19 @@ def evaluate(model, config: MhcTransformerConfig, batches: StepBatches, eval_ite
     return (loss / parallel_state.get_data_parallel_world_size()).item()
 
 
-def _check_save_directory(args) -> None:
+def _check_output_directories(args) -> None:
+    """Refuse, before anything runs, to write over another run's checkpoints or metrics."""
+    resuming = bool(args.load) and holds_checkpoint(args.load) and not args.finetune
     if args.save and has_checkpoints(args.save) and not args.load:
         raise ValueError(
             f"save directory {args.save!r} already holds checkpoints of another run; resume it with "
             f"load={args.save}, or choose another save directory (nothing was overwritten)"
+        )
+    metrics = Path(args.run_dir) / "metrics.jsonl"
+    if not resuming and metrics.is_file() and metrics.stat().st_size > 0:
+        raise ValueError(
+            f"run_dir {args.run_dir!r} already holds the metrics of another run; choose another run_dir, "
+            "or resume that run with load=<its save directory> (nothing was overwritten)"
         )
 
 
@@ -199,7 +208,7 @@ def train(run: RunConfig) -> TrainResult:
     """Train as ``run`` says, in this process of the job; see the module docstring."""
     args = run.training
     config = run.transformer_config()
-    _check_save_directory(args)
+    _check_output_directories(args)
     if args.data_path is not None:
         check_indexed_dataset(args.data_path)
     initialize_parallel(
@@ -336,6 +345,9 @@ def _train(run: RunConfig, config: MhcTransformerConfig) -> TrainResult:
         checkpoint = save(iteration, consumed_samples)
     if metrics is not None:
         metrics.close()
+        if metrics.first_loss is not None:
+            _say(f"loss: {metrics.first_loss:.4f} at step {metrics.first_step} -> {metrics.last_loss:.4f} "
+                 f"at step {iteration}")
         _say(f"metrics: {run_dir / 'metrics.jsonl'} (TensorBoard: {run_dir / 'tensorboard'}); peak memory "
              f"{format_bytes(_peak_memory_bytes())}")
     return TrainResult(last_step=iteration, run_dir=run_dir, checkpoint=checkpoint)

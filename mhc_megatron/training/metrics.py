@@ -60,6 +60,7 @@ class MetricsLogger:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.train_iters = train_iters
         self.log_interval = log_interval
+        self.first_step = self.first_loss = self.last_loss = None
         self.jsonl = (self.run_dir / "metrics.jsonl").open("a")
         self.tensorboard = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=start_step + 1)
         self.wandb_run = self._start_wandb(config or {}, wandb_project) if use_wandb else None
@@ -85,6 +86,9 @@ class MetricsLogger:
 
     def log(self, record: dict) -> None:
         step = record["step"]
+        if self.first_loss is None:
+            self.first_step, self.first_loss = step, record["loss"]
+        self.last_loss = record["loss"]
         self.jsonl.write(json.dumps(record) + "\n")
         self.jsonl.flush()
         for key, value in record.items():

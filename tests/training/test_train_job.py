@@ -83,3 +83,27 @@ def test_saving_over_another_runs_checkpoints_is_refused(initial_weights, datase
                        expect_success=False)
     assert result.returncode == 2
     assert "already holds checkpoints" in result.stderr
+
+
+def test_missing_checkpoint_is_a_clear_error(dataset, tmp_path):
+    result = run_train(*TINY, f"data_path={dataset}", f"load={tmp_path / 'absent'}", f"run_dir={tmp_path}",
+                       expect_success=False)
+    assert result.returncode == 2
+    assert f"checkpoint directory '{tmp_path / 'absent'}' (load) does not exist" in result.stderr
+
+
+def test_corrupt_checkpoint_tracker_is_a_clear_error(dataset, tmp_path):
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").write_text("ten\n")
+    result = run_train(*TINY, f"data_path={dataset}", f"load={tmp_path / 'ckpt'}", f"run_dir={tmp_path / 'run'}",
+                       expect_success=False)
+    assert result.returncode == 2
+    assert "must hold an iteration number, got 'ten'" in result.stderr
+
+
+def test_writing_over_another_runs_metrics_is_refused(dataset, tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    result = run_train(*TINY, f"data_path={dataset}", f"run_dir={tmp_path}", expect_success=False)
+    assert result.returncode == 2
+    assert "already holds the metrics of another run" in result.stderr
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1, "loss": 1.0}\n'
