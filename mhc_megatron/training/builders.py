@@ -1,0 +1,162 @@
+"""What a run is made of, built from its ``RunConfig`` in every process of the job: the checked
+layout, the data (tokenizer, datasets, step batches), the model chunks, megatron's optimizer and its
+LR schedule."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+from mhc_megatron.data import StepBatches, build_gpt_datasets, build_tokenizer, check_indexed_dataset, ensure_default_corpus
+from mhc_megatron.megatron import build_model_chunks
+from mhc_megatron.megatron.config import MhcTransformerConfig
+from mhc_megatron.megatron.step import build_optimizer
+from mhc_megatron.training.config import RunConfig
+
+
+def training_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def check_layout(run: RunConfig, config: MhcTransformerConfig) -> int:
+    """Data-parallel size of the launched world; errors name the sizes that do not fit."""
+    world = torch.distributed.get_world_size()
+    model_parallel = (
+        config.tensor_model_parallel_size * config.pipeline_model_parallel_size * config.context_parallel_size
+    )
+    if world % model_parallel:
+        raise ValueError(
+            f"{world} processes cannot hold tensor_model_parallel_size x pipeline_model_parallel_size x "
+            f"context_parallel_size = {model_parallel}: launch a multiple of it"
+        )
+    data_parallel = world // model_parallel
+    args = run.training
+    if args.global_batch_size % (args.micro_batch_size * data_parallel):
+        raise ValueError(
+            f"global_batch_size {args.global_batch_size} must be a multiple of micro_batch_size "
+            f"{args.micro_batch_size} x data-parallel size {data_parallel}"
+        )
+    return data_parallel
+
+
+@dataclass
+class RunData:
+    """The vocabulary size of the model (padded) and this rank's training and validation batches."""
+
+    vocab_size: int
+    train: StepBatches
+    valid: StepBatches | None
+
+
+def build_data(run: RunConfig, config: MhcTransformerConfig, data_parallel: int) -> RunData:
+    """Tokenizer, datasets (the default corpus is built once, by rank 0) and step batches."""
+    args = run.training
+    tokenizer = build_tokenizer(args.tokenizer)
+    if args.data_path is not None:
+        check_indexed_dataset(args.data_path, tokenizer.vocab_size)
+        prefix = Path(args.data_path)
+    else:
+        if torch.distributed.get_rank() == 0:
+            ensure_default_corpus(args.data_dir, args.tokenizer)
+        torch.distributed.barrier()
+        prefix = ensure_default_corpus(args.data_dir, args.tokenizer)
+    evaluating = args.eval_interval > 0
+    train_set, valid_set = build_gpt_datasets(
+        prefix,
+        tokenizer,
+        args.seq_length,
+        args.seed,
+        args.split,
+        train_samples=args.train_iters * args.global_batch_size,
+        valid_samples=args.eval_iters * args.global_batch_size if evaluating else 0,
+        cache_dir=Path(args.data_dir) / "index-cache",
+    )
+
+    def batches(dataset) -> StepBatches:
+        return StepBatches(
+            dataset,
+            args.global_batch_size,
+            args.micro_batch_size,
+            parallel_state.get_data_parallel_rank(),
+            data_parallel,
+            training_device(),
+        )
+
+    multiple = args.make_vocab_size_divisible_by * config.tensor_model_parallel_size
+    vocab_size = -(-tokenizer.vocab_size // multiple) * multiple
+    return RunData(vocab_size, batches(train_set), batches(valid_set) if evaluating else None)
+
+
+def build_model(run: RunConfig, config: MhcTransformerConfig, vocab_size: int) -> list[torch.nn.Module]:
+    """This rank's GPT chunks, on the GPU when there is one, wrapped in ``Float16Module`` for bf16."""
+    args = run.training
+    chunks = build_model_chunks(
+        config,
+        vocab_size,
+        args.max_position_embeddings or args.seq_length,
+        backend=config.transformer_impl,
+        position_embedding_type=args.position_embedding_type,
+        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+    )
+    if torch.cuda.is_available():
+        chunks = [chunk.cuda() for chunk in chunks]
+    if config.bf16:
+        from megatron.core.transformer.module import Float16Module
+
+        chunks = [Float16Module(config, chunk) for chunk in chunks]
+    return chunks
+
+
+def parameter_counts(chunks: list[torch.nn.Module]) -> tuple[int, int]:
+    """(all parameters, hyper-connection parameters) of the whole model, summed over the
+    model-parallel ranks (tensor-parallel replicas of hyper-connection parameters counted once)."""
+    from mhc_megatron.modules import HyperConnection, StreamCollapse
+
+    total = sum(p.numel() for chunk in chunks for p in chunk.parameters())
+    hyper = sum(
+        p.numel()
+        for chunk in chunks
+        for module in chunk.modules()
+        if isinstance(module, (HyperConnection, StreamCollapse))
+        for p in module.parameters(recurse=False)
+    )
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    counts = torch.tensor([total - hyper + hyper / tp, hyper / tp], dtype=torch.float64, device=training_device())
+    torch.distributed.all_reduce(counts, group=parallel_state.get_model_parallel_group())
+    return round(counts[0].item()), round(counts[1].item())
+
+
+def build_training_optimizer(run: RunConfig, config: MhcTransformerConfig, model: list[torch.nn.Module]):
+    """megatron's Adam over the DDP-wrapped ``model`` and its warm-up + decay LR schedule."""
+    args = run.training
+    optimizer = build_optimizer(
+        model,
+        lr=args.lr,
+        min_lr=args.min_lr,
+        use_distributed_optimizer=args.use_distributed_optimizer,
+        clip_grad=args.clip_grad,
+        weight_decay=args.weight_decay,
+        adam_beta1=args.adam_beta1,
+        adam_beta2=args.adam_beta2,
+        adam_eps=args.adam_eps,
+        bf16=config.bf16,
+        params_dtype=config.params_dtype,
+    )
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=args.lr,
+        min_lr=args.min_lr,
+        lr_warmup_steps=args.lr_warmup_iters,
+        lr_decay_steps=max(args.decay_iters, 1),
+        lr_decay_style=args.lr_decay_style,
+        start_wd=args.weight_decay,
+        end_wd=args.weight_decay,
+        wd_incr_steps=max(args.train_iters, 1),
+        wd_incr_style="constant",
+    )
+    return optimizer, scheduler
