@@ -1,4 +1,4 @@
-"""A short CPU demonstration of the mHC operators and the hyper-connection module (``make run``).
+"""A short CPU demonstration of the mHC operators and the hyper-connection module, without megatron-core.
 
 It shows the Sinkhorn projection, the mappings at initialisation, and a small stack of pre-norm MLP
 sub-layers trained for a few steps on a synthetic regression task in the three modes (residual,

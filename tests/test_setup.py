@@ -1,4 +1,4 @@
-"""The set-up script's answer when no Python 3.12 can be found, and the `make run` demonstration."""
+"""The set-up script's answer when no Python 3.12 can be found, and the demonstration module."""
 
 import os
 import shutil
