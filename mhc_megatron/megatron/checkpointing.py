@@ -112,6 +112,44 @@ def check_checkpoint(
     return common.get("train_state") or {}
 
 
+class _NoneWhenMissing(dict):
+    def __missing__(self, key):
+        return None
+
+
+def _prepare_torch_adam_for_loading(optimizer) -> None:
+    """Let megatron's distributed optimizer load into torch's Adam (no Apex / Transformer Engine).
+
+    megatron-core 0.19.2 has three gaps on that path, all about Adam's per-parameter ``step``:
+    building the loading state dict of an optimizer that has not stepped yet asserts that every
+    parameter has a ``step`` (we create the zero state first; the checkpoint replaces it);
+    restoring the parameter state indexes the loaded tensors by every state key, ``step``
+    included, which the checkpoint keeps elsewhere (we answer ``None`` for it, which megatron
+    skips); and the restored ``step`` is one tensor shared by every parameter, which torch's Adam
+    then increments once per parameter (``_unshare_adam_steps`` gives each its own copy).
+    """
+    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(part, "optimizer", None)
+        if not isinstance(inner, torch.optim.Adam) or not hasattr(part, "_set_main_param_and_optimizer_states"):
+            continue
+        part.init_state_fn(inner, part.config)
+        for state in inner.state.values():
+            state.setdefault("step", torch.tensor(0.0))
+        set_states = part._set_main_param_and_optimizer_states
+        part._set_main_param_and_optimizer_states = lambda param, tensors, set_states=set_states: set_states(
+            param, _NoneWhenMissing(tensors)
+        )
+
+
+def _unshare_adam_steps(optimizer) -> None:
+    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(part, "optimizer", None)
+        if isinstance(inner, torch.optim.Adam):
+            for state in inner.state.values():
+                if isinstance(state.get("step"), torch.Tensor):
+                    state["step"] = state["step"].clone()
+
+
 def load_checkpoint(
     model_chunks: list[torch.nn.Module], config: MhcTransformerConfig, directory: str | Path, optimizer=None
 ) -> dict:
@@ -120,10 +158,12 @@ def load_checkpoint(
     train_state = check_checkpoint(model_chunks, config, directory, with_optimizer=optimizer is not None)
     state = _sharded_state(model_chunks)
     if optimizer is not None:
+        _prepare_torch_adam_for_loading(optimizer)
         state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True, metadata=_OPTIMIZER_METADATA)
     loaded = dist_checkpointing.load(state, str(directory))
     for key, chunk in zip(_chunk_keys(model_chunks), unwrap_model(model_chunks)):
         chunk.load_state_dict(loaded[key], strict=True)
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
+        _unshare_adam_steps(optimizer)
     return train_state

@@ -35,7 +35,6 @@ from mhc_megatron.training.builders import (
 from mhc_megatron.training.checkpoints import (
     has_checkpoints,
     holds_checkpoint,
-    iteration_directory,
     load_training_checkpoint,
     save_training_checkpoint,
 )
@@ -134,6 +133,7 @@ class Trainer:
         self.model = wrap_with_ddp(chunks, config, self.args.use_distributed_optimizer)
         self.optimizer, self.scheduler = build_training_optimizer(run, config, self.model)
         self.iteration = self.consumed_samples = 0
+        self.saved_iteration: int | None = None  # the step whose checkpoint exists (saved or loaded)
         self._resume()
         _say(
             f"model: {config.num_layers} layers, hidden {config.hidden_size}, hc_mode {config.hc_mode} "
@@ -151,6 +151,7 @@ class Trainer:
         if not args.finetune:
             self.iteration, self.consumed_samples = state["iteration"], state["consumed_samples"]
             self.scheduler.load_state_dict(state["scheduler"])
+            self.saved_iteration = self.iteration
         _say(f"loaded {'weights of ' if args.finetune else ''}{directory} (resuming after step {self.iteration})")
 
     def save(self) -> Path:
@@ -162,6 +163,7 @@ class Trainer:
         directory = save_training_checkpoint(
             self.args.save, self.iteration, self.model, self.optimizer, self.config, state
         )
+        self.saved_iteration = self.iteration
         _say(f"saved checkpoint {directory}")
         return directory
 
@@ -218,7 +220,7 @@ class Trainer:
                 metrics.log(record)
             if args.save and args.save_interval and self.iteration % args.save_interval == 0:
                 checkpoint = self.save()
-        if args.save and not iteration_directory(args.save, self.iteration).exists():
+        if args.save and self.saved_iteration != self.iteration:
             checkpoint = self.save()
         if metrics is not None:
             metrics.close()

@@ -42,14 +42,20 @@ def test_two_processes_match_one(layout, single_process, initial_weights, datase
     assert single_process[-1]["loss"] < single_process[0]["loss"]
 
 
-def test_resume_gives_the_uninterrupted_losses(dataset, tmp_path):
+@pytest.mark.parametrize(
+    "nproc, optimizer", [(1, "use_distributed_optimizer=false"), (2, "use_distributed_optimizer=true")],
+    ids=["one-process", "dp2-distributed-optimizer"],
+)
+def test_resume_gives_the_uninterrupted_losses(nproc, optimizer, dataset, tmp_path):
+    """Stop after step 3 and resume, with dropout on: the losses of 6 uninterrupted steps."""
     common = [*TINY, f"data_path={dataset}", "train_iters=6", "eval_interval=3", "eval_iters=1",
-              "hidden_dropout=0.1", f"data_dir={tmp_path / 'data'}"]
-    run_train(*common, f"run_dir={tmp_path / 'whole'}")
+              "hidden_dropout=0.1", optimizer, f"data_dir={tmp_path / 'data'}"]
+    run_train(*common, f"run_dir={tmp_path / 'whole'}", nproc=nproc)
     save = tmp_path / "checkpoints"
-    run_train(*common, f"run_dir={tmp_path / 'parts'}", f"save={save}", "exit_interval=3")
-    resumed = run_train(*common, f"run_dir={tmp_path / 'parts'}", f"save={save}", f"load={save}")
+    run_train(*common, f"run_dir={tmp_path / 'parts'}", f"save={save}", "exit_interval=3", nproc=nproc)
+    resumed = run_train(*common, f"run_dir={tmp_path / 'parts'}", f"save={save}", f"load={save}", nproc=nproc)
     assert "resuming after step 3" in resumed.stdout
+    assert (save / "latest_checkpointed_iteration.txt").read_text() == "6\n"
     whole, parts = read_metrics(tmp_path / "whole"), read_metrics(tmp_path / "parts")
     assert [r["step"] for r in parts] == [1, 2, 3, 4, 5, 6]
     for key in ("loss", "grad_norm", "lr", "eval_loss", "amax_gain_forward", "amax_gain_backward"):
