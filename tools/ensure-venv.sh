@@ -11,7 +11,12 @@ venv="$root/.venv"
 stamp="$venv/.mhc-setup-stamp"
 cd "$root"
 
-wanted=$(cat constraints.txt setup.py tools/ensure-venv.sh | sha256sum | cut -d' ' -f1)
+# The kernel sources and MHC_BUILD decide the compiled extension (kernels/extension.py): a change
+# rebuilds it through the editable install below.
+shopt -s nullglob
+kernel_sources=(kernels/*.h kernels/*.cpp kernels/*.cu kernels/*.py)
+wanted=$( (cat constraints.txt setup.py tools/ensure-venv.sh "${kernel_sources[@]}"; echo "MHC_BUILD=${MHC_BUILD:-auto}") \
+    | sha256sum | cut -d' ' -f1)
 if [[ -x "$venv/bin/python" && -f "$stamp" && "$(cat "$stamp")" == "$wanted" ]]; then
     exit 0
 fi
