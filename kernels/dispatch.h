@@ -8,6 +8,8 @@
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 
+#include <algorithm>
+#include <tuple>
 #include <vector>
 
 #include "mhc_math.h"
@@ -103,6 +105,77 @@ inline void check_post_res(const at::Tensor& x, const at::Tensor& f, const at::T
   check_like_streams(f, "f", x, /*row=*/true);
   check_coefficients(h_post, "h_post", s, x.scalar_type(), {s.n});
   check_coefficients(h_res, "h_res", s, x.scalar_type(), {s.n, s.n});
+}
+
+// Checked arguments and freshly allocated outputs of each op, shared by the CPU and CUDA wrappers.
+using Four = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+inline at::Tensor sinkhorn_fwd_outputs(const at::Tensor& logits) {
+  check_logits(logits);
+  return at::empty_like(logits);
+}
+
+inline at::Tensor sinkhorn_bwd_outputs(const at::Tensor& logits, const at::Tensor& grad_out) {
+  check_logits(logits);
+  check_input(grad_out, "grad_out", 3, logits.scalar_type());
+  check_shape(grad_out, "grad_out", logits.sizes());
+  return at::empty_like(logits);
+}
+
+inline Four mappings_fwd_outputs(const at::Tensor& x, const at::Tensor& phi, const at::Tensor& alpha,
+                                 const at::Tensor& bias) {
+  const Streams s = check_streams(x);
+  check_mapping_params(x, phi, alpha, bias);
+  const auto opts = phi.options();
+  return {at::empty({s.tokens, s.n}, opts), at::empty({s.tokens, s.n}, opts),
+          at::empty({s.tokens, s.n, s.n}, opts), at::empty({s.tokens, num_columns(s.n) + 1}, opts)};
+}
+
+inline Four mappings_bwd_outputs(const at::Tensor& grad_pre, const at::Tensor& grad_post,
+                                 const at::Tensor& grad_res, const at::Tensor& x, const at::Tensor& phi,
+                                 const at::Tensor& alpha, const at::Tensor& bias, const at::Tensor& saved) {
+  const Streams s = check_streams(x);
+  check_mapping_params(x, phi, alpha, bias);
+  check_coefficients(grad_pre, "grad_pre", s, x.scalar_type(), {s.n});
+  check_coefficients(grad_post, "grad_post", s, x.scalar_type(), {s.n});
+  check_coefficients(grad_res, "grad_res", s, x.scalar_type(), {s.n, s.n});
+  check_coefficients(saved, "saved", s, x.scalar_type(), {num_columns(s.n) + 1});
+  return {at::empty_like(x), at::empty_like(phi), at::empty_like(alpha), at::empty_like(bias)};
+}
+
+inline at::Tensor pre_fwd_output(const at::Tensor& x, const at::Tensor& h_pre) {
+  const Streams s = check_streams(x);
+  check_coefficients(h_pre, "h_pre", s, x.scalar_type(), {s.n});
+  return at::empty({s.tokens, s.hidden}, x.options());
+}
+
+inline std::tuple<at::Tensor, at::Tensor> pre_bwd_outputs(const at::Tensor& grad_out, const at::Tensor& x,
+                                                          const at::Tensor& h_pre) {
+  const Streams s = check_streams(x);
+  check_coefficients(h_pre, "h_pre", s, x.scalar_type(), {s.n});
+  check_like_streams(grad_out, "grad_out", x, /*row=*/true);
+  return {at::empty_like(x), at::empty_like(h_pre)};
+}
+
+inline at::Tensor post_res_fwd_output(const at::Tensor& x, const at::Tensor& f, const at::Tensor& h_post,
+                                      const at::Tensor& h_res) {
+  check_post_res(x, f, h_post, h_res);
+  return at::empty_like(x);
+}
+
+inline Four post_res_bwd_outputs(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& f,
+                                 const at::Tensor& h_post, const at::Tensor& h_res) {
+  check_post_res(x, f, h_post, h_res);
+  check_like_streams(grad_out, "grad_out", x, /*row=*/false);
+  return {at::empty_like(x), at::empty_like(f), at::empty_like(h_post), at::empty_like(h_res)};
+}
+
+// Tokens per chunk of a weight-gradient reduction, and the number of chunks: it depends on the
+// shapes only (never on threads), and keeps the partial buffer under ~16M values.
+inline int64_t reduction_chunks(int64_t tokens, int64_t partial_size) {
+  const int64_t by_tokens = (tokens + 255) / 256;
+  const int64_t by_memory = std::max<int64_t>(1, (int64_t{1} << 24) / std::max<int64_t>(partial_size, 1));
+  return std::max<int64_t>(1, std::min<int64_t>({by_tokens, by_memory, 32}));
 }
 
 }  // namespace mhc

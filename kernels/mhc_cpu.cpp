@@ -16,14 +16,6 @@ namespace {
 constexpr int kLanes = 16;      // values per vectorised block of a row of C
 constexpr int kTokenTile = 16;  // tokens sharing one pass over phi
 
-// Tokens per chunk of a weight-gradient reduction, and the number of chunks: it depends on the
-// shapes only (never on threads), and keeps the partial buffer under ~16M values.
-int64_t reduction_chunks(int64_t tokens, int64_t partial_size) {
-  const int64_t by_tokens = (tokens + 255) / 256;
-  const int64_t by_memory = std::max<int64_t>(1, (int64_t{1} << 24) / std::max<int64_t>(partial_size, 1));
-  return std::max<int64_t>(1, std::min<int64_t>({by_tokens, by_memory, 32}));
-}
-
 template <typename A>
 A sum_lanes(const A* lanes) {
   A total = 0;
@@ -63,23 +55,19 @@ void sinkhorn_bwd_kernel(const A* logits, const A* grad_out, A* grad_in, int64_t
 }
 
 at::Tensor sinkhorn_fwd(const at::Tensor& logits, int64_t iters) {
-  const int n = check_logits(logits);
-  auto out = at::empty_like(logits);
+  auto out = sinkhorn_fwd_outputs(logits);
   AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "mhc_sinkhorn_fwd", [&] {
-    sinkhorn_fwd_kernel(logits.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), logits.size(0), n,
-                        checked_iters(iters));
+    sinkhorn_fwd_kernel(logits.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), logits.size(0),
+                        logits.size(1), checked_iters(iters));
   });
   return out;
 }
 
 at::Tensor sinkhorn_bwd(const at::Tensor& logits, const at::Tensor& grad_out, int64_t iters) {
-  const int n = check_logits(logits);
-  check_input(grad_out, "grad_out", 3, logits.scalar_type());
-  check_shape(grad_out, "grad_out", logits.sizes());
-  auto grad_in = at::empty_like(logits);
+  auto grad_in = sinkhorn_bwd_outputs(logits, grad_out);
   AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "mhc_sinkhorn_bwd", [&] {
     sinkhorn_bwd_kernel(logits.data_ptr<scalar_t>(), grad_out.data_ptr<scalar_t>(),
-                        grad_in.data_ptr<scalar_t>(), logits.size(0), n, checked_iters(iters));
+                        grad_in.data_ptr<scalar_t>(), logits.size(0), logits.size(1), checked_iters(iters));
   });
   return grad_in;
 }
@@ -120,7 +108,7 @@ void mappings_fwd_kernel(const S* x, const A* phi, const A* alpha, const A* bias
       }
       for (int b = 0; b < valid; ++b) {
         const int64_t t = t0 + b;
-        const A inv_r = A(1) / std::sqrt(squares[b] / A(width) + eps);
+        const A inv_r = inverse_rms(squares[b], width, eps);
         A* u = saved + t * (K + 1);
         for (int k = 0; k < K; ++k) u[k] = acc[b * KA + k] * inv_r;
         u[K] = inv_r;
@@ -152,7 +140,7 @@ void mappings_bwd_kernel(const A* grad_pre, const A* grad_post, const A* grad_re
       const A* u = saved + t * (K + 1);
       A* dzt = dz.data() + t * KZ;
       rms_term[t] = mappings_coeff_backward(grad_pre + t * n, grad_post + t * n, grad_res + t * n * n, u,
-                                            u[K], alpha, bias, n, iters, width, z, work.data(), dzt,
+                                            u[K], alpha, bias, n, iters, width, z, work.data(), work.data() + n * n, dzt,
                                             dzt + K, dm.data() + t * K);
     }
   });
@@ -229,16 +217,14 @@ void mappings_bwd_kernel(const A* grad_pre, const A* grad_post, const A* grad_re
   }
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mappings_fwd(
-    const at::Tensor& x, const at::Tensor& phi, const at::Tensor& alpha, const at::Tensor& bias,
-    int64_t iters, double eps) {
+Four mappings_fwd(const at::Tensor& x, const at::Tensor& phi, const at::Tensor& alpha,
+                  const at::Tensor& bias, int64_t iters, double eps) {
+  auto outputs = mappings_fwd_outputs(x, phi, alpha, bias);
+  at::Tensor& h_pre = std::get<0>(outputs);
+  at::Tensor& h_post = std::get<1>(outputs);
+  at::Tensor& h_res = std::get<2>(outputs);
+  at::Tensor& saved = std::get<3>(outputs);
   const Streams s = check_streams(x);
-  check_mapping_params(x, phi, alpha, bias);
-  const auto opts = phi.options();
-  auto h_pre = at::empty({s.tokens, s.n}, opts);
-  auto h_post = at::empty({s.tokens, s.n}, opts);
-  auto h_res = at::empty({s.tokens, s.n, s.n}, opts);
-  auto saved = at::empty({s.tokens, num_columns(s.n) + 1}, opts);
   MHC_DISPATCH_FLOATS(x.scalar_type(), "mhc_mappings_fwd", [&] {
     using A = at::opmath_type<scalar_t>;
     MHC_DISPATCH_STREAMS(s.n, NT, mappings_fwd_kernel<NT>(
@@ -246,23 +232,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mappings_fwd(
         s.n, s.hidden, checked_iters(iters), static_cast<A>(eps), h_pre.data_ptr<A>(),
         h_post.data_ptr<A>(), h_res.data_ptr<A>(), saved.data_ptr<A>()));
   });
-  return {h_pre, h_post, h_res, saved};
+  return outputs;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mappings_bwd(
-    const at::Tensor& grad_pre, const at::Tensor& grad_post, const at::Tensor& grad_res,
-    const at::Tensor& x, const at::Tensor& phi, const at::Tensor& alpha, const at::Tensor& bias,
-    const at::Tensor& saved, int64_t iters) {
+Four mappings_bwd(const at::Tensor& grad_pre, const at::Tensor& grad_post, const at::Tensor& grad_res,
+                  const at::Tensor& x, const at::Tensor& phi, const at::Tensor& alpha, const at::Tensor& bias,
+                  const at::Tensor& saved, int64_t iters) {
+  auto outputs = mappings_bwd_outputs(grad_pre, grad_post, grad_res, x, phi, alpha, bias, saved);
+  at::Tensor& grad_x = std::get<0>(outputs);
+  at::Tensor& grad_phi = std::get<1>(outputs);
+  at::Tensor& grad_alpha = std::get<2>(outputs);
+  at::Tensor& grad_bias = std::get<3>(outputs);
   const Streams s = check_streams(x);
-  check_mapping_params(x, phi, alpha, bias);
-  check_coefficients(grad_pre, "grad_pre", s, x.scalar_type(), {s.n});
-  check_coefficients(grad_post, "grad_post", s, x.scalar_type(), {s.n});
-  check_coefficients(grad_res, "grad_res", s, x.scalar_type(), {s.n, s.n});
-  check_coefficients(saved, "saved", s, x.scalar_type(), {num_columns(s.n) + 1});
-  auto grad_x = at::empty_like(x);
-  auto grad_phi = at::empty_like(phi);
-  auto grad_alpha = at::empty_like(alpha);
-  auto grad_bias = at::empty_like(bias);
   MHC_DISPATCH_FLOATS(x.scalar_type(), "mhc_mappings_bwd", [&] {
     using A = at::opmath_type<scalar_t>;
     MHC_DISPATCH_STREAMS(s.n, NT, mappings_bwd_kernel<NT>(
@@ -272,7 +253,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mappings_bwd(
         grad_x.data_ptr<scalar_t>(), grad_phi.data_ptr<A>(), grad_alpha.data_ptr<A>(),
         grad_bias.data_ptr<A>()));
   });
-  return {grad_x, grad_phi, grad_alpha, grad_bias};
+  return outputs;
 }
 
 // ---------------------------------------------------------------- pre
@@ -323,9 +304,8 @@ void pre_bwd_kernel(const S* grad_out, const S* x, const A* h_pre, S* grad_x, A*
 }
 
 at::Tensor pre_fwd(const at::Tensor& x, const at::Tensor& h_pre) {
+  auto out = pre_fwd_output(x, h_pre);
   const Streams s = check_streams(x);
-  check_coefficients(h_pre, "h_pre", s, x.scalar_type(), {s.n});
-  auto out = at::empty({s.tokens, s.hidden}, x.options());
   MHC_DISPATCH_FLOATS(x.scalar_type(), "mhc_pre_fwd", [&] {
     using A = at::opmath_type<scalar_t>;
     pre_fwd_kernel(x.data_ptr<scalar_t>(), h_pre.data_ptr<A>(), out.data_ptr<scalar_t>(), s.tokens, s.n,
@@ -336,17 +316,16 @@ at::Tensor pre_fwd(const at::Tensor& x, const at::Tensor& h_pre) {
 
 std::tuple<at::Tensor, at::Tensor> pre_bwd(const at::Tensor& grad_out, const at::Tensor& x,
                                            const at::Tensor& h_pre) {
+  auto outputs = pre_bwd_outputs(grad_out, x, h_pre);
+  at::Tensor& grad_x = std::get<0>(outputs);
+  at::Tensor& grad_h = std::get<1>(outputs);
   const Streams s = check_streams(x);
-  check_coefficients(h_pre, "h_pre", s, x.scalar_type(), {s.n});
-  check_like_streams(grad_out, "grad_out", x, /*row=*/true);
-  auto grad_x = at::empty_like(x);
-  auto grad_h = at::empty_like(h_pre);
   MHC_DISPATCH_FLOATS(x.scalar_type(), "mhc_pre_bwd", [&] {
     using A = at::opmath_type<scalar_t>;
     pre_bwd_kernel(grad_out.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), h_pre.data_ptr<A>(),
                    grad_x.data_ptr<scalar_t>(), grad_h.data_ptr<A>(), s.tokens, s.n, s.hidden);
   });
-  return {grad_x, grad_h};
+  return outputs;
 }
 
 // ---------------------------------------------------------------- post_res
@@ -427,9 +406,8 @@ void post_res_bwd_kernel(const S* grad_out, const S* x, const S* f, const A* h_p
 
 at::Tensor post_res_fwd(const at::Tensor& x, const at::Tensor& f, const at::Tensor& h_post,
                         const at::Tensor& h_res) {
-  check_post_res(x, f, h_post, h_res);
+  auto out = post_res_fwd_output(x, f, h_post, h_res);
   const Streams s = check_streams(x);
-  auto out = at::empty_like(x);
   MHC_DISPATCH_FLOATS(x.scalar_type(), "mhc_post_res_fwd", [&] {
     using A = at::opmath_type<scalar_t>;
     post_res_fwd_kernel(x.data_ptr<scalar_t>(), f.data_ptr<scalar_t>(), h_post.data_ptr<A>(),
@@ -438,16 +416,14 @@ at::Tensor post_res_fwd(const at::Tensor& x, const at::Tensor& f, const at::Tens
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> post_res_bwd(
-    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& f, const at::Tensor& h_post,
-    const at::Tensor& h_res) {
-  check_post_res(x, f, h_post, h_res);
-  check_like_streams(grad_out, "grad_out", x, /*row=*/false);
+Four post_res_bwd(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& f,
+                  const at::Tensor& h_post, const at::Tensor& h_res) {
+  auto outputs = post_res_bwd_outputs(grad_out, x, f, h_post, h_res);
+  at::Tensor& grad_x = std::get<0>(outputs);
+  at::Tensor& grad_f = std::get<1>(outputs);
+  at::Tensor& grad_h_post = std::get<2>(outputs);
+  at::Tensor& grad_h_res = std::get<3>(outputs);
   const Streams s = check_streams(x);
-  auto grad_x = at::empty_like(x);
-  auto grad_f = at::empty_like(f);
-  auto grad_h_post = at::empty_like(h_post);
-  auto grad_h_res = at::empty_like(h_res);
   MHC_DISPATCH_FLOATS(x.scalar_type(), "mhc_post_res_bwd", [&] {
     using A = at::opmath_type<scalar_t>;
     post_res_bwd_kernel(grad_out.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), f.data_ptr<scalar_t>(),
@@ -455,7 +431,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> post_res_bwd(
                         grad_f.data_ptr<scalar_t>(), grad_h_post.data_ptr<A>(),
                         grad_h_res.data_ptr<A>(), s.tokens, s.n, s.hidden);
   });
-  return {grad_x, grad_f, grad_h_post, grad_h_res};
+  return outputs;
 }
 
 }  // namespace

@@ -33,6 +33,15 @@ MHC_HD double exp_of(double v) { return exp(v); }
 MHC_HD float log_of(float v) { return logf(v); }
 MHC_HD double log_of(double v) { return log(v); }
 
+MHC_HD float sqrt_of(float v) { return sqrtf(v); }
+MHC_HD double sqrt_of(double v) { return sqrt(v); }
+
+// 1 / r with r = sqrt(mean(v^2) + eps) over the `width` = n*C values of a token.
+template <typename A>
+MHC_HD A inverse_rms(A sum_squares, long width, A eps) {
+  return A(1) / sqrt_of(sum_squares / A(width) + eps);
+}
+
 template <typename A>
 MHC_HD A sigmoid(A z) {
   return A(1) / (A(1) + exp_of(-z));
@@ -139,11 +148,12 @@ MHC_HD void mappings_epilogue(const A* u, const A* alpha, const A* bias, int n, 
 //   dz [K]       gradient of z (also of bias), and dz * u summed per group into dalpha [3];
 //   dm [K]       gradient of the raw projection m = v @ phi;
 //   returns c    such that dv = dm @ phi^T + c * v (the RMS term), for `width` = n*C values of v.
-// z holds K values, work n*n + sinkhorn_scratch_size(n, iters) values.
+// z holds K values, lm n*n and lse sinkhorn_scratch_size(n, iters) (Sinkhorn backward work).
 template <typename A>
 MHC_HD A mappings_coeff_backward(const A* grad_pre, const A* grad_post, const A* grad_res,
                                  const A* u, A inv_r, const A* alpha, const A* bias, int n,
-                                 int iters, long width, A* z, A* work, A* dz, A* dalpha, A* dm) {
+                                 int iters, long width, A* z, A* lm, A* lse, A* dz, A* dalpha,
+                                 A* dm) {
   mapping_logits(u, alpha, bias, n, z);
   for (int i = 0; i < n; ++i) {
     const A s_pre = sigmoid(z[i]);
@@ -151,8 +161,7 @@ MHC_HD A mappings_coeff_backward(const A* grad_pre, const A* grad_post, const A*
     const A s_post = sigmoid(z[n + i]);
     dz[n + i] = A(2) * grad_post[i] * s_post * (A(1) - s_post);
   }
-  const int nn = n * n;
-  sinkhorn_backward(z + 2 * n, grad_res, dz + 2 * n, n, iters, work, work + nn);
+  sinkhorn_backward(z + 2 * n, grad_res, dz + 2 * n, n, iters, lm, lse);
   A projected = 0;
   for (int g = 0; g < 3; ++g) dalpha[g] = 0;
   for (int k = 0; k < num_columns(n); ++k) {
