@@ -69,7 +69,7 @@ pip=("$venv/bin/python" -m pip --disable-pip-version-check --no-input)
 "${pip[@]}" install --quiet -c constraints.txt pip setuptools wheel
 "${pip[@]}" install --quiet -c constraints.txt torch
 # --no-build-isolation: the build must see the pinned torch, never resolve another one.
-"${pip[@]}" install --quiet -c constraints.txt --no-build-isolation -e ".[test]"
+"${pip[@]}" install --quiet -c constraints.txt --no-build-isolation --use-pep517 -e ".[test]"
 echo "$wanted" >"$stamp"
 versions=$("$venv/bin/python" -c 'from importlib.metadata import version as v; print("torch", v("torch") + ", megatron-core", v("megatron-core"))')
 echo "setup: done ($versions)"
