@@ -149,3 +149,29 @@ def test_compiled_module_with_fused_ops_matches_eager_reference(device):
     assert any("mhc_megatron.mappings_fwd" in code and "mhc_megatron.post_res_fwd" in code for code in graphs)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=2e-5, rtol=2e-5)
+
+
+def test_without_the_extension_ops_fall_back_to_the_reference_with_one_notice(monkeypatch):
+    monkeypatch.setattr(fused, "_C", None)
+    monkeypatch.setattr(fused, "_IMPORT_ERROR", "No module named 'mhc_megatron._C'")
+    monkeypatch.setattr(backends, "_noticed", set())
+    x, h_pre = make_inputs("pre", n=3, hidden=5, tokens=4)
+    with pytest.warns(UserWarning, match="fused kernels unavailable .*running the reference ops") as notices:
+        with backends.use_backend("fused"):
+            got = [mhc_pre(x, h_pre), mhc_pre(x, h_pre)]
+    assert len(notices) == 1
+    with backends.use_backend("reference"):
+        assert all(torch.equal(g, mhc_pre(x, h_pre)) for g in got)
+
+
+def test_backend_choice_per_op_and_bad_names():
+    x, h_pre = make_inputs("pre", n=3, hidden=5, tokens=4)
+    with backends.use_backend("reference"):
+        want = mhc_pre(x, h_pre)
+        with backends.use_backend("compile", op="pre"):
+            assert backends.get_backend("pre") == "compile" and backends.get_backend("mappings") == "reference"
+            torch.testing.assert_close(mhc_pre(x, h_pre), want, atol=1e-12, rtol=1e-12)
+    with pytest.raises(ValueError, match="backend must be one of 'reference', 'compile', 'fused', got 'fast'"):
+        backends.set_backend("fast")
+    with pytest.raises(ValueError, match="op must be one of"):
+        backends.get_backend("sinkhorn_fwd")
