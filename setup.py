@@ -1,4 +1,13 @@
+import importlib.util
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+# The C++/CUDA kernels: kernels/extension.py reads MHC_BUILD (auto | cpu | cuda | none).
+_spec = importlib.util.spec_from_file_location("mhc_extension", Path(__file__).parent / "kernels/extension.py")
+_extension = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_extension)
+ext_modules, cmdclass = _extension.extension_modules()
 
 setup(
     name="mhc_megatron",
@@ -15,11 +24,14 @@ setup(
         "matplotlib",  # mhc-compare plots
     ],
     extras_require={"test": ["pytest"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
     entry_points={
         "console_scripts": [
             "mhc-train=mhc_megatron.train:main",
             "mhc-preprocess=mhc_megatron.data.preprocess:main",
             "mhc-compare=mhc_megatron.compare.cli:main",
+            "mhc-bench=mhc_megatron.bench.cli:main",
         ]
     },
 )

@@ -11,7 +11,12 @@ venv="$root/.venv"
 stamp="$venv/.mhc-setup-stamp"
 cd "$root"
 
-wanted=$(cat constraints.txt setup.py tools/ensure-venv.sh | sha256sum | cut -d' ' -f1)
+# The kernel sources and MHC_BUILD decide the compiled extension (kernels/extension.py): a change
+# rebuilds it through the editable install below.
+shopt -s nullglob
+kernel_sources=(kernels/*.h kernels/*.cpp kernels/*.cu kernels/*.py)
+wanted=$( (cat constraints.txt setup.py tools/ensure-venv.sh "${kernel_sources[@]}"; echo "MHC_BUILD=${MHC_BUILD:-auto}") \
+    | sha256sum | cut -d' ' -f1)
 if [[ -x "$venv/bin/python" && -f "$stamp" && "$(cat "$stamp")" == "$wanted" ]]; then
     exit 0
 fi
@@ -64,7 +69,7 @@ pip=("$venv/bin/python" -m pip --disable-pip-version-check --no-input)
 "${pip[@]}" install --quiet -c constraints.txt pip setuptools wheel
 "${pip[@]}" install --quiet -c constraints.txt torch
 # --no-build-isolation: the build must see the pinned torch, never resolve another one.
-"${pip[@]}" install --quiet -c constraints.txt --no-build-isolation -e ".[test]"
+"${pip[@]}" install --quiet -c constraints.txt --no-build-isolation --use-pep517 -e ".[test]"
 echo "$wanted" >"$stamp"
 versions=$("$venv/bin/python" -c 'from importlib.metadata import version as v; print("torch", v("torch") + ", megatron-core", v("megatron-core"))')
 echo "setup: done ($versions)"

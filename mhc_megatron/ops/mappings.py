@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from mhc_megatron.ops import backends, fused
 from mhc_megatron.ops.checks import (
     check_floating,
     check_int,
@@ -26,7 +27,7 @@ from mhc_megatron.ops.checks import (
     check_shape,
     coefficient_dtype,
 )
-from mhc_megatron.ops.sinkhorn import sinkhorn
+from mhc_megatron.ops.sinkhorn import sinkhorn_reference
 
 
 def num_mapping_columns(n: int) -> int:
@@ -94,7 +95,14 @@ def mhc_mappings(
     check_shape("alpha", alpha, (3,), "(pre, post, res)")
     check_shape("bias", bias, (width,), f"(n*n + 2*n) for n={n}")
     check_same_device(x=x, phi=phi, alpha=alpha, bias=bias)
+    return backends.run("mappings", mappings_reference, fused.mappings, x, phi, alpha, bias, iters, eps)
 
+
+def mappings_reference(
+    x: torch.Tensor, phi: torch.Tensor, alpha: torch.Tensor, bias: torch.Tensor, iters: int, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The PyTorch implementation of ``mhc_mappings``, without argument checks."""
+    n = x.shape[-2]
     dtype = coefficient_dtype(x.dtype)
     logits = rms_projection(x, phi, eps)
     alpha, bias = alpha.to(dtype), bias.to(dtype)
@@ -103,5 +111,5 @@ def mhc_mappings(
     pre, post, res = logits.split([n, n, n * n], dim=-1)
     h_pre = torch.sigmoid(pre)
     h_post = 2.0 * torch.sigmoid(post)
-    h_res = sinkhorn(res.unflatten(-1, (n, n)), iters)
+    h_res = sinkhorn_reference(res.unflatten(-1, (n, n)), iters)
     return h_pre, h_post, h_res

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from mhc_megatron.ops import backends, fused
 from mhc_megatron.ops.checks import check_floating, check_same_device, check_shape, coefficient_dtype
 from mhc_megatron.ops.mappings import check_streams
 
@@ -37,6 +38,13 @@ def mhc_post_res(
     check_shape("h_post", h_post, (*lead, n), "[..., n] with the leading dimensions of x")
     check_shape("h_res", h_res, (*lead, n, n), "[..., n, n] with the leading dimensions of x")
     check_same_device(x=x, f=f, h_post=h_post, h_res=h_res)
+    return backends.run("post_res", post_res_reference, fused.post_res, x, f, h_post, h_res)
+
+
+def post_res_reference(
+    x: torch.Tensor, f: torch.Tensor, h_post: torch.Tensor, h_res: torch.Tensor
+) -> torch.Tensor:
+    """The PyTorch implementation of ``mhc_post_res``, without argument checks."""
     dtype = coefficient_dtype(x.dtype)
     mixed = torch.einsum("...ij,...jc->...ic", h_res.to(dtype), x.to(dtype))
     written = h_post.to(dtype).unsqueeze(-1) * f.to(dtype).unsqueeze(-2)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from mhc_megatron.ops import backends, fused
 from mhc_megatron.ops.checks import check_floating, check_same_device, check_shape, coefficient_dtype
 from mhc_megatron.ops.mappings import check_streams
 
@@ -22,6 +23,11 @@ def mhc_pre(x: torch.Tensor, h_pre: torch.Tensor) -> torch.Tensor:
     h_pre = check_floating("h_pre", h_pre)
     check_shape("h_pre", h_pre, (*x.shape[:-2], n), "[..., n] with the leading dimensions of x")
     check_same_device(x=x, h_pre=h_pre)
+    return backends.run("pre", pre_reference, fused.pre, x, h_pre)
+
+
+def pre_reference(x: torch.Tensor, h_pre: torch.Tensor) -> torch.Tensor:
+    """The PyTorch implementation of ``mhc_pre``, without argument checks."""
     dtype = coefficient_dtype(x.dtype)
     out = torch.einsum("...i,...ic->...c", h_pre.to(dtype), x.to(dtype))
     return out.to(x.dtype)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from mhc_megatron.ops import backends, fused
 from mhc_megatron.ops.checks import (
     check_floating,
     check_int,
@@ -97,4 +98,9 @@ def sinkhorn(logits: torch.Tensor, iters: int = 20) -> torch.Tensor:
             f"got shape {tuple(logits.shape)}"
         )
     check_num_streams("logits.shape[-1]", n)
+    return backends.run("sinkhorn", sinkhorn_reference, fused.sinkhorn, logits, iters)
+
+
+def sinkhorn_reference(logits: torch.Tensor, iters: int) -> torch.Tensor:
+    """The PyTorch implementation of ``sinkhorn``, without argument checks."""
     return SinkhornFunction.apply(logits.to(coefficient_dtype(logits.dtype)), iters)

@@ -8,7 +8,9 @@
 3. a bf16 mHC model (megatron's ``Float16Module``) is at most 2x as far from its float32 logits as
    the bf16 residual model is from its own, and gives finite gradients to every hyper-connection
    parameter;
-4. a checkpoint whose ``num_streams`` or ``hc_mode`` differs from the config, a missing and a corrupt
+4. with the fused kernels built, the mHC layers run them (mappings, pre, post_res once per
+   sub-layer) and give the reference backend's logits to 1e-5 relative to their largest magnitude;
+5. a checkpoint whose ``num_streams`` or ``hc_mode`` differs from the config, a missing and a corrupt
    checkpoint each raise a ``ValueError`` naming the problem, and leave the model untouched.
 Prints ``ALL CHECKS PASSED`` at the end; any failure raises.
 """
@@ -24,6 +26,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from mhc_megatron.megatron import MhcTransformerConfig, build_model_chunks, destroy_parallel, initialize_parallel
 from mhc_megatron.megatron.checkpointing import load_checkpoint, save_checkpoint
+from mhc_megatron.ops import backends, fused
 
 VOCAB, SEQ = 64, 16
 SHAPE = dict(
@@ -66,6 +69,38 @@ def check_hyper_connections_at_identity_equal_residual(residual, tokens):
         error = (logits_of(model, tokens) - expected).abs().max().item()
         assert error <= 1e-5, f"{mode}: max |logits - residual logits| = {error}"
         print(f"{mode} vs residual: max abs logit difference {error:.2e}")
+
+
+def check_mhc_layers_run_the_fused_ops(tokens):
+    reason = fused.unavailable_reason(torch.device("cpu"))
+    if reason is not None:
+        print(f"SKIPPED the fused-layer check: {reason}")
+        return
+    _, model = build("mhc")
+    with backends.use_backend("reference"):
+        expected = logits_of(model, tokens)
+    calls = {name: 0 for name in ("mappings", "pre", "post_res")}
+    originals = {name: getattr(fused, name) for name in calls}
+
+    def counting(name):
+        def call(*args):
+            calls[name] += 1
+            return originals[name](*args)
+        return call
+
+    try:
+        for name in calls:
+            setattr(fused, name, counting(name))
+        with backends.use_backend("fused"):
+            got = logits_of(model, tokens)
+    finally:
+        for name, original in originals.items():
+            setattr(fused, name, original)
+    sublayers = 2 * SHAPE["num_layers"]
+    assert calls == {name: sublayers for name in calls}, f"fused op calls {calls}, expected {sublayers} each"
+    error = ((got - expected).abs().max() / expected.abs().max()).item()
+    assert error <= 1e-5, f"fused vs reference backend: max |logits difference| / max |logits| = {error}"
+    print(f"mhc layers on the fused kernels: relative logit difference {error:.2e}")
 
 
 def bf16_error(mode, tokens, **fields):
@@ -132,6 +167,7 @@ def main():
     tokens = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(0))
     residual = check_residual_equals_stock(tokens)
     check_hyper_connections_at_identity_equal_residual(residual, tokens)
+    check_mhc_layers_run_the_fused_ops(tokens)
     check_bf16_model(tokens)
     check_bad_checkpoints(Path(args.tmp))
     destroy_parallel()

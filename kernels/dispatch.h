@@ -1,0 +1,197 @@
+// Argument checks and compile-time dispatch shared by the CPU and CUDA implementations.
+//
+// The Python wrappers (mhc_megatron/ops/fused.py) validate the public arguments and hand the ops
+// contiguous tensors of shape [T, n, C] (streams), [T, n] / [T, n, n] (coefficients, float32 or
+// float64) and [n*C, K] (phi). These checks guard the ops when they are called directly.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+
+#include <algorithm>
+#include <tuple>
+#include <vector>
+
+#include "mhc_math.h"
+
+namespace mhc {
+
+inline void check_input(const at::Tensor& t, const char* name, int64_t rank, at::ScalarType dtype) {
+  TORCH_CHECK(t.dim() == rank, name, " must have ", rank, " dimensions, got shape ", t.sizes());
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+  TORCH_CHECK(t.scalar_type() == dtype, name, " must have dtype ", dtype, ", got ", t.scalar_type());
+}
+
+inline void check_shape(const at::Tensor& t, const char* name, at::IntArrayRef expected) {
+  TORCH_CHECK(t.sizes() == expected, name, " must have shape ", expected, ", got ", t.sizes());
+}
+
+// Coefficient dtype of streams of dtype s: float64 for float64, float32 otherwise.
+inline at::ScalarType coefficient_type(at::ScalarType s) {
+  return s == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline int checked_streams(int64_t n) {
+  TORCH_CHECK(n >= 1 && n <= kMaxStreams, "the number of streams n must be in 1..", kMaxStreams,
+              ", got ", n);
+  return static_cast<int>(n);
+}
+
+inline int checked_iters(int64_t iters) {
+  TORCH_CHECK(iters >= 0 && iters <= (1 << 20), "iters must be in 0..", 1 << 20, ", got ", iters);
+  return static_cast<int>(iters);
+}
+
+// Shape of a stream tensor [T, n, C].
+struct Streams {
+  int64_t tokens;
+  int n;
+  int64_t hidden;
+};
+
+inline Streams check_streams(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 3, "x must have shape [T, n, C], got ", x.sizes());
+  TORCH_CHECK(x.is_contiguous(), "x must be contiguous");
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "x must be floating point, got ", x.scalar_type());
+  return {x.size(0), checked_streams(x.size(1)), x.size(2)};
+}
+
+// Per-token coefficients of streams s: shape [T, dims...] in the coefficient dtype.
+inline void check_coefficients(const at::Tensor& t, const char* name, const Streams& s,
+                               at::ScalarType x_type, at::IntArrayRef dims) {
+  std::vector<int64_t> expected{s.tokens};
+  expected.insert(expected.end(), dims.begin(), dims.end());
+  check_input(t, name, static_cast<int64_t>(expected.size()), coefficient_type(x_type));
+  check_shape(t, name, expected);
+}
+
+// A tensor shaped like x (or like one stream row [T, C] when `row`), in x's dtype.
+inline void check_like_streams(const at::Tensor& t, const char* name, const at::Tensor& x, bool row) {
+  const Streams s = check_streams(x);
+  if (row) {
+    check_input(t, name, 2, x.scalar_type());
+    check_shape(t, name, {s.tokens, s.hidden});
+  } else {
+    check_input(t, name, 3, x.scalar_type());
+    check_shape(t, name, x.sizes());
+  }
+}
+
+inline void check_mapping_params(const at::Tensor& x, const at::Tensor& phi, const at::Tensor& alpha,
+                                 const at::Tensor& bias) {
+  const Streams s = check_streams(x);
+  const at::ScalarType a = coefficient_type(x.scalar_type());
+  const int64_t k = num_columns(s.n);
+  check_input(phi, "phi", 2, a);
+  check_shape(phi, "phi", {s.n * s.hidden, k});
+  check_input(alpha, "alpha", 1, a);
+  check_shape(alpha, "alpha", {3});
+  check_input(bias, "bias", 1, a);
+  check_shape(bias, "bias", {k});
+}
+
+// Sinkhorn logits [T, n, n] in float32 or float64; returns n.
+inline int check_logits(const at::Tensor& logits) {
+  TORCH_CHECK(logits.dim() == 3, "logits must have shape [T, n, n], got ", logits.sizes());
+  check_input(logits, "logits", 3, coefficient_type(logits.scalar_type()));
+  const int n = checked_streams(logits.size(2));
+  check_shape(logits, "logits", {logits.size(0), n, n});
+  return n;
+}
+
+inline void check_post_res(const at::Tensor& x, const at::Tensor& f, const at::Tensor& h_post,
+                    const at::Tensor& h_res) {
+  const Streams s = check_streams(x);
+  check_like_streams(f, "f", x, /*row=*/true);
+  check_coefficients(h_post, "h_post", s, x.scalar_type(), {s.n});
+  check_coefficients(h_res, "h_res", s, x.scalar_type(), {s.n, s.n});
+}
+
+// Checked arguments and freshly allocated outputs of each op, shared by the CPU and CUDA wrappers.
+using Four = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+inline at::Tensor sinkhorn_fwd_outputs(const at::Tensor& logits) {
+  check_logits(logits);
+  return at::empty_like(logits);
+}
+
+inline at::Tensor sinkhorn_bwd_outputs(const at::Tensor& logits, const at::Tensor& grad_out) {
+  check_logits(logits);
+  check_input(grad_out, "grad_out", 3, logits.scalar_type());
+  check_shape(grad_out, "grad_out", logits.sizes());
+  return at::empty_like(logits);
+}
+
+inline Four mappings_fwd_outputs(const at::Tensor& x, const at::Tensor& phi, const at::Tensor& alpha,
+                                 const at::Tensor& bias) {
+  const Streams s = check_streams(x);
+  check_mapping_params(x, phi, alpha, bias);
+  const auto opts = phi.options();
+  return {at::empty({s.tokens, s.n}, opts), at::empty({s.tokens, s.n}, opts),
+          at::empty({s.tokens, s.n, s.n}, opts), at::empty({s.tokens, num_columns(s.n) + 1}, opts)};
+}
+
+inline Four mappings_bwd_outputs(const at::Tensor& grad_pre, const at::Tensor& grad_post,
+                                 const at::Tensor& grad_res, const at::Tensor& x, const at::Tensor& phi,
+                                 const at::Tensor& alpha, const at::Tensor& bias, const at::Tensor& saved) {
+  const Streams s = check_streams(x);
+  check_mapping_params(x, phi, alpha, bias);
+  check_coefficients(grad_pre, "grad_pre", s, x.scalar_type(), {s.n});
+  check_coefficients(grad_post, "grad_post", s, x.scalar_type(), {s.n});
+  check_coefficients(grad_res, "grad_res", s, x.scalar_type(), {s.n, s.n});
+  check_coefficients(saved, "saved", s, x.scalar_type(), {num_columns(s.n) + 1});
+  return {at::empty_like(x), at::empty_like(phi), at::empty_like(alpha), at::empty_like(bias)};
+}
+
+inline at::Tensor pre_fwd_output(const at::Tensor& x, const at::Tensor& h_pre) {
+  const Streams s = check_streams(x);
+  check_coefficients(h_pre, "h_pre", s, x.scalar_type(), {s.n});
+  return at::empty({s.tokens, s.hidden}, x.options());
+}
+
+inline std::tuple<at::Tensor, at::Tensor> pre_bwd_outputs(const at::Tensor& grad_out, const at::Tensor& x,
+                                                          const at::Tensor& h_pre) {
+  const Streams s = check_streams(x);
+  check_coefficients(h_pre, "h_pre", s, x.scalar_type(), {s.n});
+  check_like_streams(grad_out, "grad_out", x, /*row=*/true);
+  return {at::empty_like(x), at::empty_like(h_pre)};
+}
+
+inline at::Tensor post_res_fwd_output(const at::Tensor& x, const at::Tensor& f, const at::Tensor& h_post,
+                                      const at::Tensor& h_res) {
+  check_post_res(x, f, h_post, h_res);
+  return at::empty_like(x);
+}
+
+inline Four post_res_bwd_outputs(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& f,
+                                 const at::Tensor& h_post, const at::Tensor& h_res) {
+  check_post_res(x, f, h_post, h_res);
+  check_like_streams(grad_out, "grad_out", x, /*row=*/false);
+  return {at::empty_like(x), at::empty_like(f), at::empty_like(h_post), at::empty_like(h_res)};
+}
+
+// Tokens per chunk of a weight-gradient reduction, and the number of chunks: it depends on the
+// shapes only (never on threads), and keeps the partial buffer under ~16M values.
+inline int64_t reduction_chunks(int64_t tokens, int64_t partial_size) {
+  const int64_t by_tokens = (tokens + 255) / 256;
+  const int64_t by_memory = std::max<int64_t>(1, (int64_t{1} << 24) / std::max<int64_t>(partial_size, 1));
+  return std::max<int64_t>(1, std::min<int64_t>({by_tokens, by_memory, 32}));
+}
+
+}  // namespace mhc
+
+// Runs the statements with `NT` a compile-time stream count (fast paths for powers of two) or 0,
+// meaning "n known at run time only" (n = 3, 5, ..., 15).
+#define MHC_DISPATCH_STREAMS(n, NT, ...)        \
+  switch (n) {                                   \
+    case 1: { constexpr int NT = 1; __VA_ARGS__; break; }   \
+    case 2: { constexpr int NT = 2; __VA_ARGS__; break; }   \
+    case 4: { constexpr int NT = 4; __VA_ARGS__; break; }   \
+    case 8: { constexpr int NT = 8; __VA_ARGS__; break; }   \
+    case 16: { constexpr int NT = 16; __VA_ARGS__; break; } \
+    default: { constexpr int NT = 0; __VA_ARGS__; break; }  \
+  }
+
+// The stream dtypes every op accepts.
+#define MHC_DISPATCH_FLOATS(dtype, name, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, name, __VA_ARGS__)

@@ -1,0 +1,449 @@
+// CPU implementations of the mHC ops (C++, parallel over tokens with at::parallel_for, which is
+// OpenMP in torch's builds). The per-token math comes from mhc_math.h; this file only tiles the
+// loops so the compiler vectorises them (lanes of kLanes values, reduced in a fixed order at the
+// end, so results do not depend on the number of threads).
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "dispatch.h"
+
+namespace mhc {
+namespace {
+
+constexpr int kLanes = 16;      // values per vectorised block of a row of C
+constexpr int kTokenTile = 16;  // tokens sharing one pass over phi
+
+template <typename A>
+A sum_lanes(const A* lanes) {
+  A total = 0;
+  for (int l = 0; l < kLanes; ++l) total += lanes[l];
+  return total;
+}
+
+// Loads `len` <= kLanes values of a row into `out` as A, zero-padding the rest.
+template <typename S, typename A>
+void load_block(const S* row, int64_t len, A* out) {
+  for (int l = 0; l < kLanes; ++l) out[l] = l < len ? static_cast<A>(row[l]) : A(0);
+}
+
+// ---------------------------------------------------------------- sinkhorn
+
+template <typename A>
+void sinkhorn_fwd_kernel(const A* logits, A* out, int64_t count, int n, int iters) {
+  at::parallel_for(0, count, 64, [&](int64_t begin, int64_t end) {
+    A lm[kMaxMatrix];
+    for (int64_t t = begin; t < end; ++t) {
+      std::copy(logits + t * n * n, logits + (t + 1) * n * n, lm);
+      sinkhorn_log_forward(lm, n, iters, static_cast<A*>(nullptr));
+      for (int k = 0; k < n * n; ++k) out[t * n * n + k] = exp_of(lm[k]);
+    }
+  });
+}
+
+template <typename A>
+void sinkhorn_bwd_kernel(const A* logits, const A* grad_out, A* grad_in, int64_t count, int n, int iters) {
+  at::parallel_for(0, count, 64, [&](int64_t begin, int64_t end) {
+    std::vector<A> work(n * n + sinkhorn_scratch_size(n, iters));
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t o = t * n * n;
+      sinkhorn_backward(logits + o, grad_out + o, grad_in + o, n, iters, work.data(), work.data() + n * n);
+    }
+  });
+}
+
+at::Tensor sinkhorn_fwd(const at::Tensor& logits, int64_t iters) {
+  auto out = sinkhorn_fwd_outputs(logits);
+  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "mhc_sinkhorn_fwd", [&] {
+    sinkhorn_fwd_kernel(logits.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), logits.size(0),
+                        logits.size(1), checked_iters(iters));
+  });
+  return out;
+}
+
+at::Tensor sinkhorn_bwd(const at::Tensor& logits, const at::Tensor& grad_out, int64_t iters) {
+  auto grad_in = sinkhorn_bwd_outputs(logits, grad_out);
+  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "mhc_sinkhorn_bwd", [&] {
+    sinkhorn_bwd_kernel(logits.data_ptr<scalar_t>(), grad_out.data_ptr<scalar_t>(),
+                        grad_in.data_ptr<scalar_t>(), logits.size(0), logits.size(1), checked_iters(iters));
+  });
+  return grad_in;
+}
+
+// ---------------------------------------------------------------- mappings
+
+// One read of the streams of kTokenTile tokens gives m = v @ phi and sum(v^2) for each; then the
+// coefficient epilogue per token. NT: compile-time n, or 0 for run-time n.
+template <int NT, typename S, typename A>
+void mappings_fwd_kernel(const S* x, const A* phi, const A* alpha, const A* bias, int64_t tokens,
+                         int n_rt, int64_t hidden, int iters, A eps, A* h_pre, A* h_post, A* h_res,
+                         A* saved) {
+  const int n = NT > 0 ? NT : n_rt;
+  constexpr int KA = NT > 0 ? NT * NT + 2 * NT : kMaxColumns;
+  const int K = NT > 0 ? KA : num_columns(n);
+  const int64_t width = n * hidden;
+  const int64_t tiles = (tokens + kTokenTile - 1) / kTokenTile;
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    std::vector<A> acc_store(kTokenTile * KA);
+    A* acc = acc_store.data();
+    A squares[kTokenTile];
+    A z[kMaxColumns];
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t t0 = tile * kTokenTile;
+      const int valid = static_cast<int>(std::min<int64_t>(kTokenTile, tokens - t0));
+      const S* rows[kTokenTile];
+      for (int b = 0; b < kTokenTile; ++b) rows[b] = x + (t0 + std::min(b, valid - 1)) * width;
+      std::fill(acc, acc + kTokenTile * KA, A(0));
+      std::fill(squares, squares + kTokenTile, A(0));
+      for (int64_t e = 0; e < width; ++e) {
+        const A* p = phi + e * K;
+        for (int b = 0; b < kTokenTile; ++b) {
+          const A v = static_cast<A>(rows[b][e]);
+          squares[b] += v * v;
+          A* a = acc + b * KA;
+          for (int k = 0; k < K; ++k) a[k] += v * p[k];
+        }
+      }
+      for (int b = 0; b < valid; ++b) {
+        const int64_t t = t0 + b;
+        const A inv_r = inverse_rms(squares[b], width, eps);
+        A* u = saved + t * (K + 1);
+        for (int k = 0; k < K; ++k) u[k] = acc[b * KA + k] * inv_r;
+        u[K] = inv_r;
+        mappings_epilogue(u, alpha, bias, n, iters, z, h_pre + t * n, h_post + t * n, h_res + t * n * n);
+      }
+    }
+  });
+}
+
+// Backward: per token the coefficient gradients (dm, c, dz), then one pass over the streams per
+// token chunk that writes dx = dm @ phi^T + c * v and accumulates the chunk's partial of
+// dphi = v^T dm; finally the partials (and those of dbias, dalpha) are summed in chunk order.
+template <int NT, typename S, typename A>
+void mappings_bwd_kernel(const A* grad_pre, const A* grad_post, const A* grad_res, const S* x,
+                         const A* phi, const A* alpha, const A* bias, const A* saved, int64_t tokens,
+                         int n_rt, int64_t hidden, int iters, S* grad_x, A* grad_phi, A* grad_alpha,
+                         A* grad_bias) {
+  const int n = NT > 0 ? NT : n_rt;
+  constexpr int KA = NT > 0 ? NT * NT + 2 * NT : kMaxColumns;
+  const int K = NT > 0 ? KA : num_columns(n);
+  const int KZ = K + 3;  // dz, then the three dalpha terms
+  const int64_t width = n * hidden;
+
+  std::vector<A> dm(tokens * K), dz(tokens * KZ), rms_term(tokens);
+  at::parallel_for(0, tokens, 16, [&](int64_t begin, int64_t end) {
+    std::vector<A> work(n * n + sinkhorn_scratch_size(n, iters));
+    A z[kMaxColumns];
+    for (int64_t t = begin; t < end; ++t) {
+      const A* u = saved + t * (K + 1);
+      A* dzt = dz.data() + t * KZ;
+      rms_term[t] = mappings_coeff_backward(grad_pre + t * n, grad_post + t * n, grad_res + t * n * n, u,
+                                            u[K], alpha, bias, n, iters, width, z, work.data(), work.data() + n * n, dzt,
+                                            dzt + K, dm.data() + t * K);
+    }
+  });
+
+  // phi^T [K, width], so that dx is vectorised along C.
+  std::vector<A> phi_t(K * width);
+  at::parallel_for(0, width, 1024, [&](int64_t begin, int64_t end) {
+    for (int64_t e = begin; e < end; ++e)
+      for (int k = 0; k < K; ++k) phi_t[k * width + e] = phi[e * K + k];
+  });
+
+  const int64_t chunks = reduction_chunks(tokens, width * K);
+  const int64_t chunk = (tokens + chunks - 1) / chunks;
+  std::vector<A> phi_partial(chunks * width * K), z_partial(chunks * KZ);
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<A> acc_store(kTokenTile * kLanes);
+    A* acc = acc_store.data();
+    for (int64_t c = begin; c < end; ++c) {
+      A* part = phi_partial.data() + c * width * K;
+      std::fill(part, part + width * K, A(0));
+      A* zpart = z_partial.data() + c * KZ;
+      std::fill(zpart, zpart + KZ, A(0));
+      const int64_t t_end = std::min(tokens, (c + 1) * chunk);
+      for (int64_t t0 = c * chunk; t0 < t_end; t0 += kTokenTile) {
+        const int valid = static_cast<int>(std::min<int64_t>(kTokenTile, t_end - t0));
+        for (int b = 0; b < valid; ++b)
+          for (int k = 0; k < KZ; ++k) zpart[k] += dz[(t0 + b) * KZ + k];
+        // dx of the tile, kLanes columns of v at a time.
+        for (int64_t e0 = 0; e0 < width; e0 += kLanes) {
+          const int64_t len = std::min<int64_t>(kLanes, width - e0);
+          for (int b = 0; b < valid; ++b) load_block(x + (t0 + b) * width + e0, len, acc + b * kLanes);
+          for (int b = 0; b < valid; ++b)
+            for (int l = 0; l < kLanes; ++l) acc[b * kLanes + l] *= rms_term[t0 + b];
+          for (int k = 0; k < K; ++k) {
+            A p[kLanes];
+            for (int l = 0; l < kLanes; ++l) p[l] = e0 + l < width ? phi_t[k * width + e0 + l] : A(0);
+            for (int b = 0; b < valid; ++b) {
+              const A d = dm[(t0 + b) * K + k];
+              for (int l = 0; l < kLanes; ++l) acc[b * kLanes + l] += d * p[l];
+            }
+          }
+          for (int b = 0; b < valid; ++b)
+            for (int64_t l = 0; l < len; ++l)
+              grad_x[(t0 + b) * width + e0 + l] = static_cast<S>(acc[b * kLanes + l]);
+        }
+        // The tile's share of dphi: row e gains sum_b v[b, e] * dm[b].
+        for (int64_t e = 0; e < width; ++e) {
+          A row[KA];
+          A* out = part + e * K;
+          for (int k = 0; k < K; ++k) row[k] = out[k];
+          for (int b = 0; b < valid; ++b) {
+            const A v = static_cast<A>(x[(t0 + b) * width + e]);
+            const A* d = dm.data() + (t0 + b) * K;
+            for (int k = 0; k < K; ++k) row[k] += v * d[k];
+          }
+          for (int k = 0; k < K; ++k) out[k] = row[k];
+        }
+      }
+    }
+  });
+
+  at::parallel_for(0, width * K, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      A total = 0;
+      for (int64_t c = 0; c < chunks; ++c) total += phi_partial[c * width * K + i];
+      grad_phi[i] = total;
+    }
+  });
+  for (int k = 0; k < KZ; ++k) {
+    A total = 0;
+    for (int64_t c = 0; c < chunks; ++c) total += z_partial[c * KZ + k];
+    if (k < K) grad_bias[k] = total;
+    else grad_alpha[k - K] = total;
+  }
+}
+
+Four mappings_fwd(const at::Tensor& x, const at::Tensor& phi, const at::Tensor& alpha,
+                  const at::Tensor& bias, int64_t iters, double eps) {
+  auto outputs = mappings_fwd_outputs(x, phi, alpha, bias);
+  at::Tensor& h_pre = std::get<0>(outputs);
+  at::Tensor& h_post = std::get<1>(outputs);
+  at::Tensor& h_res = std::get<2>(outputs);
+  at::Tensor& saved = std::get<3>(outputs);
+  const Streams s = check_streams(x);
+  MHC_DISPATCH_FLOATS(x.scalar_type(), "mhc_mappings_fwd", [&] {
+    using A = at::opmath_type<scalar_t>;
+    MHC_DISPATCH_STREAMS(s.n, NT, mappings_fwd_kernel<NT>(
+        x.data_ptr<scalar_t>(), phi.data_ptr<A>(), alpha.data_ptr<A>(), bias.data_ptr<A>(), s.tokens,
+        s.n, s.hidden, checked_iters(iters), static_cast<A>(eps), h_pre.data_ptr<A>(),
+        h_post.data_ptr<A>(), h_res.data_ptr<A>(), saved.data_ptr<A>()));
+  });
+  return outputs;
+}
+
+Four mappings_bwd(const at::Tensor& grad_pre, const at::Tensor& grad_post, const at::Tensor& grad_res,
+                  const at::Tensor& x, const at::Tensor& phi, const at::Tensor& alpha, const at::Tensor& bias,
+                  const at::Tensor& saved, int64_t iters) {
+  auto outputs = mappings_bwd_outputs(grad_pre, grad_post, grad_res, x, phi, alpha, bias, saved);
+  at::Tensor& grad_x = std::get<0>(outputs);
+  at::Tensor& grad_phi = std::get<1>(outputs);
+  at::Tensor& grad_alpha = std::get<2>(outputs);
+  at::Tensor& grad_bias = std::get<3>(outputs);
+  const Streams s = check_streams(x);
+  MHC_DISPATCH_FLOATS(x.scalar_type(), "mhc_mappings_bwd", [&] {
+    using A = at::opmath_type<scalar_t>;
+    MHC_DISPATCH_STREAMS(s.n, NT, mappings_bwd_kernel<NT>(
+        grad_pre.data_ptr<A>(), grad_post.data_ptr<A>(), grad_res.data_ptr<A>(),
+        x.data_ptr<scalar_t>(), phi.data_ptr<A>(), alpha.data_ptr<A>(), bias.data_ptr<A>(),
+        saved.data_ptr<A>(), s.tokens, s.n, s.hidden, checked_iters(iters),
+        grad_x.data_ptr<scalar_t>(), grad_phi.data_ptr<A>(), grad_alpha.data_ptr<A>(),
+        grad_bias.data_ptr<A>()));
+  });
+  return outputs;
+}
+
+// ---------------------------------------------------------------- pre
+
+template <typename S, typename A>
+void pre_fwd_kernel(const S* x, const A* h_pre, S* out, int64_t tokens, int n, int64_t hidden) {
+  at::parallel_for(0, tokens, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const S* xt = x + t * n * hidden;
+      for (int64_t c0 = 0; c0 < hidden; c0 += kLanes) {
+        const int64_t len = std::min<int64_t>(kLanes, hidden - c0);
+        A acc[kLanes] = {};
+        for (int i = 0; i < n; ++i) {
+          A v[kLanes];
+          load_block(xt + i * hidden + c0, len, v);
+          const A h = h_pre[t * n + i];
+          for (int l = 0; l < kLanes; ++l) acc[l] += h * v[l];
+        }
+        for (int64_t l = 0; l < len; ++l) out[t * hidden + c0 + l] = static_cast<S>(acc[l]);
+      }
+    }
+  });
+}
+
+template <typename S, typename A>
+void pre_bwd_kernel(const S* grad_out, const S* x, const A* h_pre, S* grad_x, A* grad_h, int64_t tokens,
+                    int n, int64_t hidden) {
+  at::parallel_for(0, tokens, 4, [&](int64_t begin, int64_t end) {
+    A lanes[kMaxStreams][kLanes];
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t o = t * n * hidden;
+      for (int i = 0; i < n; ++i) std::fill(lanes[i], lanes[i] + kLanes, A(0));
+      for (int64_t c0 = 0; c0 < hidden; c0 += kLanes) {
+        const int64_t len = std::min<int64_t>(kLanes, hidden - c0);
+        A g[kLanes];
+        load_block(grad_out + t * hidden + c0, len, g);
+        for (int i = 0; i < n; ++i) {
+          A v[kLanes];
+          load_block(x + o + i * hidden + c0, len, v);
+          const A h = h_pre[t * n + i];
+          for (int l = 0; l < kLanes; ++l) lanes[i][l] += g[l] * v[l];
+          for (int64_t l = 0; l < len; ++l) grad_x[o + i * hidden + c0 + l] = static_cast<S>(h * g[l]);
+        }
+      }
+      for (int i = 0; i < n; ++i) grad_h[t * n + i] = sum_lanes(lanes[i]);
+    }
+  });
+}
+
+at::Tensor pre_fwd(const at::Tensor& x, const at::Tensor& h_pre) {
+  auto out = pre_fwd_output(x, h_pre);
+  const Streams s = check_streams(x);
+  MHC_DISPATCH_FLOATS(x.scalar_type(), "mhc_pre_fwd", [&] {
+    using A = at::opmath_type<scalar_t>;
+    pre_fwd_kernel(x.data_ptr<scalar_t>(), h_pre.data_ptr<A>(), out.data_ptr<scalar_t>(), s.tokens, s.n,
+                   s.hidden);
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> pre_bwd(const at::Tensor& grad_out, const at::Tensor& x,
+                                           const at::Tensor& h_pre) {
+  auto outputs = pre_bwd_outputs(grad_out, x, h_pre);
+  at::Tensor& grad_x = std::get<0>(outputs);
+  at::Tensor& grad_h = std::get<1>(outputs);
+  const Streams s = check_streams(x);
+  MHC_DISPATCH_FLOATS(x.scalar_type(), "mhc_pre_bwd", [&] {
+    using A = at::opmath_type<scalar_t>;
+    pre_bwd_kernel(grad_out.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), h_pre.data_ptr<A>(),
+                   grad_x.data_ptr<scalar_t>(), grad_h.data_ptr<A>(), s.tokens, s.n, s.hidden);
+  });
+  return outputs;
+}
+
+// ---------------------------------------------------------------- post_res
+
+template <typename S, typename A>
+void post_res_fwd_kernel(const S* x, const S* f, const A* h_post, const A* h_res, S* out, int64_t tokens,
+                         int n, int64_t hidden) {
+  at::parallel_for(0, tokens, 4, [&](int64_t begin, int64_t end) {
+    A v[kMaxStreams][kLanes];
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t o = t * n * hidden;
+      const A* hr = h_res + t * n * n;
+      for (int64_t c0 = 0; c0 < hidden; c0 += kLanes) {
+        const int64_t len = std::min<int64_t>(kLanes, hidden - c0);
+        A fb[kLanes];
+        load_block(f + t * hidden + c0, len, fb);
+        for (int j = 0; j < n; ++j) load_block(x + o + j * hidden + c0, len, v[j]);
+        for (int i = 0; i < n; ++i) {
+          A acc[kLanes];
+          const A hp = h_post[t * n + i];
+          for (int l = 0; l < kLanes; ++l) acc[l] = hp * fb[l];
+          for (int j = 0; j < n; ++j) {
+            const A h = hr[i * n + j];
+            for (int l = 0; l < kLanes; ++l) acc[l] += h * v[j][l];
+          }
+          for (int64_t l = 0; l < len; ++l) out[o + i * hidden + c0 + l] = static_cast<S>(acc[l]);
+        }
+      }
+    }
+  });
+}
+
+template <typename S, typename A>
+void post_res_bwd_kernel(const S* grad_out, const S* x, const S* f, const A* h_post, const A* h_res,
+                         S* grad_x, S* grad_f, A* grad_h_post, A* grad_h_res, int64_t tokens, int n,
+                         int64_t hidden) {
+  at::parallel_for(0, tokens, 4, [&](int64_t begin, int64_t end) {
+    std::vector<A> lanes_store((n * n + n) * kLanes);
+    A g[kMaxStreams][kLanes], v[kMaxStreams][kLanes];
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t o = t * n * hidden;
+      const A* hr = h_res + t * n * n;
+      A* res_lanes = lanes_store.data();             // [n*n][kLanes]: sum_c g[i] x[j]
+      A* post_lanes = res_lanes + n * n * kLanes;    // [n][kLanes]:   sum_c g[i] f
+      std::fill(lanes_store.begin(), lanes_store.end(), A(0));
+      for (int64_t c0 = 0; c0 < hidden; c0 += kLanes) {
+        const int64_t len = std::min<int64_t>(kLanes, hidden - c0);
+        A fb[kLanes], df[kLanes] = {};
+        load_block(f + t * hidden + c0, len, fb);
+        for (int i = 0; i < n; ++i) {
+          load_block(grad_out + o + i * hidden + c0, len, g[i]);
+          load_block(x + o + i * hidden + c0, len, v[i]);
+        }
+        for (int i = 0; i < n; ++i) {
+          const A hp = h_post[t * n + i];
+          for (int l = 0; l < kLanes; ++l) {
+            df[l] += hp * g[i][l];
+            post_lanes[i * kLanes + l] += g[i][l] * fb[l];
+          }
+          for (int j = 0; j < n; ++j)
+            for (int l = 0; l < kLanes; ++l) res_lanes[(i * n + j) * kLanes + l] += g[i][l] * v[j][l];
+        }
+        for (int j = 0; j < n; ++j) {
+          A dx[kLanes] = {};
+          for (int i = 0; i < n; ++i) {
+            const A h = hr[i * n + j];
+            for (int l = 0; l < kLanes; ++l) dx[l] += h * g[i][l];
+          }
+          for (int64_t l = 0; l < len; ++l) grad_x[o + j * hidden + c0 + l] = static_cast<S>(dx[l]);
+        }
+        for (int64_t l = 0; l < len; ++l) grad_f[t * hidden + c0 + l] = static_cast<S>(df[l]);
+      }
+      for (int k = 0; k < n * n; ++k) grad_h_res[t * n * n + k] = sum_lanes(res_lanes + k * kLanes);
+      for (int i = 0; i < n; ++i) grad_h_post[t * n + i] = sum_lanes(post_lanes + i * kLanes);
+    }
+  });
+}
+
+at::Tensor post_res_fwd(const at::Tensor& x, const at::Tensor& f, const at::Tensor& h_post,
+                        const at::Tensor& h_res) {
+  auto out = post_res_fwd_output(x, f, h_post, h_res);
+  const Streams s = check_streams(x);
+  MHC_DISPATCH_FLOATS(x.scalar_type(), "mhc_post_res_fwd", [&] {
+    using A = at::opmath_type<scalar_t>;
+    post_res_fwd_kernel(x.data_ptr<scalar_t>(), f.data_ptr<scalar_t>(), h_post.data_ptr<A>(),
+                        h_res.data_ptr<A>(), out.data_ptr<scalar_t>(), s.tokens, s.n, s.hidden);
+  });
+  return out;
+}
+
+Four post_res_bwd(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& f,
+                  const at::Tensor& h_post, const at::Tensor& h_res) {
+  auto outputs = post_res_bwd_outputs(grad_out, x, f, h_post, h_res);
+  at::Tensor& grad_x = std::get<0>(outputs);
+  at::Tensor& grad_f = std::get<1>(outputs);
+  at::Tensor& grad_h_post = std::get<2>(outputs);
+  at::Tensor& grad_h_res = std::get<3>(outputs);
+  const Streams s = check_streams(x);
+  MHC_DISPATCH_FLOATS(x.scalar_type(), "mhc_post_res_bwd", [&] {
+    using A = at::opmath_type<scalar_t>;
+    post_res_bwd_kernel(grad_out.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), f.data_ptr<scalar_t>(),
+                        h_post.data_ptr<A>(), h_res.data_ptr<A>(), grad_x.data_ptr<scalar_t>(),
+                        grad_f.data_ptr<scalar_t>(), grad_h_post.data_ptr<A>(),
+                        grad_h_res.data_ptr<A>(), s.tokens, s.n, s.hidden);
+  });
+  return outputs;
+}
+
+}  // namespace
+}  // namespace mhc
+
+TORCH_LIBRARY_IMPL(mhc_megatron, CPU, m) {
+  m.impl("sinkhorn_fwd", &mhc::sinkhorn_fwd);
+  m.impl("sinkhorn_bwd", &mhc::sinkhorn_bwd);
+  m.impl("mappings_fwd", &mhc::mappings_fwd);
+  m.impl("mappings_bwd", &mhc::mappings_bwd);
+  m.impl("pre_fwd", &mhc::pre_fwd);
+  m.impl("pre_bwd", &mhc::pre_bwd);
+  m.impl("post_res_fwd", &mhc::post_res_fwd);
+  m.impl("post_res_bwd", &mhc::post_res_bwd);
+}

@@ -1,0 +1,44 @@
+// The op schemas of the mHC kernels under the `mhc_megatron` namespace, and the Python module
+// mhc_megatron._C whose import registers them. CPU implementations: mhc_cpu.cpp; CUDA: mhc_cuda.cu;
+// autograd and fake (meta) implementations: mhc_megatron/ops/fused.py.
+//
+// Shapes: T tokens, n streams, C hidden, K = n*n + 2n mapping columns; coefficients (h_*, phi,
+// alpha, bias, saved) in float32, float64 for float64 streams. `saved` is [T, K + 1]: the
+// normalised projection u = (v @ phi) / r and, last, 1/r.
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(mhc_megatron, m) {
+  m.def("sinkhorn_fwd(Tensor logits, int iters) -> Tensor");
+  m.def("sinkhorn_bwd(Tensor logits, Tensor grad_out, int iters) -> Tensor");
+  m.def(
+      "mappings_fwd(Tensor x, Tensor phi, Tensor alpha, Tensor bias, int iters, float eps)"
+      " -> (Tensor h_pre, Tensor h_post, Tensor h_res, Tensor saved)");
+  m.def(
+      "mappings_bwd(Tensor grad_pre, Tensor grad_post, Tensor grad_res, Tensor x, Tensor phi,"
+      " Tensor alpha, Tensor bias, Tensor saved, int iters)"
+      " -> (Tensor grad_x, Tensor grad_phi, Tensor grad_alpha, Tensor grad_bias)");
+  m.def("pre_fwd(Tensor x, Tensor h_pre) -> Tensor");
+  m.def("pre_bwd(Tensor grad_out, Tensor x, Tensor h_pre) -> (Tensor grad_x, Tensor grad_h_pre)");
+  m.def("post_res_fwd(Tensor x, Tensor f, Tensor h_post, Tensor h_res) -> Tensor");
+  m.def(
+      "post_res_bwd(Tensor grad_out, Tensor x, Tensor f, Tensor h_post, Tensor h_res)"
+      " -> (Tensor grad_x, Tensor grad_f, Tensor grad_h_post, Tensor grad_h_res)");
+}
+
+extern "C" PyMODINIT_FUNC PyInit__C(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "mHC fused kernels (torch.ops.mhc_megatron)",
+                               -1, nullptr};
+  PyObject* m = PyModule_Create(&module);
+  if (m == nullptr) return nullptr;
+#ifdef MHC_WITH_CUDA
+  const long with_cuda = 1;
+#else
+  const long with_cuda = 0;
+#endif
+  if (PyModule_AddIntConstant(m, "with_cuda", with_cuda) != 0) {
+    Py_DECREF(m);
+    return nullptr;
+  }
+  return m;
+}

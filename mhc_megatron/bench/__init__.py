@@ -1,0 +1,1 @@
+"""Benchmarks behind the ``mhc-bench`` command (``mhc-bench kernels ...``)."""

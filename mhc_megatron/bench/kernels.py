@@ -1,0 +1,178 @@
+"""Time each mHC operator, forward and backward, for the backends reference | compile | fused.
+
+For every op (sinkhorn, mappings, pre, post_res, and ``hc``: the full hyper-connection of one
+sub-layer, mappings + pre + post_res with an identity sub-layer) and backend it reports the median
+time of the forward and of forward + backward (backward = the difference), the bytes of the op's
+minimal memory traffic (every input read once, every output written once), the achieved GB/s and
+its fraction of the device's copy bandwidth, measured in the same run. Writes everything as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+from mhc_megatron.ops import backends, mhc_mappings, mhc_post_res, mhc_pre, num_mapping_columns, sinkhorn
+
+OPS = ("sinkhorn", "mappings", "pre", "post_res", "hc")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+DEFAULTS = {  # device type -> (tokens, hidden, streams, dtype)
+    "cpu": (4096, 1024, 4, "float32"),
+    "cuda": (16384, 4096, 4, "bfloat16"),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--tokens", type=int, default=None, help="default 4096 on CPU, 16384 on GPU")
+    parser.add_argument("--hidden", type=int, default=None, help="C; default 1024 on CPU, 4096 on GPU")
+    parser.add_argument("--streams", type=int, default=None, help="n; default 4")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default float32 on CPU, bfloat16 on GPU")
+    parser.add_argument("--iters", type=int, default=20, help="Sinkhorn iterations")
+    parser.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS))
+    parser.add_argument("--backends", nargs="+", choices=backends.BACKENDS, default=list(backends.BACKENDS))
+    parser.add_argument("--repeats", type=int, default=10, help="timed runs (the median is reported)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed runs first (compilation happens here)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--json", default="mhc-bench-kernels.json", help="where to write the results")
+
+
+class Timer:
+    """Median wall time of a callable: CUDA events on a GPU, perf_counter on the CPU."""
+
+    def __init__(self, device: torch.device, warmup: int, repeats: int) -> None:
+        self.device, self.warmup, self.repeats = device, warmup, repeats
+
+    def median_ms(self, fn: Callable[[], object]) -> float:
+        for _ in range(self.warmup):
+            fn()
+        times = []
+        for _ in range(self.repeats):
+            if self.device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                torch.cuda.synchronize()
+                times.append(start.elapsed_time(end))
+            else:
+                start = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - start) * 1e3)
+        return statistics.median(times)
+
+
+def copy_bandwidth(device: torch.device, timer: Timer) -> float:
+    """GB/s of a large device-to-device copy (bytes read + bytes written)."""
+    numel = (256 << 20) // 4
+    src = torch.ones(numel, device=device)
+    dst = torch.empty_like(src)
+    return 2 * src.numel() * 4 / (timer.median_ms(lambda: dst.copy_(src)) * 1e6)
+
+
+def make_case(op: str, tokens: int, hidden: int, n: int, dtype: torch.dtype, iters: int, device: torch.device):
+    """``(forward, inputs, bytes_forward, bytes_backward)`` of one op at one shape."""
+    coeff = torch.float64 if dtype == torch.float64 else torch.float32
+    s, a = torch.finfo(dtype).bits // 8, torch.finfo(coeff).bits // 8
+    k = num_mapping_columns(n)
+    streams, row, weights = tokens * n * hidden * s, tokens * hidden * s, n * hidden * k * a
+
+    def leaf(*shape, dt=coeff, scale=1.0):
+        return (torch.randn(*shape, device=device, dtype=coeff) * scale).to(dt).requires_grad_()
+
+    x = leaf(tokens, n, hidden, dt=dtype)
+    phi, alpha, bias = leaf(n * hidden, k, scale=(n * hidden) ** -0.5), leaf(3), leaf(k, scale=0.1)
+    h_pre, h_post, h_res = leaf(tokens, n), leaf(tokens, n), leaf(tokens, n, n)
+    coefficients = tokens * k * a
+    if op == "sinkhorn":
+        logits = leaf(tokens, n, n)
+        size = tokens * n * n * a
+        return (lambda: sinkhorn(logits, iters)), [logits], 2 * size, 3 * size
+    if op == "mappings":
+        forward = lambda: mhc_mappings(x, phi, alpha, bias, iters)  # noqa: E731
+        saved = tokens * (k + 1) * a
+        return forward, [x, phi, alpha, bias], streams + weights + coefficients + saved, \
+            2 * streams + 2 * weights + 2 * coefficients + saved
+    if op == "pre":
+        return (lambda: mhc_pre(x, h_pre)), [x, h_pre], streams + row, 2 * streams + row
+    f = leaf(tokens, hidden, dt=dtype)
+    if op == "post_res":
+        return (lambda: mhc_post_res(x, f, h_post, h_res)), [x, f, h_post, h_res], 2 * streams + row, \
+            3 * streams + 2 * row
+
+    def hc():
+        pre, post, res = mhc_mappings(x, phi, alpha, bias, iters)
+        return mhc_post_res(x, mhc_pre(x, pre), post, res)
+
+    return hc, [x, phi, alpha, bias], 4 * streams + 2 * row + weights, 7 * streams + 3 * row + 2 * weights
+
+
+def measure(op: str, backend: str, args, device: torch.device, dtype: torch.dtype, timer: Timer) -> dict:
+    tokens, hidden, n = args.tokens, args.hidden, args.streams
+    forward, inputs, bytes_fwd, bytes_bwd = make_case(op, tokens, hidden, n, dtype, args.iters, device)
+
+    def outputs():
+        out = forward()
+        return out if isinstance(out, tuple) else (out,)
+
+    grads = [torch.randn_like(o) for o in outputs()]
+
+    def forward_backward():
+        torch.autograd.grad(outputs(), inputs, grads)
+
+    with backends.use_backend(backend):
+        with torch.no_grad():
+            fwd_inference = timer.median_ms(outputs)
+        fwd = timer.median_ms(outputs)
+        fwd_bwd = timer.median_ms(forward_backward)
+    return {"op": op, "backend": backend, "forward_ms": fwd, "forward_inference_ms": fwd_inference,
+            "forward_backward_ms": fwd_bwd, "backward_ms": fwd_bwd - fwd,
+            "bytes_forward": bytes_fwd, "bytes_backward": bytes_bwd}
+
+
+def run(args: argparse.Namespace) -> None:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    tokens, hidden, streams, dtype_name = DEFAULTS[device.type]
+    args.tokens, args.hidden = args.tokens or tokens, args.hidden or hidden
+    args.streams, args.dtype = args.streams or streams, args.dtype or dtype_name
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = DTYPES[args.dtype]
+    timer = Timer(device, args.warmup, args.repeats)
+    copy_gbps = copy_bandwidth(device, timer)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or 'cpu'}, {torch.get_num_threads()} threads"
+    print(f"mhc-bench kernels: {name}; tokens {args.tokens}, C {args.hidden}, n {args.streams}, {args.dtype}; "
+          f"copy bandwidth {copy_gbps:.1f} GB/s")
+    print(f"{'op':9} {'backend':9} {'fwd ms':>9} {'bwd ms':>9} {'fwd+bwd':>9} {'GB/s':>7} {'of copy':>7}")
+    results = []
+    for op in args.ops:
+        for backend in args.backends:
+            r = measure(op, backend, args, device, dtype, timer)
+            r["gbps"] = (r["bytes_forward"] + r["bytes_backward"]) / (r["forward_backward_ms"] * 1e6)
+            r["fraction_of_copy"] = r["gbps"] / copy_gbps
+            results.append(r)
+            print(f"{op:9} {backend:9} {r['forward_ms']:9.3f} {r['backward_ms']:9.3f} "
+                  f"{r['forward_backward_ms']:9.3f} {r['gbps']:7.1f} {r['fraction_of_copy']:7.1%}")
+        times = {r["backend"]: r["forward_backward_ms"] for r in results if r["op"] == op}
+        if "fused" in times:
+            ratios = ", ".join(f"{times[b] / times['fused']:.2f}x vs {b}" for b in times if b != "fused")
+            print(f"{op:9} fused fwd+bwd: {ratios}")
+    report = {
+        "command": "mhc-bench kernels " + " ".join(sys.argv[2:]),
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "device": name, "torch": torch.__version__, "copy_gbps": copy_gbps,
+        "shape": {"tokens": args.tokens, "hidden": args.hidden, "streams": args.streams, "dtype": args.dtype,
+                  "iters": args.iters},
+        "results": results,
+    }
+    with open(args.json, "w") as out:
+        json.dump(report, out, indent=2)
+    print(f"wrote {args.json}")

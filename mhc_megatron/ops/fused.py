@@ -1,0 +1,164 @@
+"""The fused C++/CUDA operators (``torch.ops.mhc_megatron.*``) with autograd and fake tensors.
+
+The extension ``mhc_megatron._C`` (built from ``kernels/`` by setup.py, see kernels/extension.py)
+defines the ops ``{sinkhorn, mappings, pre, post_res}_{fwd, bwd}`` and their CPU and CUDA
+kernels. This module registers, when the extension is present:
+
+* fake (meta) implementations, so ``torch.compile`` traces the ops without a graph break;
+* autograd: each ``*_fwd`` op is differentiated by its ``*_bwd`` op.
+
+The functions below take arguments already validated by the public operators and return what the
+reference returns (same shapes, dtypes and conventions): they flatten the leading dimensions to T
+tokens, make inputs contiguous and cast coefficients to the coefficient dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mhc_megatron.ops.checks import coefficient_dtype
+
+try:
+    from mhc_megatron import _C
+except ImportError as error:  # not built (MHC_BUILD=none) or built for another torch
+    _C = None
+    _IMPORT_ERROR = str(error)
+else:
+    _IMPORT_ERROR = ""
+
+
+def unavailable_reason(device: torch.device) -> str | None:
+    """Why the fused ops cannot run on ``device`` (None when they can)."""
+    if _C is None:
+        return f"extension mhc_megatron._C not built or not loadable: {_IMPORT_ERROR}"
+    if device.type == "cuda" and not _C.with_cuda:
+        return "extension built without CUDA (MHC_BUILD=cpu, or no nvcc at build time)"
+    if device.type not in ("cpu", "cuda"):
+        return f"no kernels for device type {device.type!r}"
+    return None
+
+
+def _coefficients(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t.to(dtype).contiguous()
+
+
+def sinkhorn(logits: torch.Tensor, iters: int) -> torch.Tensor:
+    n = logits.shape[-1]
+    flat = _coefficients(logits, coefficient_dtype(logits.dtype)).reshape(-1, n, n)
+    return torch.ops.mhc_megatron.sinkhorn_fwd(flat, iters).reshape(logits.shape)
+
+
+def mappings(x, phi, alpha, bias, iters, eps):
+    n, hidden = x.shape[-2:]
+    lead = x.shape[:-2]
+    dtype = coefficient_dtype(x.dtype)
+    h_pre, h_post, h_res, _ = torch.ops.mhc_megatron.mappings_fwd(
+        x.reshape(-1, n, hidden).contiguous(), _coefficients(phi, dtype), _coefficients(alpha, dtype),
+        _coefficients(bias, dtype), iters, eps,
+    )
+    return h_pre.reshape(*lead, n), h_post.reshape(*lead, n), h_res.reshape(*lead, n, n)
+
+
+def pre(x: torch.Tensor, h_pre: torch.Tensor) -> torch.Tensor:
+    n, hidden = x.shape[-2:]
+    out = torch.ops.mhc_megatron.pre_fwd(
+        x.reshape(-1, n, hidden).contiguous(), _coefficients(h_pre, coefficient_dtype(x.dtype)).reshape(-1, n)
+    )
+    return out.reshape(*x.shape[:-2], hidden)
+
+
+def post_res(x: torch.Tensor, f: torch.Tensor, h_post: torch.Tensor, h_res: torch.Tensor) -> torch.Tensor:
+    """As the reference, except that ``f`` is cast to the dtype of ``x`` first when they differ."""
+    n, hidden = x.shape[-2:]
+    dtype = coefficient_dtype(x.dtype)
+    out = torch.ops.mhc_megatron.post_res_fwd(
+        x.reshape(-1, n, hidden).contiguous(), f.to(x.dtype).reshape(-1, hidden).contiguous(),
+        _coefficients(h_post, dtype).reshape(-1, n), _coefficients(h_res, dtype).reshape(-1, n, n),
+    )
+    return out.reshape(x.shape)
+
+
+def _grad(grad: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """An output gradient as the kernels take it: dense, contiguous, in the output's dtype."""
+    return torch.zeros_like(like) if grad is None else grad.to(like.dtype).contiguous()
+
+
+def _register() -> None:
+    lib = "mhc_megatron::"
+
+    @torch.library.register_fake(lib + "sinkhorn_fwd")
+    def _(logits, iters):
+        return torch.empty_like(logits)
+
+    @torch.library.register_fake(lib + "sinkhorn_bwd")
+    def _(logits, grad_out, iters):
+        return torch.empty_like(logits)
+
+    @torch.library.register_fake(lib + "mappings_fwd")
+    def _(x, phi, alpha, bias, iters, eps):
+        tokens, n = x.shape[0], x.shape[1]
+        return (phi.new_empty(tokens, n), phi.new_empty(tokens, n), phi.new_empty(tokens, n, n),
+                phi.new_empty(tokens, n * n + 2 * n + 1))
+
+    @torch.library.register_fake(lib + "mappings_bwd")
+    def _(grad_pre, grad_post, grad_res, x, phi, alpha, bias, saved, iters):
+        return torch.empty_like(x), torch.empty_like(phi), torch.empty_like(alpha), torch.empty_like(bias)
+
+    @torch.library.register_fake(lib + "pre_fwd")
+    def _(x, h_pre):
+        return x.new_empty(x.shape[0], x.shape[2])
+
+    @torch.library.register_fake(lib + "pre_bwd")
+    def _(grad_out, x, h_pre):
+        return torch.empty_like(x), torch.empty_like(h_pre)
+
+    @torch.library.register_fake(lib + "post_res_fwd")
+    def _(x, f, h_post, h_res):
+        return torch.empty_like(x)
+
+    @torch.library.register_fake(lib + "post_res_bwd")
+    def _(grad_out, x, f, h_post, h_res):
+        return torch.empty_like(x), torch.empty_like(f), torch.empty_like(h_post), torch.empty_like(h_res)
+
+    def sinkhorn_setup(ctx, inputs, output):
+        logits, ctx.iters = inputs
+        ctx.save_for_backward(logits)
+
+    def sinkhorn_backward(ctx, grad):
+        (logits,) = ctx.saved_tensors
+        return torch.ops.mhc_megatron.sinkhorn_bwd(logits, _grad(grad, logits), ctx.iters), None
+
+    def mappings_setup(ctx, inputs, output):
+        x, phi, alpha, bias, ctx.iters, _ = inputs
+        ctx.save_for_backward(x, phi, alpha, bias, *output)
+
+    def mappings_backward(ctx, grad_pre, grad_post, grad_res, _grad_saved):
+        x, phi, alpha, bias, h_pre, h_post, h_res, saved = ctx.saved_tensors
+        grads = torch.ops.mhc_megatron.mappings_bwd(
+            _grad(grad_pre, h_pre), _grad(grad_post, h_post), _grad(grad_res, h_res),
+            x, phi, alpha, bias, saved, ctx.iters,
+        )
+        return (*grads, None, None)
+
+    def pre_setup(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    def pre_backward(ctx, grad):
+        x, h_pre = ctx.saved_tensors
+        return torch.ops.mhc_megatron.pre_bwd(_grad(grad, x[:, 0]), x, h_pre)
+
+    def post_res_setup(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    def post_res_backward(ctx, grad):
+        x, f, h_post, h_res = ctx.saved_tensors
+        return torch.ops.mhc_megatron.post_res_bwd(_grad(grad, x), x, f, h_post, h_res)
+
+    torch.library.register_autograd(lib + "sinkhorn_fwd", sinkhorn_backward, setup_context=sinkhorn_setup)
+    torch.library.register_autograd(lib + "mappings_fwd", mappings_backward, setup_context=mappings_setup)
+    torch.library.register_autograd(lib + "pre_fwd", pre_backward, setup_context=pre_setup)
+    torch.library.register_autograd(lib + "post_res_fwd", post_res_backward, setup_context=post_res_setup)
+
+
+if _C is not None:
+    _register()
