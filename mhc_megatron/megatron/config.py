@@ -12,6 +12,7 @@ import torch
 
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from mhc_megatron.megatron.recompute import RECOMPUTE_MODES
 from mhc_megatron.modules import COLLAPSE_MODES, HC_MODES
 
 EXPAND_MODES = ("copy",)
@@ -35,6 +36,11 @@ class MhcTransformerConfig(TransformerConfig):
         hc_eps: epsilon of the hyper-connection RMS norms.
         hc_expand: how the embedding becomes n streams on the first stage: ``copy``.
         hc_collapse: how the streams become one before the final norm: ``mean`` or ``weighted``.
+        mhc_recompute: ``none`` or ``block``: keep the stream state only at the start of every
+            ``mhc_recompute_block`` sub-layers of a pipeline chunk and rebuild the rest in backward
+            (mHC paper, section 4.3; see ``recompute.py``).
+        mhc_recompute_block: ``L_r``, sub-layers per block; ``None``: ``sqrt(n L / (n + 2))`` for
+            the ``L`` sub-layers of each chunk.
     """
 
     hc_mode: str = "mhc"
@@ -44,6 +50,8 @@ class MhcTransformerConfig(TransformerConfig):
     hc_eps: float = 1e-6
     hc_expand: str = "copy"
     hc_collapse: str = "mean"
+    mhc_recompute: str = "none"
+    mhc_recompute_block: int | None = None
 
     def __post_init__(self) -> None:
         self._validate_hyper_connection_fields()
@@ -65,6 +73,7 @@ class MhcTransformerConfig(TransformerConfig):
             ("hc_mode", HC_MODES),
             ("hc_expand", EXPAND_MODES),
             ("hc_collapse", COLLAPSE_MODES),
+            ("mhc_recompute", RECOMPUTE_MODES),
         ):
             value = getattr(self, name)
             _require(value in allowed, f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
@@ -75,6 +84,15 @@ class MhcTransformerConfig(TransformerConfig):
                 f"{name} must be an int >= {minimum}, got {value!r}",
             )
         _require(self.hc_eps > 0, f"hc_eps must be > 0, got {self.hc_eps!r}")
+        block = self.mhc_recompute_block
+        _require(
+            block is None or (isinstance(block, int) and not isinstance(block, bool) and block >= 1),
+            f"mhc_recompute_block (L_r) must be an int >= 1 or None (the default size), got {block!r}",
+        )
+        _require(
+            self.mhc_recompute == "none" or self.hc_mode != "residual",
+            f"mhc_recompute={self.mhc_recompute!r} recomputes hyper-connection states; hc_mode='residual' has none",
+        )
 
     def _validate_parallel_fit(self) -> None:
         tp, pp = self.tensor_model_parallel_size, self.pipeline_model_parallel_size

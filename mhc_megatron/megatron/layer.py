@@ -35,6 +35,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 from megatron.core.utils import get_pg_rank, make_viewless_tensor
 
 from mhc_megatron.megatron.hyper_connection import MegatronStreamCollapse
+from mhc_megatron.megatron.recompute import BlockRecompute
 from mhc_megatron.modules import expand_streams
 
 
@@ -63,6 +64,13 @@ class HyperConnectionLayerSubmodules(TransformerLayerSubmodules):
     mlp_hyper_connection: Union[ModuleSpec, type] = IdentityOp
 
 
+def _recomputed_by_megatron(config, local_layer_number: int) -> bool:
+    """Whether megatron's full recomputation reruns this layer (it then keeps only its chunk input)."""
+    if config.recompute_granularity != "full":
+        return False
+    return config.recompute_method == "uniform" or local_layer_number <= (config.recompute_num_layers or 0)
+
+
 class HyperConnectionTransformerLayer(TransformerLayer):
     """A transformer layer whose attention and MLP sub-layers each sit in a hyper-connection.
 
@@ -73,8 +81,18 @@ class HyperConnectionTransformerLayer(TransformerLayer):
     otherwise.
     """
 
-    def __init__(self, config, submodules: HyperConnectionLayerSubmodules, layer_number: int = 1, **kwargs):
+    def __init__(
+        self,
+        config,
+        submodules: HyperConnectionLayerSubmodules,
+        layer_number: int = 1,
+        block_recompute: BlockRecompute | None = None,
+        **kwargs,
+    ):
         super().__init__(config, submodules, layer_number, **kwargs)
+        # mHC block recomputation (recompute.py), unless megatron recomputes this whole layer anyway.
+        self.block_recompute = None if _recomputed_by_megatron(config, layer_number) else block_recompute
+        self.first_chunk_sublayer = 2 * (layer_number - 1)
         self.num_streams = config.stream_count
         self.stream_width = config.stream_count * config.hidden_size
         self.expands_embedding = self.layer_number == 1
@@ -128,7 +146,9 @@ class HyperConnectionTransformerLayer(TransformerLayer):
 
         layer_input, mixing = self.attention_hyper_connection.pre(streams)
         attention_output, context = self._forward_attention(layer_input, **kwargs)
-        streams = self.attention_hyper_connection.post_res(streams, attention_output, mixing)
+        next_streams = self.attention_hyper_connection.post_res(streams, attention_output, mixing)
+        self._track(0, self.attention_hyper_connection, streams, attention_output, next_streams)
+        streams = next_streams
 
         layer_input, mixing = self.mlp_hyper_connection.pre(streams)
         mlp_output = self._forward_mlp(
@@ -137,7 +157,9 @@ class HyperConnectionTransformerLayer(TransformerLayer):
             padding_mask=kwargs.get("padding_mask"),
             packed_seq_params=kwargs.get("packed_seq_params"),
         )
-        streams = self.mlp_hyper_connection.post_res(streams, mlp_output, mixing)
+        next_streams = self.mlp_hyper_connection.post_res(streams, mlp_output, mixing)
+        self._track(1, self.mlp_hyper_connection, streams, mlp_output, next_streams)
+        streams = next_streams
 
         if self.stream_collapse is not None:
             streams = self.stream_collapse(streams)
@@ -146,6 +168,16 @@ class HyperConnectionTransformerLayer(TransformerLayer):
             streams = streams.view(s, b * self.num_streams, self.config.hidden_size)
         output = make_viewless_tensor(inp=streams, requires_grad=streams.requires_grad, keep_graph=True)
         return output, context
+
+    def _track(self, which: int, connection, streams, output, next_streams) -> None:
+        """Hand sub-layer ``which`` (0 attention, 1 MLP) to the block recomputation, if on."""
+        if self.block_recompute is not None and self.num_streams > 1:
+            self.block_recompute.after_sublayer(
+                self.first_chunk_sublayer + which,
+                streams,
+                next_streams,
+                lambda state: connection.next_streams(state, output),
+            )
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
         """Per-layer tensors are stacked along the layer axis by ``sharded_offsets``; the collapse,

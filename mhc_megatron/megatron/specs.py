@@ -29,6 +29,7 @@ from mhc_megatron.megatron.layer import (
     get_bias_dropout,
 )
 from mhc_megatron.megatron.norm import SequenceParallelNorm
+from mhc_megatron.megatron.recompute import BlockRecompute, default_block_size
 
 BACKENDS = ("auto", "local", "transformer_engine")
 
@@ -97,4 +98,9 @@ def get_hyper_connection_block_spec(
     """Block submodules for the layers of one pipeline stage (and virtual stage)."""
     layer = get_hyper_connection_layer_spec(config, backend)
     count = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
+    if config.mhc_recompute == "block":
+        # One tracker per chunk: blocks are cut within the chunk's 2 * count sub-layers.
+        sublayers = 2 * count
+        size = config.mhc_recompute_block or default_block_size(config.stream_count, sublayers)
+        layer = dataclasses.replace(layer, params={**layer.params, "block_recompute": BlockRecompute(sublayers, size)})
     return TransformerBlockSubmodules(layer_specs=[layer] * count, layer_norm=final_norm_builder(config, backend))

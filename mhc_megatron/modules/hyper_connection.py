@@ -154,6 +154,14 @@ class HyperConnection(nn.Module):
         x = as_stream_matrix(streams, self.num_streams, self.hidden_size)
         return mhc_post_res(x, output, mixing.h_post, mixing.h_res).flatten(-2)
 
+    def next_streams(self, streams: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        """``post_res`` with the mixing recomputed from ``streams``: the next stream state from the
+        current one and a stored sub-layer ``output``, for recomputation (no observer call)."""
+        if self.mode == "residual":
+            return self.post_res(streams, output, None)
+        _, h_post, h_res = self.mappings(as_stream_matrix(streams, self.num_streams, self.hidden_size))
+        return self.post_res(streams, output, Mixing(h_post, h_res))
+
     def forward(
         self, streams: torch.Tensor, sublayer: Callable[[torch.Tensor], torch.Tensor]
     ) -> torch.Tensor:

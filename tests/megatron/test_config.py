@@ -35,7 +35,19 @@ def test_batched_p2p_is_off_on_cpu():
      r"num_layers \(6\) must be divisible among the pipeline stages.*= 4"),
     ({"mtp_num_layers": 1}, "mtp_num_layers=1 is not supported with hc_mode='mhc'"),
     ({"fp32_residual_connection": True}, "fp32_residual_connection=True is not supported with hc_mode='mhc'"),
+    ({"mhc_recompute": "full"}, "mhc_recompute must be one of 'none', 'block', got 'full'"),
+    ({"mhc_recompute": "block", "mhc_recompute_block": 0},
+     r"mhc_recompute_block \(L_r\) must be an int >= 1 or None \(the default size\), got 0"),
+    ({"mhc_recompute": "block", "mhc_recompute_block": 1.5}, r"mhc_recompute_block \(L_r\) must be an int >= 1"),
+    ({"mhc_recompute": "block", "hc_mode": "residual"}, "hc_mode='residual' has none"),
 ])
 def test_bad_config_raises(fields, words):
     with pytest.raises(ValueError, match=words):
         MhcTransformerConfig(**{**BASE, **fields})
+
+
+@pytest.mark.parametrize("n, sublayers, expected", [(4, 8, 2), (4, 48, 6), (4, 2, 1), (1, 1, 1), (16, 4, 2)])
+def test_default_block_size_is_the_papers_optimum(n, sublayers, expected):
+    from mhc_megatron.megatron.recompute import default_block_size
+
+    assert default_block_size(n, sublayers) == expected  # round(sqrt(n L / (n + 2))), within [1, L]
