@@ -1,12 +1,13 @@
-"""``mhc-bench``: benchmarks of this package, one subcommand each (``mhc-bench kernels --help``)."""
+"""``mhc-bench``: benchmarks of this package, one subcommand each (``mhc-bench kernels --help``,
+``mhc-bench memory --help``)."""
 
 from __future__ import annotations
 
 import argparse
 
-from mhc_megatron.bench import kernels
+from mhc_megatron.bench import kernels, memory
 
-SUBCOMMANDS = {"kernels": kernels}
+SUBCOMMANDS = {"kernels": kernels, "memory": memory}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,239 @@
+"""Activation memory of a slice of transformer layers: residual, mHC, and mHC with block recompute.
+
+For each variant it builds megatron-core's decoder (the layers and the final norm, no embedding or
+output layer) in one process, runs forward and backward on random hidden states, and reports:
+
+- ``measured``: the bytes autograd holds for backward at the end of the forward pass (every saved
+  tensor's storage counted once, parameters excluded; a state freed by block recompute counts 0),
+  per token and layer; on a GPU also the allocator's peak during forward + backward above the
+  memory before it (``torch.cuda.max_memory_allocated``);
+- ``model``: the analytic count of ``activation_bytes_per_token_layer`` (docs/memory.md);
+- the median time of forward + backward, and each variant's overhead over the residual model.
+
+The analytic model assumes megatron-core's local layer spec with RMSNorm, no linear biases, no
+dropout, rotary embeddings and unfused (materialised) attention scores, which is what runs here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+from mhc_megatron.megatron.recompute import default_block_size
+
+FLOAT32 = 4
+
+
+@dataclass(frozen=True)
+class SliceShape:
+    layers: int
+    hidden: int
+    ffn: int
+    heads: int
+    seq: int
+    micro_batch: int
+    streams: int
+    dtype: torch.dtype
+
+
+def residual_bytes_per_token_layer(shape: SliceShape) -> float:
+    """What one residual layer keeps per token (see docs/memory.md for the list).
+
+    Each RMSNorm keeps its input, its normalised input and the 1/rms (fp32) and the linear after it
+    keeps the norm's output (3C + 1); attention keeps q and k (2C), the fused qkv (3C, for v), the
+    softmax output (h * s), the context (C), the causal mask (s * s bytes per sequence) and the
+    rotary tables (4 x C/h per position); the MLP keeps fc1's output and the activation (2 F).
+    """
+    e = torch.finfo(shape.dtype).bits // 8
+    per_position_tables = 4 * (shape.hidden // shape.heads) * FLOAT32 / shape.micro_batch
+    return (
+        2 * (3 * shape.hidden * e + FLOAT32)  # two norms and the linears after them
+        + (2 + 3 + 1) * shape.hidden * e  # q, k, qkv, context
+        + shape.heads * shape.seq * e  # softmax output
+        + 2 * shape.ffn * e  # fc1 output, activation output
+        + shape.seq / shape.micro_batch  # causal mask, bool
+        + per_position_tables
+    )
+
+
+def hyper_connection_bytes_per_token_layer(shape: SliceShape, kept_state_fraction: float) -> float:
+    """What the two hyper-connections of one mHC layer add per token.
+
+    Per sub-layer: the input stream state (n C, only ``kept_state_fraction`` of them with block
+    recompute), the sub-layer output (C, for the gradient of h_post), and the float32 coefficients:
+    h_res (n^2), h_pre and h_post (2n), and the projection with its rms (n^2 + 2n + 1).
+    """
+    e = torch.finfo(shape.dtype).bits // 8
+    n, c = shape.streams, shape.hidden
+    coefficients = (2 * n * n + 4 * n + 1) * FLOAT32
+    return 2 * (kept_state_fraction * n * c * e + c * e + coefficients)
+
+
+def kept_state_fraction(layers: int, block_size: int | None) -> float:
+    """Share of the 2 L sub-layer input states kept: every one without recompute, block starts with."""
+    if block_size is None:
+        return 1.0
+    sublayers = 2 * layers
+    return -(-sublayers // block_size) / sublayers
+
+
+def activation_bytes_per_token_layer(shape: SliceShape, hc_mode: str, block_size: int | None) -> float:
+    """The analytic model: residual layer, plus the hyper-connections for ``hc_mode='mhc'``, plus the
+    slice's final RMSNorm (input, normalised input, 1/rms) spread over the layers."""
+    e = torch.finfo(shape.dtype).bits // 8
+    total = residual_bytes_per_token_layer(shape) + (2 * shape.hidden * e + FLOAT32) / shape.layers
+    if hc_mode == "mhc":
+        total += hyper_connection_bytes_per_token_layer(shape, kept_state_fraction(shape.layers, block_size))
+    return total
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--hidden", type=int, default=768)
+    parser.add_argument("--ffn", type=int, default=None, help="default 4 x hidden")
+    parser.add_argument("--heads", type=int, default=12)
+    parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--micro-batch", type=int, default=1)
+    parser.add_argument("--streams", type=int, default=4)
+    parser.add_argument("--block-sizes", type=int, nargs="*", default=[],
+                        help="L_r values to measure besides the default sqrt(n L / (n + 2))")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--repeats", type=int, default=3, help="timed forward + backward runs (median)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--json", default="mhc-bench-memory.json", help="where to write the results")
+
+
+def _variants(args) -> list[tuple[str, str, int | None]]:
+    default = default_block_size(args.streams, 2 * args.layers)
+    sizes = sorted({default, *args.block_sizes})
+    return [("residual", "residual", None), ("mhc", "mhc", None)] + [
+        (f"mhc + block recompute L_r={size}{' (default)' if size == default else ''}", "mhc", size) for size in sizes
+    ]
+
+
+def _build_decoder(shape: SliceShape, hc_mode: str, block_size: int | None, device: torch.device):
+    from mhc_megatron.megatron import MhcTransformerConfig, build_model_chunks
+
+    config = MhcTransformerConfig(
+        num_layers=shape.layers, hidden_size=shape.hidden, ffn_hidden_size=shape.ffn,
+        num_attention_heads=shape.heads, hc_mode=hc_mode, num_streams=shape.streams,
+        mhc_recompute="none" if block_size is None else "block", mhc_recompute_block=block_size,
+        normalization="RMSNorm", add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0,
+        use_cpu_initialization=device.type == "cpu", params_dtype=shape.dtype, pipeline_dtype=shape.dtype,
+        bf16=shape.dtype == torch.bfloat16,
+    )
+    torch.manual_seed(0)
+    model = build_model_chunks(config, vocab_size=128, max_sequence_length=shape.seq, backend="local",
+                               position_embedding_type="rope")[0].to(device)
+    return model
+
+
+def _held_bytes_after_forward(model, hidden: torch.Tensor, rotary) -> tuple[float, torch.Tensor]:
+    """Bytes of the storages autograd keeps at the end of forward (parameters excluded), and the output."""
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: list[torch.Tensor] = []
+
+    def pack(tensor):
+        saved.append(tensor)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        output = model.decoder(hidden_states=hidden, attention_mask=None, rotary_pos_emb=rotary)
+    storages = {}
+    for tensor in saved:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameters and storage.nbytes() > 0:
+            storages[storage.data_ptr()] = storage.nbytes()
+    return float(sum(storages.values())), output
+
+
+def _measure(shape: SliceShape, hc_mode: str, block_size: int | None, repeats: int, device: torch.device) -> dict:
+    model = _build_decoder(shape, hc_mode, block_size, device)
+    hidden = torch.randn(shape.seq, shape.micro_batch, shape.hidden, dtype=shape.dtype, device=device,
+                         requires_grad=True)
+    rotary = model.rotary_pos_emb(shape.seq)
+    tokens = shape.seq * shape.micro_batch
+    held, output = _held_bytes_after_forward(model, hidden, rotary)
+    output.float().square().mean().backward()
+    times = []
+    peak = None
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+        started = time.perf_counter()
+        output = model.decoder(hidden_states=hidden, attention_mask=None, rotary_pos_emb=rotary)
+        output.float().square().mean().backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated() - before
+        times.append(time.perf_counter() - started)
+        model.zero_grad(set_to_none=True)
+    result = {
+        "measured_bytes_per_token_layer": held / tokens / shape.layers,
+        "model_bytes_per_token_layer": activation_bytes_per_token_layer(shape, hc_mode, block_size),
+        "step_ms": 1000 * statistics.median(times),
+    }
+    if peak is not None:
+        result["cuda_peak_bytes_per_token_layer"] = peak / tokens / shape.layers
+    return result
+
+
+def run(args: argparse.Namespace) -> None:
+    from mhc_megatron.megatron import destroy_parallel, initialize_parallel
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    for name, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29531"), ("RANK", "0"), ("WORLD_SIZE", "1")):
+        os.environ.setdefault(name, value)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    shape = SliceShape(
+        layers=args.layers, hidden=args.hidden, ffn=args.ffn or 4 * args.hidden, heads=args.heads, seq=args.seq,
+        micro_batch=args.micro_batch, streams=args.streams, dtype=getattr(torch, args.dtype),
+    )
+    initialize_parallel()
+    try:
+        results = {}
+        for label, hc_mode, block_size in _variants(args):
+            results[label] = _measure(shape, hc_mode, block_size, args.repeats, device)
+            print(f"measured {label}", flush=True)
+    finally:
+        destroy_parallel()
+    _print_table(shape, results, device)
+    report = {
+        "date": datetime.date.today().isoformat(),
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads",
+        "torch": torch.__version__,
+        "shape": {k: (str(v) if isinstance(v, torch.dtype) else v) for k, v in vars(shape).items()},
+        "results": results,
+    }
+    with open(args.json, "w") as out:
+        json.dump(report, out, indent=2)
+    print(f"wrote {args.json}")
+
+
+def _print_table(shape: SliceShape, results: dict, device: torch.device) -> None:
+    base = results["residual"]
+    print(
+        f"\nactivation memory per token and layer: {shape.layers} layers, hidden {shape.hidden}, ffn {shape.ffn}, "
+        f"heads {shape.heads}, seq {shape.seq}, micro-batch {shape.micro_batch}, n = {shape.streams}, "
+        f"{str(shape.dtype).removeprefix('torch.')}, {device.type}"
+    )
+    header = f"{'variant':44} {'measured':>10} {'vs residual':>12} {'model':>10} {'model err':>10} {'fwd+bwd ms':>11} {'vs residual':>12}"
+    print(header)
+    for label, r in results.items():
+        measured, modelled = r["measured_bytes_per_token_layer"], r["model_bytes_per_token_layer"]
+        print(
+            f"{label:44} {measured:10.0f} {100 * (measured / base['measured_bytes_per_token_layer'] - 1):+11.1f}% "
+            f"{modelled:10.0f} {100 * (modelled / measured - 1):+9.1f}% {r['step_ms']:11.1f} "
+            f"{100 * (r['step_ms'] / base['step_ms'] - 1):+11.1f}%"
+        )
