@@ -23,6 +23,7 @@ import os
 import platform
 import statistics
 import time
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -95,6 +96,18 @@ def activation_bytes_per_token_layer(shape: SliceShape, hc_mode: str, block_size
     return total
 
 
+def peak_bytes_per_token_layer(shape: SliceShape, hc_mode: str, block_size: int | None) -> float:
+    """The model's peak: the end of forward plus, with block recompute, the states of the slice's last
+    block rebuilt at the start of backward, while almost everything else is still held."""
+    total = activation_bytes_per_token_layer(shape, hc_mode, block_size)
+    if hc_mode == "mhc" and block_size is not None:
+        sublayers = 2 * shape.layers
+        last_block = sublayers - (-(-sublayers // block_size) - 1) * block_size
+        e = torch.finfo(shape.dtype).bits // 8
+        total += (last_block - 1) * shape.streams * shape.hidden * e / shape.layers
+    return total
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--hidden", type=int, default=768)
@@ -136,23 +149,48 @@ def _build_decoder(shape: SliceShape, hc_mode: str, block_size: int | None, devi
     return model
 
 
-def _held_bytes_after_forward(model, hidden: torch.Tensor, rotary) -> tuple[float, torch.Tensor]:
-    """Bytes of the storages autograd keeps at the end of forward (parameters excluded), and the output."""
-    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved: list[torch.Tensor] = []
+class SavedTensorBytes:
+    """Bytes of the storages autograd holds for backward (each counted once, parameters excluded),
+    sampled at the end of forward and whenever block recompute has rebuilt a block (its peak)."""
 
-    def pack(tensor):
-        saved.append(tensor)
+    def __init__(self, model) -> None:
+        self.parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        self.saved: list[weakref.ref] = []
+        self.samples: list[float] = []
+
+    def pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        self.saved.append(weakref.ref(tensor))
         return tensor
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+    def sample(self) -> None:
+        storages = {}
+        for reference in self.saved:
+            tensor = reference()
+            if tensor is None:
+                continue
+            storage = tensor.untyped_storage()
+            if storage.data_ptr() not in self.parameters and storage.nbytes() > 0:
+                storages[storage.data_ptr()] = storage.nbytes()
+        self.samples.append(float(sum(storages.values())))
+
+
+def _trackers(model) -> list:
+    return list({id(t): t for layer in model.decoder.layers if (t := layer.block_recompute)}.values())
+
+
+def _held_bytes(model, hidden: torch.Tensor, rotary) -> tuple[float, float]:
+    """(bytes held at the end of forward, peak bytes held during forward + backward)."""
+    counter = SavedTensorBytes(model)
+    for tracker in _trackers(model):
+        tracker.rebuild_observer = counter.sample
+    with torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda tensor: tensor):
         output = model.decoder(hidden_states=hidden, attention_mask=None, rotary_pos_emb=rotary)
-    storages = {}
-    for tensor in saved:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in parameters and storage.nbytes() > 0:
-            storages[storage.data_ptr()] = storage.nbytes()
-    return float(sum(storages.values())), output
+    counter.sample()
+    end_of_forward = counter.samples[0]
+    output.float().square().mean().backward()
+    for tracker in _trackers(model):
+        tracker.rebuild_observer = None
+    return end_of_forward, max(counter.samples)
 
 
 def _measure(shape: SliceShape, hc_mode: str, block_size: int | None, repeats: int, device: torch.device) -> dict:
@@ -161,8 +199,7 @@ def _measure(shape: SliceShape, hc_mode: str, block_size: int | None, repeats: i
                          requires_grad=True)
     rotary = model.rotary_pos_emb(shape.seq)
     tokens = shape.seq * shape.micro_batch
-    held, output = _held_bytes_after_forward(model, hidden, rotary)
-    output.float().square().mean().backward()
+    held, peak_held = _held_bytes(model, hidden, rotary)
     times = []
     peak = None
     for _ in range(repeats):
@@ -181,6 +218,8 @@ def _measure(shape: SliceShape, hc_mode: str, block_size: int | None, repeats: i
     result = {
         "measured_bytes_per_token_layer": held / tokens / shape.layers,
         "model_bytes_per_token_layer": activation_bytes_per_token_layer(shape, hc_mode, block_size),
+        "measured_peak_bytes_per_token_layer": peak_held / tokens / shape.layers,
+        "model_peak_bytes_per_token_layer": peak_bytes_per_token_layer(shape, hc_mode, block_size),
         "step_ms": 1000 * statistics.median(times),
     }
     if peak is not None:
@@ -224,16 +263,19 @@ def run(args: argparse.Namespace) -> None:
 def _print_table(shape: SliceShape, results: dict, device: torch.device) -> None:
     base = results["residual"]
     print(
-        f"\nactivation memory per token and layer: {shape.layers} layers, hidden {shape.hidden}, ffn {shape.ffn}, "
+        f"\nactivation bytes per token and layer: {shape.layers} layers, hidden {shape.hidden}, ffn {shape.ffn}, "
         f"heads {shape.heads}, seq {shape.seq}, micro-batch {shape.micro_batch}, n = {shape.streams}, "
         f"{str(shape.dtype).removeprefix('torch.')}, {device.type}"
     )
-    header = f"{'variant':44} {'measured':>10} {'vs residual':>12} {'model':>10} {'model err':>10} {'fwd+bwd ms':>11} {'vs residual':>12}"
-    print(header)
+    print(f"{'':42} {'end of forward':>31}   {'peak (+ block rebuild)':>31}   {'forward + backward':>20}")
+    print(f"{'variant':42} {'measured':>9} {'vs res.':>8} {'model':>9} {'err':>4}   {'measured':>9} {'vs res.':>8} "
+          f"{'model':>9} {'err':>4}   {'ms':>9} {'vs res.':>8}")
     for label, r in results.items():
-        measured, modelled = r["measured_bytes_per_token_layer"], r["model_bytes_per_token_layer"]
-        print(
-            f"{label:44} {measured:10.0f} {100 * (measured / base['measured_bytes_per_token_layer'] - 1):+11.1f}% "
-            f"{modelled:10.0f} {100 * (modelled / measured - 1):+9.1f}% {r['step_ms']:11.1f} "
-            f"{100 * (r['step_ms'] / base['step_ms'] - 1):+11.1f}%"
-        )
+        row = [f"{label:42}"]
+        for key in ("", "peak_"):
+            measured, modelled = r[f"measured_{key}bytes_per_token_layer"], r[f"model_{key}bytes_per_token_layer"]
+            baseline = base[f"measured_{key}bytes_per_token_layer"]
+            row.append(f"{measured:9.0f} {100 * (measured / baseline - 1):+7.1f}% {modelled:9.0f} "
+                       f"{100 * (modelled / measured - 1):+3.0f}%  ")
+        row.append(f"{r['step_ms']:9.1f} {100 * (r['step_ms'] / base['step_ms'] - 1):+7.1f}%")
+        print(" ".join(row))

@@ -58,6 +58,8 @@ class _Block:
                 freed.untyped_storage().resize_(state.untyped_storage().nbytes())
                 freed.untyped_storage().copy_(state.untyped_storage())
         self.steps.clear()
+        if self.tracker.rebuild_observer is not None:
+            self.tracker.rebuild_observer()
 
 
 class BlockRecompute:
@@ -80,6 +82,8 @@ class BlockRecompute:
         self._open: _Block | None = None
         self.freed_states = 0  # counters over the tracker's life, for tests and benchmarks
         self.rebuilt_states = 0
+        # Called after each block rebuild, when the rebuilt states are held (benchmarks measure there).
+        self.rebuild_observer: Callable[[], None] | None = None
 
     def after_sublayer(
         self, position: int, x_in: torch.Tensor, x_out: torch.Tensor, replay: Callable[[torch.Tensor], torch.Tensor]
