@@ -8,7 +8,8 @@ output layer) in one process, runs forward and backward on random hidden states,
   per token and layer; on a GPU also the allocator's peak during forward + backward above the
   memory before it (``torch.cuda.max_memory_allocated``);
 - ``model``: the analytic count of ``activation_bytes_per_token_layer`` (docs/memory.md);
-- the median time of forward + backward, and each variant's overhead over the residual model.
+- the median time of forward + backward (variants timed in turn, round-robin), and each variant's
+  overhead over the residual model.
 
 The analytic model assumes megatron-core's local layer spec with RMSNorm, no linear biases, no
 dropout, rotary embeddings and unfused (materialised) attention scores, which is what runs here.
@@ -193,38 +194,63 @@ def _held_bytes(model, hidden: torch.Tensor, rotary) -> tuple[float, float]:
     return end_of_forward, max(counter.samples)
 
 
-def _measure(shape: SliceShape, hc_mode: str, block_size: int | None, repeats: int, device: torch.device) -> dict:
-    model = _build_decoder(shape, hc_mode, block_size, device)
-    hidden = torch.randn(shape.seq, shape.micro_batch, shape.hidden, dtype=shape.dtype, device=device,
-                         requires_grad=True)
-    rotary = model.rotary_pos_emb(shape.seq)
-    tokens = shape.seq * shape.micro_batch
-    held, peak_held = _held_bytes(model, hidden, rotary)
-    times = []
-    peak = None
-    for _ in range(repeats):
-        if device.type == "cuda":
+@dataclass
+class _Variant:
+    """One model of the comparison, its inputs and what was measured on it."""
+
+    hc_mode: str
+    block_size: int | None
+    model: torch.nn.Module
+    hidden: torch.Tensor
+    rotary: torch.Tensor
+    times: list[float]
+    cuda_peak: float | None = None
+
+    def step(self) -> None:
+        """One timed forward + backward (and, on a GPU, its allocator peak above the start)."""
+        cuda = self.hidden.device.type == "cuda"
+        if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             before = torch.cuda.memory_allocated()
         started = time.perf_counter()
-        output = model.decoder(hidden_states=hidden, attention_mask=None, rotary_pos_emb=rotary)
+        output = self.model.decoder(hidden_states=self.hidden, attention_mask=None, rotary_pos_emb=self.rotary)
         output.float().square().mean().backward()
-        if device.type == "cuda":
+        if cuda:
             torch.cuda.synchronize()
-            peak = torch.cuda.max_memory_allocated() - before
-        times.append(time.perf_counter() - started)
+            self.cuda_peak = torch.cuda.max_memory_allocated() - before
+        self.times.append(time.perf_counter() - started)
+        self.model.zero_grad(set_to_none=True)
+
+
+def _measure_all(shape: SliceShape, variants, repeats: int, device: torch.device) -> dict:
+    """Memory of each variant, then their step times measured round-robin (so that a change of load
+    during the run shifts every variant alike), medians of ``repeats``."""
+    tokens = shape.seq * shape.micro_batch
+    results, runs = {}, {}
+    for label, hc_mode, block_size in variants:
+        model = _build_decoder(shape, hc_mode, block_size, device)
+        hidden = torch.randn(shape.seq, shape.micro_batch, shape.hidden, dtype=shape.dtype, device=device,
+                             requires_grad=True)
+        rotary = model.rotary_pos_emb(shape.seq)
+        held, peak_held = _held_bytes(model, hidden, rotary)  # also the untimed first step
         model.zero_grad(set_to_none=True)
-    result = {
-        "measured_bytes_per_token_layer": held / tokens / shape.layers,
-        "model_bytes_per_token_layer": activation_bytes_per_token_layer(shape, hc_mode, block_size),
-        "measured_peak_bytes_per_token_layer": peak_held / tokens / shape.layers,
-        "model_peak_bytes_per_token_layer": peak_bytes_per_token_layer(shape, hc_mode, block_size),
-        "step_ms": 1000 * statistics.median(times),
-    }
-    if peak is not None:
-        result["cuda_peak_bytes_per_token_layer"] = peak / tokens / shape.layers
-    return result
+        runs[label] = _Variant(hc_mode, block_size, model, hidden, rotary, [])
+        results[label] = {
+            "measured_bytes_per_token_layer": held / tokens / shape.layers,
+            "model_bytes_per_token_layer": activation_bytes_per_token_layer(shape, hc_mode, block_size),
+            "measured_peak_bytes_per_token_layer": peak_held / tokens / shape.layers,
+            "model_peak_bytes_per_token_layer": peak_bytes_per_token_layer(shape, hc_mode, block_size),
+        }
+        print(f"measured the memory of {label}", flush=True)
+    for _ in range(repeats):
+        for run in runs.values():
+            run.step()
+    for label, run in runs.items():
+        results[label]["step_ms"] = 1000 * statistics.median(run.times)
+        if run.cuda_peak is not None:
+            results[label]["cuda_peak_bytes_per_token_layer"] = run.cuda_peak / tokens / shape.layers
+    return results
 
 
 def run(args: argparse.Namespace) -> None:
@@ -241,10 +267,7 @@ def run(args: argparse.Namespace) -> None:
     )
     initialize_parallel()
     try:
-        results = {}
-        for label, hc_mode, block_size in _variants(args):
-            results[label] = _measure(shape, hc_mode, block_size, args.repeats, device)
-            print(f"measured {label}", flush=True)
+        results = _measure_all(shape, _variants(args), args.repeats, device)
     finally:
         destroy_parallel()
     _print_table(shape, results, device)
