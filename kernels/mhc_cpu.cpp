@@ -31,25 +31,85 @@ void load_block(const S* row, int64_t len, A* out) {
 
 // ---------------------------------------------------------------- sinkhorn
 
+// Sinkhorn of up to kMatrices matrices at once: those in the scale domain as SIMD lanes (one
+// 64-byte vector of A per entry), the others one at a time in the log domain. Work space of one
+// thread; logits, grad, p: n*n*kMatrices values, sums: sinkhorn_scratch_size * kMatrices.
+template <typename A>
+struct SinkhornGroup {
+  static constexpr int kMatrices = 64 / sizeof(A);
+  int n, iters;
+  std::vector<A> logits, grad, p, sums;
+  bool scale[kMatrices];
+
+  SinkhornGroup(int n_, int iters_)
+      : n(n_), iters(iters_), logits(n * n * kMatrices), grad(n * n * kMatrices), p(n * n * kMatrices),
+        sums(sinkhorn_scratch_size(n, iters) * kMatrices) {}
+
+  // Loads the logits of `count` matrices (matrix b at in + b * ld) into lanes; the lanes of the
+  // log-domain matrices and those past `count` get zeros.
+  void load(const A* in, int64_t ld, int count) {
+    for (int b = 0; b < kMatrices; ++b) scale[b] = b < count && in_scale_domain(in + b * ld, n, 1);
+    for (int k = 0; k < n * n; ++k)
+      for (int b = 0; b < kMatrices; ++b) logits[k * kMatrices + b] = scale[b] ? in[b * ld + k] : A(0);
+  }
+
+  // Sinkhorn matrices of the logits in[b * ld], b < count, into out[b * ld_out].
+  void forward(const A* in, int64_t ld, A* out, int64_t ld_out, int count) {
+    load(in, ld, count);
+    sinkhorn_scale_forward<kMatrices>(logits.data(), n, iters, static_cast<A*>(nullptr));
+    for (int b = 0; b < count; ++b) {
+      A* o = out + b * ld_out;
+      if (scale[b]) {
+        for (int k = 0; k < n * n; ++k) o[k] = logits[k * kMatrices + b];
+      } else {
+        std::copy(in + b * ld, in + b * ld + n * n, o);
+        sinkhorn_forward(o, n, iters);
+      }
+    }
+  }
+
+  // Gradients w.r.t. the logits in[b * ld] given the output gradients g[b * ld_g], into
+  // out[b * ld_out], b < count.
+  void backward(const A* in, int64_t ld, const A* g, int64_t ld_g, A* out, int64_t ld_out, int count) {
+    load(in, ld, count);
+    for (int k = 0; k < n * n; ++k)
+      for (int b = 0; b < kMatrices; ++b) grad[k * kMatrices + b] = scale[b] ? g[b * ld_g + k] : A(0);
+    sinkhorn_scale_backward<kMatrices>(logits.data(), grad.data(), n, iters, p.data(), sums.data());
+    for (int b = 0; b < count; ++b) {
+      A* o = out + b * ld_out;
+      if (scale[b]) {
+        for (int k = 0; k < n * n; ++k) o[k] = grad[k * kMatrices + b];
+      } else {
+        sinkhorn_backward(in + b * ld, g + b * ld_g, o, n, iters, p.data(), sums.data());
+      }
+    }
+  }
+};
+
 template <typename A>
 void sinkhorn_fwd_kernel(const A* logits, A* out, int64_t count, int n, int iters) {
-  at::parallel_for(0, count, 64, [&](int64_t begin, int64_t end) {
-    A lm[kMaxMatrix];
-    for (int64_t t = begin; t < end; ++t) {
-      std::copy(logits + t * n * n, logits + (t + 1) * n * n, lm);
-      sinkhorn_log_forward(lm, n, iters, static_cast<A*>(nullptr));
-      for (int k = 0; k < n * n; ++k) out[t * n * n + k] = exp_of(lm[k]);
+  constexpr int kMatrices = SinkhornGroup<A>::kMatrices;
+  const int64_t groups = (count + kMatrices - 1) / kMatrices;
+  at::parallel_for(0, groups, 4, [&](int64_t begin, int64_t end) {
+    SinkhornGroup<A> group(n, iters);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t t = i * kMatrices;
+      group.forward(logits + t * n * n, n * n, out + t * n * n, n * n,
+                    static_cast<int>(std::min<int64_t>(kMatrices, count - t)));
     }
   });
 }
 
 template <typename A>
 void sinkhorn_bwd_kernel(const A* logits, const A* grad_out, A* grad_in, int64_t count, int n, int iters) {
-  at::parallel_for(0, count, 64, [&](int64_t begin, int64_t end) {
-    std::vector<A> work(n * n + sinkhorn_scratch_size(n, iters));
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t o = t * n * n;
-      sinkhorn_backward(logits + o, grad_out + o, grad_in + o, n, iters, work.data(), work.data() + n * n);
+  constexpr int kMatrices = SinkhornGroup<A>::kMatrices;
+  const int64_t groups = (count + kMatrices - 1) / kMatrices;
+  at::parallel_for(0, groups, 4, [&](int64_t begin, int64_t end) {
+    SinkhornGroup<A> group(n, iters);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t o = i * kMatrices * n * n;
+      group.backward(logits + o, n * n, grad_out + o, n * n, grad_in + o, n * n,
+                     static_cast<int>(std::min<int64_t>(kMatrices, count - i * kMatrices)));
     }
   });
 }
@@ -89,7 +149,8 @@ void mappings_fwd_kernel(const S* x, const A* phi, const A* alpha, const A* bias
     std::vector<A> acc_store(kTokenTile * KA);
     A* acc = acc_store.data();
     A squares[kTokenTile];
-    A z[kMaxColumns];
+    std::vector<A> z(kTokenTile * K);
+    SinkhornGroup<A> group(n, iters);
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t t0 = tile * kTokenTile;
       const int valid = static_cast<int>(std::min<int64_t>(kTokenTile, tokens - t0));
@@ -112,8 +173,11 @@ void mappings_fwd_kernel(const S* x, const A* phi, const A* alpha, const A* bias
         A* u = saved + t * (K + 1);
         for (int k = 0; k < K; ++k) u[k] = acc[b * KA + k] * inv_r;
         u[K] = inv_r;
-        mappings_epilogue(u, alpha, bias, n, iters, z, h_pre + t * n, h_post + t * n, h_res + t * n * n);
+        mappings_gates(u, alpha, bias, n, z.data() + b * K, h_pre + t * n, h_post + t * n);
       }
+      for (int b = 0; b < valid; b += group.kMatrices)
+        group.forward(z.data() + b * K + 2 * n, K, h_res + (t0 + b) * n * n, n * n,
+                      std::min(group.kMatrices, valid - b));
     }
   });
 }
@@ -133,15 +197,25 @@ void mappings_bwd_kernel(const A* grad_pre, const A* grad_post, const A* grad_re
   const int64_t width = n * hidden;
 
   std::vector<A> dm(tokens * K), dz(tokens * KZ), rms_term(tokens);
-  at::parallel_for(0, tokens, 16, [&](int64_t begin, int64_t end) {
-    std::vector<A> work(n * n + sinkhorn_scratch_size(n, iters));
-    A z[kMaxColumns];
-    for (int64_t t = begin; t < end; ++t) {
-      const A* u = saved + t * (K + 1);
-      A* dzt = dz.data() + t * KZ;
-      rms_term[t] = mappings_coeff_backward(grad_pre + t * n, grad_post + t * n, grad_res + t * n * n, u,
-                                            u[K], alpha, bias, n, iters, width, z, work.data(), work.data() + n * n, dzt,
-                                            dzt + K, dm.data() + t * K);
+  constexpr int kMatrices = SinkhornGroup<A>::kMatrices;
+  at::parallel_for(0, (tokens + kMatrices - 1) / kMatrices, 1, [&](int64_t begin, int64_t end) {
+    SinkhornGroup<A> group(n, iters);
+    std::vector<A> z(kMatrices * K);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t t0 = i * kMatrices;
+      const int count = static_cast<int>(std::min<int64_t>(kMatrices, tokens - t0));
+      for (int b = 0; b < count; ++b) {
+        const int64_t t = t0 + b;
+        mappings_gates_backward(grad_pre + t * n, grad_post + t * n, saved + t * (K + 1), alpha, bias, n,
+                                z.data() + b * K, dz.data() + t * KZ);
+      }
+      group.backward(z.data() + 2 * n, K, grad_res + t0 * n * n, n * n, dz.data() + t0 * KZ + 2 * n, KZ, count);
+      for (int b = 0; b < count; ++b) {
+        const int64_t t = t0 + b;
+        const A* u = saved + t * (K + 1);
+        A* dzt = dz.data() + t * KZ;
+        rms_term[t] = mappings_projection_backward(dzt, u, u[K], alpha, n, width, dzt + K, dm.data() + t * K);
+      }
     }
   });
 

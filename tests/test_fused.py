@@ -112,6 +112,41 @@ def test_large_logits_stay_finite_and_match(op, dtype, device):
     assert relative_error(got, want) <= (FLOAT64_TOLERANCE if dtype == torch.float64 else 1e-4)
 
 
+# The Sinkhorn kernels run a matrix in the scale domain when its logit spread (max - min) is at
+# most this, else in the log domain (mhc_math.h, scale_domain_spread).
+SCALE_DOMAIN_SPREAD = {torch.float64: 512.0, torch.float32: 64.0}
+
+
+def sinkhorn_logits(op: str, inputs) -> torch.Tensor:
+    """The logits [T, n, n] that ``op`` runs Sinkhorn on (``mappings``: the res part of z)."""
+    if op == "sinkhorn":
+        return inputs[0]
+    x, phi, alpha, bias, _, eps = inputs
+    n = x.shape[-2]
+    flat = x.reshape(x.shape[0], -1)
+    u = flat @ phi / (flat.square().mean(-1, keepdim=True) + eps).sqrt()
+    return (alpha[2] * u[:, 2 * n:] + bias[2 * n:]).reshape(-1, n, n)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("op", ["sinkhorn", "mappings"])
+def test_scale_and_log_domain_matrices_side_by_side(op, dtype, device):
+    """Spreads on both sides of the scale-domain limit in one batch (one SIMD group on the CPU)."""
+    device = require_fused(device)
+    limit = SCALE_DOMAIN_SPREAD[dtype]
+    inputs = make_inputs(op, n=4, hidden=16, tokens=37, logit_scale=limit / 5)
+    if op == "sinkhorn":  # per-token scales from well inside the scale domain to far past it
+        inputs[0] = inputs[0] * torch.tensor([0.05, 0.5, 1.0, 1.5, 3.0])[torch.arange(37) % 5, None, None].double()
+    logits = sinkhorn_logits(op, inputs)
+    spread = logits.amax((-2, -1)) - logits.amin((-2, -1))
+    assert (spread <= limit).any() and (spread > limit).any()
+    want = run(op, inputs, "reference", torch.device("cpu"), torch.float64)
+    got = run(op, inputs, "fused", device, dtype)
+    assert all(torch.isfinite(g).all() for g in got)
+    assert relative_error(got, want) <= (FLOAT64_TOLERANCE if dtype == torch.float64 else 1e-4)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("op", list(OPS))
 def test_backward_is_bit_identical_run_to_run(op, device):
