@@ -134,44 +134,81 @@ at::Tensor sinkhorn_bwd(const at::Tensor& logits, const at::Tensor& grad_out, in
 
 // ---------------------------------------------------------------- mappings
 
-// One read of the streams of kTokenTile tokens gives m = v @ phi and sum(v^2) for each; then the
-// coefficient epilogue per token. NT: compile-time n, or 0 for run-time n.
-template <int NT, typename S, typename A>
-void mappings_fwd_kernel(const S* x, const A* phi, const A* alpha, const A* bias, int64_t tokens,
-                         int n_rt, int64_t hidden, int iters, A eps, A* h_pre, A* h_post, A* h_res,
-                         A* saved) {
-  const int n = NT > 0 ? NT : n_rt;
-  constexpr int KA = NT > 0 ? NT * NT + 2 * NT : kMaxColumns;
-  const int K = NT > 0 ? KA : num_columns(n);
+// The three products of mappings are GEMM-shaped with one small side (K = n^2 + 2n columns): the
+// micro-kernels below keep their accumulators in vector registers (blocks of whole vectors of A,
+// sizes fixed at compile time) and read the large side (v, dx) once, as contiguous rows.
+template <typename A>
+constexpr int kVec = 64 / sizeof(A);  // values of A in one 64-byte vector
+
+int64_t round_up(int64_t value, int64_t multiple) { return (value + multiple - 1) / multiple * multiple; }
+
+// Forward: m[b, c] = sum_e v[b, e] * phi[e, c] for kProjectTokens tokens and 2 vectors of columns
+// c of phi_pad (rows of ld values, zero-padded past K), into m[b * ld + c].
+constexpr int kProjectTokens = 8;
+
+template <typename S, typename A>
+void project_block(const S* const* rows, int64_t width, const A* phi_pad, int64_t ld, A* m) {
+  constexpr int kCols = 2 * kVec<A>;
+  A acc[kProjectTokens][kCols] = {};
+  for (int64_t e = 0; e < width; ++e) {
+    const A* p = phi_pad + e * ld;
+    for (int b = 0; b < kProjectTokens; ++b) {
+      const A v = static_cast<A>(rows[b][e]);
+      for (int c = 0; c < kCols; ++c) acc[b][c] += v * p[c];
+    }
+  }
+  for (int b = 0; b < kProjectTokens; ++b) std::copy(acc[b], acc[b] + kCols, m + b * ld);
+}
+
+// sum(v^2) of one row, in kVec lanes summed in a fixed order.
+template <typename S, typename A>
+A sum_squares(const S* row, int64_t width) {
+  A lanes[kVec<A>] = {};
+  int64_t e = 0;
+  for (; e + kVec<A> <= width; e += kVec<A>)
+    for (int l = 0; l < kVec<A>; ++l) {
+      const A v = static_cast<A>(row[e + l]);
+      lanes[l] += v * v;
+    }
+  for (int l = 0; e + l < width; ++l) {
+    const A v = static_cast<A>(row[e + l]);
+    lanes[l] += v * v;
+  }
+  A total = 0;
+  for (int l = 0; l < kVec<A>; ++l) total += lanes[l];
+  return total;
+}
+
+// Per block of kProjectTokens tokens: m = v @ phi and sum(v^2) (the rows stay in cache between
+// the two), then the gates per token and the Sinkhorn of the block's matrices in SIMD groups.
+template <typename S, typename A>
+void mappings_fwd_kernel(const S* x, const A* phi, const A* alpha, const A* bias, int64_t tokens, int n,
+                         int64_t hidden, int iters, A eps, A* h_pre, A* h_post, A* h_res, A* saved) {
+  const int K = num_columns(n);
+  const int64_t ld = round_up(K, 2 * kVec<A>);
   const int64_t width = n * hidden;
-  const int64_t tiles = (tokens + kTokenTile - 1) / kTokenTile;
-  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<A> acc_store(kTokenTile * KA);
-    A* acc = acc_store.data();
-    A squares[kTokenTile];
-    std::vector<A> z(kTokenTile * K);
+  std::vector<A> phi_pad(width * ld, A(0));
+  at::parallel_for(0, width, 1024, [&](int64_t begin, int64_t end) {
+    for (int64_t e = begin; e < end; ++e) std::copy(phi + e * K, phi + (e + 1) * K, phi_pad.data() + e * ld);
+  });
+  constexpr int kBlock = std::max(kProjectTokens, SinkhornGroup<A>::kMatrices);
+  at::parallel_for(0, (tokens + kBlock - 1) / kBlock, 1, [&](int64_t begin, int64_t end) {
+    std::vector<A> m(kBlock * ld), z(kBlock * K);
     SinkhornGroup<A> group(n, iters);
-    for (int64_t tile = begin; tile < end; ++tile) {
-      const int64_t t0 = tile * kTokenTile;
-      const int valid = static_cast<int>(std::min<int64_t>(kTokenTile, tokens - t0));
-      const S* rows[kTokenTile];
-      for (int b = 0; b < kTokenTile; ++b) rows[b] = x + (t0 + std::min(b, valid - 1)) * width;
-      std::fill(acc, acc + kTokenTile * KA, A(0));
-      std::fill(squares, squares + kTokenTile, A(0));
-      for (int64_t e = 0; e < width; ++e) {
-        const A* p = phi + e * K;
-        for (int b = 0; b < kTokenTile; ++b) {
-          const A v = static_cast<A>(rows[b][e]);
-          squares[b] += v * v;
-          A* a = acc + b * KA;
-          for (int k = 0; k < K; ++k) a[k] += v * p[k];
-        }
+    for (int64_t block = begin; block < end; ++block) {
+      const int64_t t0 = block * kBlock;
+      const int valid = static_cast<int>(std::min<int64_t>(kBlock, tokens - t0));
+      for (int b0 = 0; b0 < valid; b0 += kProjectTokens) {
+        const S* rows[kProjectTokens];
+        for (int b = 0; b < kProjectTokens; ++b) rows[b] = x + (t0 + std::min(b0 + b, valid - 1)) * width;
+        for (int64_t c0 = 0; c0 < K; c0 += 2 * kVec<A>)
+          project_block(rows, width, phi_pad.data() + c0, ld, m.data() + b0 * ld + c0);
       }
       for (int b = 0; b < valid; ++b) {
         const int64_t t = t0 + b;
-        const A inv_r = inverse_rms(squares[b], width, eps);
+        const A inv_r = inverse_rms(sum_squares<S, A>(x + t * width, width), width, eps);
         A* u = saved + t * (K + 1);
-        for (int k = 0; k < K; ++k) u[k] = acc[b * KA + k] * inv_r;
+        for (int k = 0; k < K; ++k) u[k] = m[b * ld + k] * inv_r;
         u[K] = inv_r;
         mappings_gates(u, alpha, bias, n, z.data() + b * K, h_pre + t * n, h_post + t * n);
       }
@@ -182,21 +219,67 @@ void mappings_fwd_kernel(const S* x, const A* phi, const A* alpha, const A* bias
   });
 }
 
-// Backward: per token the coefficient gradients (dm, c, dz), then one pass over the streams per
-// token chunk that writes dx = dm @ phi^T + c * v and accumulates the chunk's partial of
-// dphi = v^T dm; finally the partials (and those of dbias, dalpha) are summed in chunk order.
-template <int NT, typename S, typename A>
+// Backward, dx = dm @ phi^T + c * v for kDxTokens tokens (dm rows of ldm values) and kDxWidth
+// values of their rows from e0 (`len` of them; kFull: all). phi_t [K, ldt] is phi transposed.
+constexpr int kDxTokens = 4;
+
+template <bool kFull, typename S, typename A>
+void dx_block(const S* x, S* grad_x, int64_t width, int valid, const A* dm, int64_t ldm, const A* rms_term,
+              const A* phi_t, int64_t ldt, int K, int64_t e0, int len) {
+  constexpr int kWidth = 4 * kVec<A>;
+  A acc[kDxTokens][kWidth];
+  for (int b = 0; b < kDxTokens; ++b) {
+    const S* v = x + std::min(b, valid - 1) * width + e0;
+    for (int l = 0; l < kWidth; ++l)
+      acc[b][l] = rms_term[std::min(b, valid - 1)] * (kFull || l < len ? static_cast<A>(v[l]) : A(0));
+  }
+  for (int k = 0; k < K; ++k) {
+    const A* p = phi_t + k * ldt + e0;
+    for (int b = 0; b < kDxTokens; ++b) {
+      const A d = dm[std::min(b, valid - 1) * ldm + k];
+      for (int l = 0; l < kWidth; ++l) acc[b][l] += d * p[l];
+    }
+  }
+  for (int b = 0; b < valid; ++b)
+    for (int l = 0; l < (kFull ? kWidth : len); ++l) grad_x[b * width + e0 + l] = static_cast<S>(acc[b][l]);
+}
+
+// Backward, the share of a token range in dphi: part[k, e] += sum_t v[t, e] * dm_pad[t, k] for
+// kDphiCols columns k from k0 and kDphiWidth values e from e0 (`len` of them; kFull: all).
+constexpr int kDphiCols = 8;
+
+template <bool kFull, typename S, typename A>
+void dphi_block(const S* x, int64_t width, int64_t t_begin, int64_t t_end, const A* dm_pad, int64_t ldm,
+                int k0, int64_t e0, int len, A* part, int64_t ldp) {
+  constexpr int kWidth = 2 * kVec<A>;
+  A acc[kDphiCols][kWidth] = {};
+  for (int64_t t = t_begin; t < t_end; ++t) {
+    const S* row = x + t * width + e0;
+    A v[kWidth];
+    for (int l = 0; l < kWidth; ++l) v[l] = kFull || l < len ? static_cast<A>(row[l]) : A(0);
+    const A* d = dm_pad + t * ldm + k0;
+    for (int j = 0; j < kDphiCols; ++j)
+      for (int l = 0; l < kWidth; ++l) acc[j][l] += d[j] * v[l];
+  }
+  for (int j = 0; j < kDphiCols; ++j)
+    for (int l = 0; l < kWidth; ++l) part[(k0 + j) * ldp + e0 + l] = acc[j][l];
+}
+
+// Backward: (1) per SIMD group of tokens the coefficient gradients (dz, dm, c); (2) dx, blocks of
+// kDxTokens tokens x kDxWidth values; (3) dphi = v^T dm in fixed token chunks (reduction_chunks:
+// shapes only, never threads), each chunk's partial [K, width] computed in register blocks, then
+// the chunks summed in order, like dbias and dalpha: bit-identical results run to run.
+template <typename S, typename A>
 void mappings_bwd_kernel(const A* grad_pre, const A* grad_post, const A* grad_res, const S* x,
                          const A* phi, const A* alpha, const A* bias, const A* saved, int64_t tokens,
-                         int n_rt, int64_t hidden, int iters, S* grad_x, A* grad_phi, A* grad_alpha,
+                         int n, int64_t hidden, int iters, S* grad_x, A* grad_phi, A* grad_alpha,
                          A* grad_bias) {
-  const int n = NT > 0 ? NT : n_rt;
-  constexpr int KA = NT > 0 ? NT * NT + 2 * NT : kMaxColumns;
-  const int K = NT > 0 ? KA : num_columns(n);
+  const int K = num_columns(n);
   const int KZ = K + 3;  // dz, then the three dalpha terms
+  const int64_t ldm = round_up(K, kDphiCols);
   const int64_t width = n * hidden;
 
-  std::vector<A> dm(tokens * K), dz(tokens * KZ), rms_term(tokens);
+  std::vector<A> dm_pad(tokens * ldm, A(0)), dz(tokens * KZ), rms_term(tokens);
   constexpr int kMatrices = SinkhornGroup<A>::kMatrices;
   at::parallel_for(0, (tokens + kMatrices - 1) / kMatrices, 1, [&](int64_t begin, int64_t end) {
     SinkhornGroup<A> group(n, iters);
@@ -214,78 +297,65 @@ void mappings_bwd_kernel(const A* grad_pre, const A* grad_post, const A* grad_re
         const int64_t t = t0 + b;
         const A* u = saved + t * (K + 1);
         A* dzt = dz.data() + t * KZ;
-        rms_term[t] = mappings_projection_backward(dzt, u, u[K], alpha, n, width, dzt + K, dm.data() + t * K);
+        rms_term[t] = mappings_projection_backward(dzt, u, u[K], alpha, n, width, dzt + K, dm_pad.data() + t * ldm);
       }
     }
   });
 
-  // phi^T [K, width], so that dx is vectorised along C.
-  std::vector<A> phi_t(K * width);
+  // dx: phi^T [K, ldt] so that the loop runs along the rows of v.
+  constexpr int kDxWidth = 4 * kVec<A>;
+  const int64_t ldt = round_up(width, kDxWidth);
+  std::vector<A> phi_t(K * ldt, A(0));
   at::parallel_for(0, width, 1024, [&](int64_t begin, int64_t end) {
     for (int64_t e = begin; e < end; ++e)
-      for (int k = 0; k < K; ++k) phi_t[k * width + e] = phi[e * K + k];
+      for (int k = 0; k < K; ++k) phi_t[k * ldt + e] = phi[e * K + k];
+  });
+  at::parallel_for(0, (tokens + kDxTokens - 1) / kDxTokens, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t block = begin; block < end; ++block) {
+      const int64_t t0 = block * kDxTokens;
+      const int valid = static_cast<int>(std::min<int64_t>(kDxTokens, tokens - t0));
+      const S* xs = x + t0 * width;
+      S* dxs = grad_x + t0 * width;
+      int64_t e0 = 0;
+      for (; e0 + kDxWidth <= width; e0 += kDxWidth)
+        dx_block<true>(xs, dxs, width, valid, dm_pad.data() + t0 * ldm, ldm, rms_term.data() + t0, phi_t.data(), ldt, K, e0, kDxWidth);
+      if (e0 < width)
+        dx_block<false>(xs, dxs, width, valid, dm_pad.data() + t0 * ldm, ldm, rms_term.data() + t0, phi_t.data(), ldt, K, e0,
+                        static_cast<int>(width - e0));
+    }
   });
 
+  // dphi: partials [chunks][ldm][ldp], a task per (chunk, block of kDphiWidth values of e).
+  constexpr int kDphiWidth = 2 * kVec<A>;
+  const int64_t ldp = round_up(width, kDphiWidth);
+  const int64_t e_blocks = ldp / kDphiWidth;
   const int64_t chunks = reduction_chunks(tokens, width * K);
   const int64_t chunk = (tokens + chunks - 1) / chunks;
-  std::vector<A> phi_partial(chunks * width * K), z_partial(chunks * KZ);
-  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<A> acc_store(kTokenTile * kLanes);
-    A* acc = acc_store.data();
-    for (int64_t c = begin; c < end; ++c) {
-      A* part = phi_partial.data() + c * width * K;
-      std::fill(part, part + width * K, A(0));
-      A* zpart = z_partial.data() + c * KZ;
-      std::fill(zpart, zpart + KZ, A(0));
-      const int64_t t_end = std::min(tokens, (c + 1) * chunk);
-      for (int64_t t0 = c * chunk; t0 < t_end; t0 += kTokenTile) {
-        const int valid = static_cast<int>(std::min<int64_t>(kTokenTile, t_end - t0));
-        for (int b = 0; b < valid; ++b)
-          for (int k = 0; k < KZ; ++k) zpart[k] += dz[(t0 + b) * KZ + k];
-        // dx of the tile, kLanes columns of v at a time.
-        for (int64_t e0 = 0; e0 < width; e0 += kLanes) {
-          const int64_t len = std::min<int64_t>(kLanes, width - e0);
-          for (int b = 0; b < valid; ++b) load_block(x + (t0 + b) * width + e0, len, acc + b * kLanes);
-          for (int b = 0; b < valid; ++b)
-            for (int l = 0; l < kLanes; ++l) acc[b * kLanes + l] *= rms_term[t0 + b];
-          for (int k = 0; k < K; ++k) {
-            A p[kLanes];
-            for (int l = 0; l < kLanes; ++l) p[l] = e0 + l < width ? phi_t[k * width + e0 + l] : A(0);
-            for (int b = 0; b < valid; ++b) {
-              const A d = dm[(t0 + b) * K + k];
-              for (int l = 0; l < kLanes; ++l) acc[b * kLanes + l] += d * p[l];
-            }
-          }
-          for (int b = 0; b < valid; ++b)
-            for (int64_t l = 0; l < len; ++l)
-              grad_x[(t0 + b) * width + e0 + l] = static_cast<S>(acc[b * kLanes + l]);
-        }
-        // The tile's share of dphi: row e gains sum_b v[b, e] * dm[b].
-        for (int64_t e = 0; e < width; ++e) {
-          A row[KA];
-          A* out = part + e * K;
-          for (int k = 0; k < K; ++k) row[k] = out[k];
-          for (int b = 0; b < valid; ++b) {
-            const A v = static_cast<A>(x[(t0 + b) * width + e]);
-            const A* d = dm.data() + (t0 + b) * K;
-            for (int k = 0; k < K; ++k) row[k] += v * d[k];
-          }
-          for (int k = 0; k < K; ++k) out[k] = row[k];
-        }
+  std::vector<A> partial(chunks * ldm * ldp);
+  at::parallel_for(0, chunks * e_blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t c = task / e_blocks, e0 = task % e_blocks * kDphiWidth;
+      const int64_t t_begin = c * chunk, t_end = std::min(tokens, t_begin + chunk);
+      A* part = partial.data() + c * ldm * ldp;
+      for (int k0 = 0; k0 < K; k0 += kDphiCols) {
+        if (e0 + kDphiWidth <= width)
+          dphi_block<true>(x, width, t_begin, t_end, dm_pad.data(), ldm, k0, e0, kDphiWidth, part, ldp);
+        else
+          dphi_block<false>(x, width, t_begin, t_end, dm_pad.data(), ldm, k0, e0, static_cast<int>(width - e0), part, ldp);
       }
     }
   });
-
-  at::parallel_for(0, width * K, 4096, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      A total = 0;
-      for (int64_t c = 0; c < chunks; ++c) total += phi_partial[c * width * K + i];
-      grad_phi[i] = total;
-    }
+  at::parallel_for(0, width, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t e = begin; e < end; ++e)
+      for (int k = 0; k < K; ++k) {
+        A total = 0;
+        for (int64_t c = 0; c < chunks; ++c) total += partial[(c * ldm + k) * ldp + e];
+        grad_phi[e * K + k] = total;
+      }
   });
   for (int k = 0; k < KZ; ++k) {
     A total = 0;
-    for (int64_t c = 0; c < chunks; ++c) total += z_partial[c * KZ + k];
+    for (int64_t t = 0; t < tokens; ++t) total += dz[t * KZ + k];
     if (k < K) grad_bias[k] = total;
     else grad_alpha[k - K] = total;
   }
@@ -301,10 +371,9 @@ Four mappings_fwd(const at::Tensor& x, const at::Tensor& phi, const at::Tensor& 
   const Streams s = check_streams(x);
   MHC_DISPATCH_FLOATS(x.scalar_type(), "mhc_mappings_fwd", [&] {
     using A = at::opmath_type<scalar_t>;
-    MHC_DISPATCH_STREAMS(s.n, NT, mappings_fwd_kernel<NT>(
-        x.data_ptr<scalar_t>(), phi.data_ptr<A>(), alpha.data_ptr<A>(), bias.data_ptr<A>(), s.tokens,
-        s.n, s.hidden, checked_iters(iters), static_cast<A>(eps), h_pre.data_ptr<A>(),
-        h_post.data_ptr<A>(), h_res.data_ptr<A>(), saved.data_ptr<A>()));
+    mappings_fwd_kernel(x.data_ptr<scalar_t>(), phi.data_ptr<A>(), alpha.data_ptr<A>(), bias.data_ptr<A>(),
+                        s.tokens, s.n, s.hidden, checked_iters(iters), static_cast<A>(eps), h_pre.data_ptr<A>(),
+                        h_post.data_ptr<A>(), h_res.data_ptr<A>(), saved.data_ptr<A>());
   });
   return outputs;
 }
@@ -320,12 +389,11 @@ Four mappings_bwd(const at::Tensor& grad_pre, const at::Tensor& grad_post, const
   const Streams s = check_streams(x);
   MHC_DISPATCH_FLOATS(x.scalar_type(), "mhc_mappings_bwd", [&] {
     using A = at::opmath_type<scalar_t>;
-    MHC_DISPATCH_STREAMS(s.n, NT, mappings_bwd_kernel<NT>(
-        grad_pre.data_ptr<A>(), grad_post.data_ptr<A>(), grad_res.data_ptr<A>(),
-        x.data_ptr<scalar_t>(), phi.data_ptr<A>(), alpha.data_ptr<A>(), bias.data_ptr<A>(),
-        saved.data_ptr<A>(), s.tokens, s.n, s.hidden, checked_iters(iters),
-        grad_x.data_ptr<scalar_t>(), grad_phi.data_ptr<A>(), grad_alpha.data_ptr<A>(),
-        grad_bias.data_ptr<A>()));
+    mappings_bwd_kernel(grad_pre.data_ptr<A>(), grad_post.data_ptr<A>(), grad_res.data_ptr<A>(),
+                        x.data_ptr<scalar_t>(), phi.data_ptr<A>(), alpha.data_ptr<A>(), bias.data_ptr<A>(),
+                        saved.data_ptr<A>(), s.tokens, s.n, s.hidden, checked_iters(iters),
+                        grad_x.data_ptr<scalar_t>(), grad_phi.data_ptr<A>(), grad_alpha.data_ptr<A>(),
+                        grad_bias.data_ptr<A>());
   });
   return outputs;
 }
