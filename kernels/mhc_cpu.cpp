@@ -1,32 +1,90 @@
 // CPU implementations of the mHC ops (C++, parallel over tokens with at::parallel_for, which is
 // OpenMP in torch's builds). The per-token math comes from mhc_math.h; this file only tiles the
-// loops so the compiler vectorises them (lanes of kLanes values, reduced in a fixed order at the
-// end, so results do not depend on the number of threads).
+// loops so the compiler vectorises them (blocks of whole 64-byte vectors, accumulators kept in
+// registers, partial sums reduced in a fixed order, so results do not depend on the number of
+// threads).
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
+#include <type_traits>
 #include <vector>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include "dispatch.h"
 
 namespace mhc {
 namespace {
 
-constexpr int kLanes = 16;      // values per vectorised block of a row of C
-constexpr int kTokenTile = 16;  // tokens sharing one pass over phi
-
+// One 64-byte (AVX-512) vector of A, a GCC vector type: arrays of them indexed by compile-time
+// constants stay in registers, which plain arrays of A do not reliably do.
 template <typename A>
-A sum_lanes(const A* lanes) {
+struct VecOf {
+  typedef A type __attribute__((vector_size(64)));
+};
+template <typename A>
+using Vec = typename VecOf<A>::type;
+template <typename A>
+constexpr int kVec = 64 / sizeof(A);
+
+int64_t round_up(int64_t value, int64_t multiple) { return (value + multiple - 1) / multiple * multiple; }
+
+// Runs body(c0, len, full) over [0, size) in blocks of W values: full blocks (len == W) pass
+// std::true_type, the last partial block std::false_type, so that the loads and stores of full
+// blocks compile without bounds checks (load_vec, store_vec).
+template <int W, typename F>
+void for_blocks(int64_t size, F&& body) {
+  int64_t c0 = 0;
+  for (; c0 + W <= size; c0 += W) body(c0, W, std::true_type{});
+  if (c0 < size) body(c0, static_cast<int>(size - c0), std::false_type{});
+}
+
+// kVec values from src as A (kFull), or the first len of them (none if len <= 0) and zeros.
+template <typename A, bool kFull, typename S>
+Vec<A> load_vec(const S* src, int len) {
+  Vec<A> v = {};
+  if constexpr (kFull && std::is_same_v<S, A>) {
+    std::memcpy(&v, src, sizeof(v));
+  } else {
+    for (int l = 0; l < (kFull ? kVec<A> : std::min(len, kVec<A>)); ++l) v[l] = static_cast<A>(src[l]);
+  }
+  return v;
+}
+
+// The kVec values of v (kFull), or the first len of them (none if len <= 0), to dst as S.
+template <typename A, bool kFull, typename S>
+void store_vec(const Vec<A>& v, int len, S* dst) {
+  if constexpr (kFull && std::is_same_v<S, A>) {
+    std::memcpy(dst, &v, sizeof(v));
+  } else {
+    for (int l = 0; l < (kFull ? kVec<A> : std::min(len, kVec<A>)); ++l) dst[l] = static_cast<S>(v[l]);
+  }
+}
+
+// The sum of the lanes of v, in lane order.
+template <typename A>
+A sum_lanes(const Vec<A>& v) {
   A total = 0;
-  for (int l = 0; l < kLanes; ++l) total += lanes[l];
+  for (int l = 0; l < kVec<A>; ++l) total += v[l];
   return total;
 }
 
-// Loads `len` <= kLanes values of a row into `out` as A, zero-padding the rest.
-template <typename S, typename A>
-void load_block(const S* row, int64_t len, A* out) {
-  for (int l = 0; l < kLanes; ++l) out[l] = l < len ? static_cast<A>(row[l]) : A(0);
+// Outputs come from at::empty, untouched: on Linux, ask for transparent huge pages on the 2 MiB
+// aligned part of each before the kernel first writes it. Faulting a 64 MiB output in 4 KiB pages
+// costs ~30 ms on the development VM, several times the kernel that fills it (docs/performance.md);
+// with huge pages, ~4 ms. Does nothing for small tensors or where the kernel ignores the advice.
+void prefer_huge_pages(const at::Tensor& t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
+  const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t last = (begin + t.nbytes()) & ~(kHuge - 1);
+  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+#endif
 }
 
 // ---------------------------------------------------------------- sinkhorn
@@ -136,11 +194,7 @@ at::Tensor sinkhorn_bwd(const at::Tensor& logits, const at::Tensor& grad_out, in
 
 // The three products of mappings are GEMM-shaped with one small side (K = n^2 + 2n columns): the
 // micro-kernels below keep their accumulators in vector registers (blocks of whole vectors of A,
-// sizes fixed at compile time) and read the large side (v, dx) once, as contiguous rows.
-template <typename A>
-constexpr int kVec = 64 / sizeof(A);  // values of A in one 64-byte vector
-
-int64_t round_up(int64_t value, int64_t multiple) { return (value + multiple - 1) / multiple * multiple; }
+// sizes fixed at compile time) and read the large side (v, dx) as contiguous rows.
 
 // Forward: m[b, c] = sum_e v[b, e] * phi[e, c] for kProjectTokens tokens and 2 vectors of columns
 // c of phi_pad (rows of ld values, zero-padded past K), into m[b * ld + c].
@@ -148,35 +202,32 @@ constexpr int kProjectTokens = 8;
 
 template <typename S, typename A>
 void project_block(const S* const* rows, int64_t width, const A* phi_pad, int64_t ld, A* m) {
-  constexpr int kCols = 2 * kVec<A>;
-  A acc[kProjectTokens][kCols] = {};
+  Vec<A> acc[kProjectTokens][2] = {};
   for (int64_t e = 0; e < width; ++e) {
-    const A* p = phi_pad + e * ld;
+    const Vec<A> p0 = load_vec<A, true>(phi_pad + e * ld, kVec<A>);
+    const Vec<A> p1 = load_vec<A, true>(phi_pad + e * ld + kVec<A>, kVec<A>);
+#pragma GCC unroll 16
     for (int b = 0; b < kProjectTokens; ++b) {
       const A v = static_cast<A>(rows[b][e]);
-      for (int c = 0; c < kCols; ++c) acc[b][c] += v * p[c];
+      acc[b][0] += v * p0;
+      acc[b][1] += v * p1;
     }
   }
-  for (int b = 0; b < kProjectTokens; ++b) std::copy(acc[b], acc[b] + kCols, m + b * ld);
+  for (int b = 0; b < kProjectTokens; ++b) {
+    store_vec<A, true>(acc[b][0], kVec<A>, m + b * ld);
+    store_vec<A, true>(acc[b][1], kVec<A>, m + b * ld + kVec<A>);
+  }
 }
 
-// sum(v^2) of one row, in kVec lanes summed in a fixed order.
+// sum(v^2) of one row, in vector lanes summed in a fixed order.
 template <typename S, typename A>
 A sum_squares(const S* row, int64_t width) {
-  A lanes[kVec<A>] = {};
-  int64_t e = 0;
-  for (; e + kVec<A> <= width; e += kVec<A>)
-    for (int l = 0; l < kVec<A>; ++l) {
-      const A v = static_cast<A>(row[e + l]);
-      lanes[l] += v * v;
-    }
-  for (int l = 0; e + l < width; ++l) {
-    const A v = static_cast<A>(row[e + l]);
-    lanes[l] += v * v;
-  }
-  A total = 0;
-  for (int l = 0; l < kVec<A>; ++l) total += lanes[l];
-  return total;
+  Vec<A> lanes = {};
+  for_blocks<kVec<A>>(width, [&](int64_t e0, int len, auto full) {
+    const Vec<A> v = load_vec<A, decltype(full)::value>(row + e0, len);
+    lanes += v * v;
+  });
+  return sum_lanes<A>(lanes);
 }
 
 // Per block of kProjectTokens tokens: m = v @ phi and sum(v^2) (the rows stay in cache between
@@ -219,50 +270,61 @@ void mappings_fwd_kernel(const S* x, const A* phi, const A* alpha, const A* bias
   });
 }
 
-// Backward, dx = dm @ phi^T + c * v for kDxTokens tokens (dm rows of ldm values) and kDxWidth
-// values of their rows from e0 (`len` of them; kFull: all). phi_t [K, ldt] is phi transposed.
+// Backward, dx = dm @ phi^T + c * v for kDxTokens tokens (dm rows of ldm values) and kDxVecs
+// vectors of their rows from e0 (`len` values; kFull: all). phi_t [K, ldt] is phi transposed.
 constexpr int kDxTokens = 4;
+constexpr int kDxVecs = 4;
 
 template <bool kFull, typename S, typename A>
 void dx_block(const S* x, S* grad_x, int64_t width, int valid, const A* dm, int64_t ldm, const A* rms_term,
               const A* phi_t, int64_t ldt, int K, int64_t e0, int len) {
-  constexpr int kWidth = 4 * kVec<A>;
-  A acc[kDxTokens][kWidth];
+  Vec<A> acc[kDxTokens][kDxVecs];
+#pragma GCC unroll 16
   for (int b = 0; b < kDxTokens; ++b) {
-    const S* v = x + std::min(b, valid - 1) * width + e0;
-    for (int l = 0; l < kWidth; ++l)
-      acc[b][l] = rms_term[std::min(b, valid - 1)] * (kFull || l < len ? static_cast<A>(v[l]) : A(0));
+    const int row = std::min(b, valid - 1);
+#pragma GCC unroll 16
+    for (int j = 0; j < kDxVecs; ++j)
+      acc[b][j] = rms_term[row] * load_vec<A, kFull>(x + row * width + e0 + j * kVec<A>, len - j * kVec<A>);
   }
   for (int k = 0; k < K; ++k) {
-    const A* p = phi_t + k * ldt + e0;
+    Vec<A> p[kDxVecs];
+#pragma GCC unroll 16
+    for (int j = 0; j < kDxVecs; ++j) p[j] = load_vec<A, true>(phi_t + k * ldt + e0 + j * kVec<A>, kVec<A>);
+#pragma GCC unroll 16
     for (int b = 0; b < kDxTokens; ++b) {
       const A d = dm[std::min(b, valid - 1) * ldm + k];
-      for (int l = 0; l < kWidth; ++l) acc[b][l] += d * p[l];
+#pragma GCC unroll 16
+      for (int j = 0; j < kDxVecs; ++j) acc[b][j] += d * p[j];
     }
   }
   for (int b = 0; b < valid; ++b)
-    for (int l = 0; l < (kFull ? kWidth : len); ++l) grad_x[b * width + e0 + l] = static_cast<S>(acc[b][l]);
+    for (int j = 0; j < kDxVecs; ++j)
+      store_vec<A, kFull>(acc[b][j], len - j * kVec<A>, grad_x + b * width + e0 + j * kVec<A>);
 }
 
-// Backward, the share of a token range in dphi: part[k, e] += sum_t v[t, e] * dm_pad[t, k] for
-// kDphiCols columns k from k0 and kDphiWidth values e from e0 (`len` of them; kFull: all).
+// Backward, the share of a token range in dphi: part[k, e] = sum_t v[t, e] * dm_pad[t, k] for
+// kDphiCols columns k from k0 and 2 vectors of values e from e0 (`len` of them; kFull: all).
 constexpr int kDphiCols = 8;
 
 template <bool kFull, typename S, typename A>
 void dphi_block(const S* x, int64_t width, int64_t t_begin, int64_t t_end, const A* dm_pad, int64_t ldm,
                 int k0, int64_t e0, int len, A* part, int64_t ldp) {
-  constexpr int kWidth = 2 * kVec<A>;
-  A acc[kDphiCols][kWidth] = {};
+  Vec<A> acc[kDphiCols][2] = {};
   for (int64_t t = t_begin; t < t_end; ++t) {
     const S* row = x + t * width + e0;
-    A v[kWidth];
-    for (int l = 0; l < kWidth; ++l) v[l] = kFull || l < len ? static_cast<A>(row[l]) : A(0);
+    const Vec<A> v0 = load_vec<A, kFull>(row, len);
+    const Vec<A> v1 = load_vec<A, kFull>(row + kVec<A>, len - kVec<A>);
     const A* d = dm_pad + t * ldm + k0;
-    for (int j = 0; j < kDphiCols; ++j)
-      for (int l = 0; l < kWidth; ++l) acc[j][l] += d[j] * v[l];
+#pragma GCC unroll 16
+    for (int j = 0; j < kDphiCols; ++j) {
+      acc[j][0] += d[j] * v0;
+      acc[j][1] += d[j] * v1;
+    }
   }
-  for (int j = 0; j < kDphiCols; ++j)
-    for (int l = 0; l < kWidth; ++l) part[(k0 + j) * ldp + e0 + l] = acc[j][l];
+  for (int j = 0; j < kDphiCols; ++j) {
+    store_vec<A, true>(acc[j][0], kVec<A>, part + (k0 + j) * ldp + e0);
+    store_vec<A, true>(acc[j][1], kVec<A>, part + (k0 + j) * ldp + e0 + kVec<A>);
+  }
 }
 
 // Backward: (1) per SIMD group of tokens the coefficient gradients (dz, dm, c); (2) dx, blocks of
@@ -303,7 +365,7 @@ void mappings_bwd_kernel(const A* grad_pre, const A* grad_post, const A* grad_re
   });
 
   // dx: phi^T [K, ldt] so that the loop runs along the rows of v.
-  constexpr int kDxWidth = 4 * kVec<A>;
+  constexpr int kDxWidth = kDxVecs * kVec<A>;
   const int64_t ldt = round_up(width, kDxWidth);
   std::vector<A> phi_t(K * ldt, A(0));
   at::parallel_for(0, width, 1024, [&](int64_t begin, int64_t end) {
@@ -316,42 +378,43 @@ void mappings_bwd_kernel(const A* grad_pre, const A* grad_post, const A* grad_re
       const int valid = static_cast<int>(std::min<int64_t>(kDxTokens, tokens - t0));
       const S* xs = x + t0 * width;
       S* dxs = grad_x + t0 * width;
-      int64_t e0 = 0;
-      for (; e0 + kDxWidth <= width; e0 += kDxWidth)
-        dx_block<true>(xs, dxs, width, valid, dm_pad.data() + t0 * ldm, ldm, rms_term.data() + t0, phi_t.data(), ldt, K, e0, kDxWidth);
-      if (e0 < width)
-        dx_block<false>(xs, dxs, width, valid, dm_pad.data() + t0 * ldm, ldm, rms_term.data() + t0, phi_t.data(), ldt, K, e0,
-                        static_cast<int>(width - e0));
+      for_blocks<kDxWidth>(width, [&](int64_t e0, int len, auto full) {
+        dx_block<decltype(full)::value>(xs, dxs, width, valid, dm_pad.data() + t0 * ldm, ldm, rms_term.data() + t0,
+                                        phi_t.data(), ldt, K, e0, len);
+      });
     }
   });
 
-  // dphi: partials [chunks][ldm][ldp], a task per (chunk, block of kDphiWidth values of e).
+  // dphi: partials [chunks][ldm][ldp]; a task per (chunk, span of kDphiSpan blocks of e), whose
+  // rows of v (1 KiB each in float32) stay in cache while the column groups pass over them.
   constexpr int kDphiWidth = 2 * kVec<A>;
+  constexpr int kDphiSpan = 8;
   const int64_t ldp = round_up(width, kDphiWidth);
-  const int64_t e_blocks = ldp / kDphiWidth;
+  const int64_t spans = (ldp / kDphiWidth + kDphiSpan - 1) / kDphiSpan;
   const int64_t chunks = reduction_chunks(tokens, width * K);
   const int64_t chunk = (tokens + chunks - 1) / chunks;
-  std::vector<A> partial(chunks * ldm * ldp);
-  at::parallel_for(0, chunks * e_blocks, 1, [&](int64_t begin, int64_t end) {
+  std::unique_ptr<A[]> partial(new A[chunks * ldm * ldp]);  // every value is written below
+  at::parallel_for(0, chunks * spans, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t c = task / e_blocks, e0 = task % e_blocks * kDphiWidth;
+      const int64_t c = task / spans, span = task % spans * kDphiSpan * kDphiWidth;
       const int64_t t_begin = c * chunk, t_end = std::min(tokens, t_begin + chunk);
-      A* part = partial.data() + c * ldm * ldp;
-      for (int k0 = 0; k0 < K; k0 += kDphiCols) {
-        if (e0 + kDphiWidth <= width)
-          dphi_block<true>(x, width, t_begin, t_end, dm_pad.data(), ldm, k0, e0, kDphiWidth, part, ldp);
-        else
-          dphi_block<false>(x, width, t_begin, t_end, dm_pad.data(), ldm, k0, e0, static_cast<int>(width - e0), part, ldp);
-      }
+      A* part = partial.get() + c * ldm * ldp;
+      for_blocks<kDphiWidth>(std::min<int64_t>(width - span, kDphiSpan * kDphiWidth), [&](int64_t e0, int len, auto full) {
+        for (int k0 = 0; k0 < K; k0 += kDphiCols)
+          dphi_block<decltype(full)::value>(x, width, t_begin, t_end, dm_pad.data(), ldm, k0, span + e0, len, part, ldp);
+      });
     }
   });
-  at::parallel_for(0, width, 256, [&](int64_t begin, int64_t end) {
-    for (int64_t e = begin; e < end; ++e)
-      for (int k = 0; k < K; ++k) {
-        A total = 0;
-        for (int64_t c = 0; c < chunks; ++c) total += partial[(c * ldm + k) * ldp + e];
-        grad_phi[e * K + k] = total;
+  at::parallel_for(0, K, 1, [&](int64_t begin, int64_t end) {
+    std::vector<A> total(width);
+    for (int64_t k = begin; k < end; ++k) {
+      std::copy(partial.get() + k * ldp, partial.get() + k * ldp + width, total.begin());
+      for (int64_t c = 1; c < chunks; ++c) {
+        const A* part = partial.get() + (c * ldm + k) * ldp;
+        for (int64_t e = 0; e < width; ++e) total[e] += part[e];
       }
+      for (int64_t e = 0; e < width; ++e) grad_phi[e * K + k] = total[e];
+    }
   });
   for (int k = 0; k < KZ; ++k) {
     A total = 0;
@@ -383,6 +446,7 @@ Four mappings_bwd(const at::Tensor& grad_pre, const at::Tensor& grad_post, const
                   const at::Tensor& saved, int64_t iters) {
   auto outputs = mappings_bwd_outputs(grad_pre, grad_post, grad_res, x, phi, alpha, bias, saved);
   at::Tensor& grad_x = std::get<0>(outputs);
+  prefer_huge_pages(grad_x);
   at::Tensor& grad_phi = std::get<1>(outputs);
   at::Tensor& grad_alpha = std::get<2>(outputs);
   at::Tensor& grad_bias = std::get<3>(outputs);
@@ -400,53 +464,51 @@ Four mappings_bwd(const at::Tensor& grad_pre, const at::Tensor& grad_post, const
 
 // ---------------------------------------------------------------- pre
 
+// pre and post_res stream rows of C values one vector at a time (the last one may be partial); the
+// per-stream vectors of a token stay in registers for n known at compile time (NT > 0).
+template <int NT>
+constexpr int kStreamSlots = NT > 0 ? NT : kMaxStreams;
+
 template <typename S, typename A>
 void pre_fwd_kernel(const S* x, const A* h_pre, S* out, int64_t tokens, int n, int64_t hidden) {
-  at::parallel_for(0, tokens, 4, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, tokens, 16, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const S* xt = x + t * n * hidden;
-      for (int64_t c0 = 0; c0 < hidden; c0 += kLanes) {
-        const int64_t len = std::min<int64_t>(kLanes, hidden - c0);
-        A acc[kLanes] = {};
-        for (int i = 0; i < n; ++i) {
-          A v[kLanes];
-          load_block(xt + i * hidden + c0, len, v);
-          const A h = h_pre[t * n + i];
-          for (int l = 0; l < kLanes; ++l) acc[l] += h * v[l];
-        }
-        for (int64_t l = 0; l < len; ++l) out[t * hidden + c0 + l] = static_cast<S>(acc[l]);
-      }
+      for_blocks<kVec<A>>(hidden, [&](int64_t c0, int len, auto full) {
+        constexpr bool kFull = decltype(full)::value;
+        Vec<A> acc = {};
+        for (int i = 0; i < n; ++i) acc += h_pre[t * n + i] * load_vec<A, kFull>(xt + i * hidden + c0, len);
+        store_vec<A, kFull>(acc, len, out + t * hidden + c0);
+      });
     }
   });
 }
 
-template <typename S, typename A>
+template <int NT, typename S, typename A>
 void pre_bwd_kernel(const S* grad_out, const S* x, const A* h_pre, S* grad_x, A* grad_h, int64_t tokens,
-                    int n, int64_t hidden) {
-  at::parallel_for(0, tokens, 4, [&](int64_t begin, int64_t end) {
-    A lanes[kMaxStreams][kLanes];
+                    int n_rt, int64_t hidden) {
+  const int n = NT > 0 ? NT : n_rt;
+  at::parallel_for(0, tokens, 16, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t o = t * n * hidden;
-      for (int i = 0; i < n; ++i) std::fill(lanes[i], lanes[i] + kLanes, A(0));
-      for (int64_t c0 = 0; c0 < hidden; c0 += kLanes) {
-        const int64_t len = std::min<int64_t>(kLanes, hidden - c0);
-        A g[kLanes];
-        load_block(grad_out + t * hidden + c0, len, g);
+      Vec<A> lanes[kStreamSlots<NT>] = {};
+      for_blocks<kVec<A>>(hidden, [&](int64_t c0, int len, auto full) {
+        constexpr bool kFull = decltype(full)::value;
+        const Vec<A> g = load_vec<A, kFull>(grad_out + t * hidden + c0, len);
+#pragma GCC unroll 16
         for (int i = 0; i < n; ++i) {
-          A v[kLanes];
-          load_block(x + o + i * hidden + c0, len, v);
-          const A h = h_pre[t * n + i];
-          for (int l = 0; l < kLanes; ++l) lanes[i][l] += g[l] * v[l];
-          for (int64_t l = 0; l < len; ++l) grad_x[o + i * hidden + c0 + l] = static_cast<S>(h * g[l]);
+          lanes[i] += g * load_vec<A, kFull>(x + o + i * hidden + c0, len);
+          store_vec<A, kFull>(h_pre[t * n + i] * g, len, grad_x + o + i * hidden + c0);
         }
-      }
-      for (int i = 0; i < n; ++i) grad_h[t * n + i] = sum_lanes(lanes[i]);
+      });
+      for (int i = 0; i < n; ++i) grad_h[t * n + i] = sum_lanes<A>(lanes[i]);
     }
   });
 }
 
 at::Tensor pre_fwd(const at::Tensor& x, const at::Tensor& h_pre) {
   auto out = pre_fwd_output(x, h_pre);
+  prefer_huge_pages(out);
   const Streams s = check_streams(x);
   MHC_DISPATCH_FLOATS(x.scalar_type(), "mhc_pre_fwd", [&] {
     using A = at::opmath_type<scalar_t>;
@@ -460,88 +522,86 @@ std::tuple<at::Tensor, at::Tensor> pre_bwd(const at::Tensor& grad_out, const at:
                                            const at::Tensor& h_pre) {
   auto outputs = pre_bwd_outputs(grad_out, x, h_pre);
   at::Tensor& grad_x = std::get<0>(outputs);
+  prefer_huge_pages(grad_x);
   at::Tensor& grad_h = std::get<1>(outputs);
   const Streams s = check_streams(x);
   MHC_DISPATCH_FLOATS(x.scalar_type(), "mhc_pre_bwd", [&] {
     using A = at::opmath_type<scalar_t>;
-    pre_bwd_kernel(grad_out.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), h_pre.data_ptr<A>(),
-                   grad_x.data_ptr<scalar_t>(), grad_h.data_ptr<A>(), s.tokens, s.n, s.hidden);
+    MHC_DISPATCH_STREAMS(s.n, NT, pre_bwd_kernel<NT>(
+        grad_out.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), h_pre.data_ptr<A>(),
+        grad_x.data_ptr<scalar_t>(), grad_h.data_ptr<A>(), s.tokens, s.n, s.hidden));
   });
   return outputs;
 }
 
 // ---------------------------------------------------------------- post_res
 
-template <typename S, typename A>
+template <int NT, typename S, typename A>
 void post_res_fwd_kernel(const S* x, const S* f, const A* h_post, const A* h_res, S* out, int64_t tokens,
-                         int n, int64_t hidden) {
-  at::parallel_for(0, tokens, 4, [&](int64_t begin, int64_t end) {
-    A v[kMaxStreams][kLanes];
+                         int n_rt, int64_t hidden) {
+  const int n = NT > 0 ? NT : n_rt;
+  at::parallel_for(0, tokens, 16, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t o = t * n * hidden;
       const A* hr = h_res + t * n * n;
-      for (int64_t c0 = 0; c0 < hidden; c0 += kLanes) {
-        const int64_t len = std::min<int64_t>(kLanes, hidden - c0);
-        A fb[kLanes];
-        load_block(f + t * hidden + c0, len, fb);
-        for (int j = 0; j < n; ++j) load_block(x + o + j * hidden + c0, len, v[j]);
+      for_blocks<kVec<A>>(hidden, [&](int64_t c0, int len, auto full) {
+        constexpr bool kFull = decltype(full)::value;
+        const Vec<A> fb = load_vec<A, kFull>(f + t * hidden + c0, len);
+        Vec<A> v[kStreamSlots<NT>];
+#pragma GCC unroll 16
+        for (int j = 0; j < n; ++j) v[j] = load_vec<A, kFull>(x + o + j * hidden + c0, len);
+#pragma GCC unroll 16
         for (int i = 0; i < n; ++i) {
-          A acc[kLanes];
-          const A hp = h_post[t * n + i];
-          for (int l = 0; l < kLanes; ++l) acc[l] = hp * fb[l];
-          for (int j = 0; j < n; ++j) {
-            const A h = hr[i * n + j];
-            for (int l = 0; l < kLanes; ++l) acc[l] += h * v[j][l];
-          }
-          for (int64_t l = 0; l < len; ++l) out[o + i * hidden + c0 + l] = static_cast<S>(acc[l]);
+          Vec<A> acc = h_post[t * n + i] * fb;
+#pragma GCC unroll 16
+          for (int j = 0; j < n; ++j) acc += hr[i * n + j] * v[j];
+          store_vec<A, kFull>(acc, len, out + o + i * hidden + c0);
         }
-      }
+      });
     }
   });
 }
 
-template <typename S, typename A>
+// One pass per token: dx[j] = sum_i h_res[i, j] g[i], df = sum_i h_post[i] g[i], and the
+// coefficient gradients sum_c g[i] x[j], sum_c g[i] f in vector lanes summed in a fixed order.
+template <int NT, typename S, typename A>
 void post_res_bwd_kernel(const S* grad_out, const S* x, const S* f, const A* h_post, const A* h_res,
-                         S* grad_x, S* grad_f, A* grad_h_post, A* grad_h_res, int64_t tokens, int n,
+                         S* grad_x, S* grad_f, A* grad_h_post, A* grad_h_res, int64_t tokens, int n_rt,
                          int64_t hidden) {
-  at::parallel_for(0, tokens, 4, [&](int64_t begin, int64_t end) {
-    std::vector<A> lanes_store((n * n + n) * kLanes);
-    A g[kMaxStreams][kLanes], v[kMaxStreams][kLanes];
+  const int n = NT > 0 ? NT : n_rt;
+  at::parallel_for(0, tokens, 16, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t o = t * n * hidden;
       const A* hr = h_res + t * n * n;
-      A* res_lanes = lanes_store.data();             // [n*n][kLanes]: sum_c g[i] x[j]
-      A* post_lanes = res_lanes + n * n * kLanes;    // [n][kLanes]:   sum_c g[i] f
-      std::fill(lanes_store.begin(), lanes_store.end(), A(0));
-      for (int64_t c0 = 0; c0 < hidden; c0 += kLanes) {
-        const int64_t len = std::min<int64_t>(kLanes, hidden - c0);
-        A fb[kLanes], df[kLanes] = {};
-        load_block(f + t * hidden + c0, len, fb);
+      Vec<A> res_lanes[kStreamSlots<NT> * kStreamSlots<NT>] = {};
+      Vec<A> post_lanes[kStreamSlots<NT>] = {};
+      for_blocks<kVec<A>>(hidden, [&](int64_t c0, int len, auto full) {
+        constexpr bool kFull = decltype(full)::value;
+        const Vec<A> fb = load_vec<A, kFull>(f + t * hidden + c0, len);
+        Vec<A> df = {}, g[kStreamSlots<NT>], v[kStreamSlots<NT>];
+#pragma GCC unroll 16
         for (int i = 0; i < n; ++i) {
-          load_block(grad_out + o + i * hidden + c0, len, g[i]);
-          load_block(x + o + i * hidden + c0, len, v[i]);
+          g[i] = load_vec<A, kFull>(grad_out + o + i * hidden + c0, len);
+          v[i] = load_vec<A, kFull>(x + o + i * hidden + c0, len);
         }
+#pragma GCC unroll 16
         for (int i = 0; i < n; ++i) {
-          const A hp = h_post[t * n + i];
-          for (int l = 0; l < kLanes; ++l) {
-            df[l] += hp * g[i][l];
-            post_lanes[i * kLanes + l] += g[i][l] * fb[l];
-          }
-          for (int j = 0; j < n; ++j)
-            for (int l = 0; l < kLanes; ++l) res_lanes[(i * n + j) * kLanes + l] += g[i][l] * v[j][l];
+          df += h_post[t * n + i] * g[i];
+          post_lanes[i] += g[i] * fb;
+#pragma GCC unroll 16
+          for (int j = 0; j < n; ++j) res_lanes[i * n + j] += g[i] * v[j];
         }
+#pragma GCC unroll 16
         for (int j = 0; j < n; ++j) {
-          A dx[kLanes] = {};
-          for (int i = 0; i < n; ++i) {
-            const A h = hr[i * n + j];
-            for (int l = 0; l < kLanes; ++l) dx[l] += h * g[i][l];
-          }
-          for (int64_t l = 0; l < len; ++l) grad_x[o + j * hidden + c0 + l] = static_cast<S>(dx[l]);
+          Vec<A> dx = {};
+#pragma GCC unroll 16
+          for (int i = 0; i < n; ++i) dx += hr[i * n + j] * g[i];
+          store_vec<A, kFull>(dx, len, grad_x + o + j * hidden + c0);
         }
-        for (int64_t l = 0; l < len; ++l) grad_f[t * hidden + c0 + l] = static_cast<S>(df[l]);
-      }
-      for (int k = 0; k < n * n; ++k) grad_h_res[t * n * n + k] = sum_lanes(res_lanes + k * kLanes);
-      for (int i = 0; i < n; ++i) grad_h_post[t * n + i] = sum_lanes(post_lanes + i * kLanes);
+        store_vec<A, kFull>(df, len, grad_f + t * hidden + c0);
+      });
+      for (int k = 0; k < n * n; ++k) grad_h_res[t * n * n + k] = sum_lanes<A>(res_lanes[k]);
+      for (int i = 0; i < n; ++i) grad_h_post[t * n + i] = sum_lanes<A>(post_lanes[i]);
     }
   });
 }
@@ -549,11 +609,13 @@ void post_res_bwd_kernel(const S* grad_out, const S* x, const S* f, const A* h_p
 at::Tensor post_res_fwd(const at::Tensor& x, const at::Tensor& f, const at::Tensor& h_post,
                         const at::Tensor& h_res) {
   auto out = post_res_fwd_output(x, f, h_post, h_res);
+  prefer_huge_pages(out);
   const Streams s = check_streams(x);
   MHC_DISPATCH_FLOATS(x.scalar_type(), "mhc_post_res_fwd", [&] {
     using A = at::opmath_type<scalar_t>;
-    post_res_fwd_kernel(x.data_ptr<scalar_t>(), f.data_ptr<scalar_t>(), h_post.data_ptr<A>(),
-                        h_res.data_ptr<A>(), out.data_ptr<scalar_t>(), s.tokens, s.n, s.hidden);
+    MHC_DISPATCH_STREAMS(s.n, NT, post_res_fwd_kernel<NT>(
+        x.data_ptr<scalar_t>(), f.data_ptr<scalar_t>(), h_post.data_ptr<A>(), h_res.data_ptr<A>(),
+        out.data_ptr<scalar_t>(), s.tokens, s.n, s.hidden));
   });
   return out;
 }
@@ -563,15 +625,17 @@ Four post_res_bwd(const at::Tensor& grad_out, const at::Tensor& x, const at::Ten
   auto outputs = post_res_bwd_outputs(grad_out, x, f, h_post, h_res);
   at::Tensor& grad_x = std::get<0>(outputs);
   at::Tensor& grad_f = std::get<1>(outputs);
+  prefer_huge_pages(grad_x);
+  prefer_huge_pages(grad_f);
   at::Tensor& grad_h_post = std::get<2>(outputs);
   at::Tensor& grad_h_res = std::get<3>(outputs);
   const Streams s = check_streams(x);
   MHC_DISPATCH_FLOATS(x.scalar_type(), "mhc_post_res_bwd", [&] {
     using A = at::opmath_type<scalar_t>;
-    post_res_bwd_kernel(grad_out.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), f.data_ptr<scalar_t>(),
-                        h_post.data_ptr<A>(), h_res.data_ptr<A>(), grad_x.data_ptr<scalar_t>(),
-                        grad_f.data_ptr<scalar_t>(), grad_h_post.data_ptr<A>(),
-                        grad_h_res.data_ptr<A>(), s.tokens, s.n, s.hidden);
+    MHC_DISPATCH_STREAMS(s.n, NT, post_res_bwd_kernel<NT>(
+        grad_out.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), f.data_ptr<scalar_t>(), h_post.data_ptr<A>(),
+        h_res.data_ptr<A>(), grad_x.data_ptr<scalar_t>(), grad_f.data_ptr<scalar_t>(),
+        grad_h_post.data_ptr<A>(), grad_h_res.data_ptr<A>(), s.tokens, s.n, s.hidden));
   });
   return outputs;
 }
