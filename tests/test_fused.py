@@ -8,6 +8,8 @@ reason (extension not built, built without CUDA, no GPU). Tolerances:
   last place (``FLOOR``) for results where both errors are pure rounding.
 """
 
+import math
+
 import pytest
 import torch
 
@@ -80,6 +82,23 @@ def test_float64_matches_reference(op, n, device):
     want = run(op, inputs, "reference", torch.device("cpu"), torch.float64)
     got = run(op, inputs, "fused", device, torch.float64)
     assert [g.dtype for g in got] == [w.dtype for w in want]
+    assert [g.shape for g in got] == [w.shape for w in want]
+    assert relative_error(got, want) <= FLOAT64_TOLERANCE
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("lead", [(), (2, 3)])
+@pytest.mark.parametrize("op", ["mappings", "pre", "post_res"])
+def test_streams_with_any_leading_dimensions(op, lead, device):
+    """x [n, C] or [s, b, n, C] reaches the kernels as it is (no reshape); results as the reference."""
+    device = require_fused(device)
+    inputs = make_inputs(op, n=3, hidden=5, tokens=math.prod(lead))
+    if op == "mappings":
+        inputs[0] = inputs[0].reshape(*lead, 3, 5)
+    else:  # every input is per token: x, then f / h_pre / h_post / h_res
+        inputs = [t.reshape(*lead, *t.shape[1:]) for t in inputs]
+    want = run(op, inputs, "reference", torch.device("cpu"), torch.float64)
+    got = run(op, inputs, "fused", device, torch.float64)
     assert [g.shape for g in got] == [w.shape for w in want]
     assert relative_error(got, want) <= FLOAT64_TOLERANCE
 
