@@ -94,7 +94,7 @@ void prefer_huge_pages(const at::Tensor& t) {
 // thread; logits, grad, p: n*n*kMatrices values, sums: sinkhorn_scratch_size * kMatrices.
 template <typename A>
 struct SinkhornGroup {
-  static constexpr int kMatrices = 64 / sizeof(A);
+  static constexpr int kMatrices = kVec<A>;
   int n, iters;
   std::vector<A> logits, grad, p, sums;
   bool scale[kMatrices];
