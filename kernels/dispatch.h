@@ -1,12 +1,15 @@
 // Argument checks and compile-time dispatch shared by the CPU and CUDA implementations.
 //
 // The Python wrappers (mhc_megatron/ops/fused.py) validate the public arguments and hand the ops
-// contiguous tensors of shape [T, n, C] (streams), [T, n] / [T, n, n] (coefficients, float32 or
-// float64) and [n*C, K] (phi). These checks guard the ops when they are called directly.
+// contiguous tensors of shape [..., n, C] (streams, the T tokens being the leading dimensions,
+// kept as they are so that no view sits between the ops and autograd), [T, n] / [T, n, n]
+// (coefficients, float32 or float64) and [n*C, K] (phi). These checks guard the ops when they
+// are called directly.
 #pragma once
 
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
+#include <c10/util/accumulate.h>
 
 #include <algorithm>
 #include <tuple>
@@ -42,7 +45,7 @@ inline int checked_iters(int64_t iters) {
   return static_cast<int>(iters);
 }
 
-// Shape of a stream tensor [T, n, C].
+// Shape of a stream tensor [..., n, C]: T = the product of the leading dimensions.
 struct Streams {
   int64_t tokens;
   int n;
@@ -50,10 +53,18 @@ struct Streams {
 };
 
 inline Streams check_streams(const at::Tensor& x) {
-  TORCH_CHECK(x.dim() == 3, "x must have shape [T, n, C], got ", x.sizes());
+  TORCH_CHECK(x.dim() >= 2, "x must have shape [..., n, C], got ", x.sizes());
   TORCH_CHECK(x.is_contiguous(), "x must be contiguous");
   TORCH_CHECK(at::isFloatingType(x.scalar_type()), "x must be floating point, got ", x.scalar_type());
-  return {x.size(0), checked_streams(x.size(1)), x.size(2)};
+  const int64_t tokens = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 2);
+  return {tokens, checked_streams(x.size(-2)), x.size(-1)};
+}
+
+// Shape [..., C] of one stream row of x [..., n, C].
+inline std::vector<int64_t> row_shape(const at::Tensor& x) {
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 2);
+  shape.push_back(x.size(-1));
+  return shape;
 }
 
 // Per-token coefficients of streams s: shape [T, dims...] in the coefficient dtype.
@@ -65,14 +76,14 @@ inline void check_coefficients(const at::Tensor& t, const char* name, const Stre
   check_shape(t, name, expected);
 }
 
-// A tensor shaped like x (or like one stream row [T, C] when `row`), in x's dtype.
+// A tensor shaped like x (or like one stream row [..., C] when `row`), in x's dtype.
 inline void check_like_streams(const at::Tensor& t, const char* name, const at::Tensor& x, bool row) {
-  const Streams s = check_streams(x);
+  check_streams(x);
   if (row) {
-    check_input(t, name, 2, x.scalar_type());
-    check_shape(t, name, {s.tokens, s.hidden});
+    check_input(t, name, x.dim() - 1, x.scalar_type());
+    check_shape(t, name, row_shape(x));
   } else {
-    check_input(t, name, 3, x.scalar_type());
+    check_input(t, name, x.dim(), x.scalar_type());
     check_shape(t, name, x.sizes());
   }
 }
@@ -146,7 +157,7 @@ inline Four mappings_bwd_outputs(const at::Tensor& grad_pre, const at::Tensor& g
 inline at::Tensor pre_fwd_output(const at::Tensor& x, const at::Tensor& h_pre) {
   const Streams s = check_streams(x);
   check_coefficients(h_pre, "h_pre", s, x.scalar_type(), {s.n});
-  return at::empty({s.tokens, s.hidden}, x.options());
+  return at::empty(row_shape(x), x.options());
 }
 
 inline std::tuple<at::Tensor, at::Tensor> pre_bwd_outputs(const at::Tensor& grad_out, const at::Tensor& x,

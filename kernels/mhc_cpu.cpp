@@ -1,55 +1,173 @@
 // CPU implementations of the mHC ops (C++, parallel over tokens with at::parallel_for, which is
 // OpenMP in torch's builds). The per-token math comes from mhc_math.h; this file only tiles the
-// loops so the compiler vectorises them (lanes of kLanes values, reduced in a fixed order at the
-// end, so results do not depend on the number of threads).
+// loops so the compiler vectorises them (blocks of whole 64-byte vectors, accumulators kept in
+// registers, partial sums reduced in a fixed order, so results do not depend on the number of
+// threads).
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
+#include <type_traits>
 #include <vector>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include "dispatch.h"
 
 namespace mhc {
 namespace {
 
-constexpr int kLanes = 16;      // values per vectorised block of a row of C
-constexpr int kTokenTile = 16;  // tokens sharing one pass over phi
-
+// One 64-byte (AVX-512) vector of A, a GCC vector type: arrays of them indexed by compile-time
+// constants stay in registers, which plain arrays of A do not reliably do.
 template <typename A>
-A sum_lanes(const A* lanes) {
+struct VecOf {
+  typedef A type __attribute__((vector_size(64)));
+};
+template <typename A>
+using Vec = typename VecOf<A>::type;
+template <typename A>
+constexpr int kVec = 64 / sizeof(A);
+
+int64_t round_up(int64_t value, int64_t multiple) { return (value + multiple - 1) / multiple * multiple; }
+
+// Runs body(c0, len, full) over [0, size) in blocks of W values: full blocks (len == W) pass
+// std::true_type, the last partial block std::false_type, so that the loads and stores of full
+// blocks compile without bounds checks (load_vec, store_vec).
+template <int W, typename F>
+void for_blocks(int64_t size, F&& body) {
+  int64_t c0 = 0;
+  for (; c0 + W <= size; c0 += W) body(c0, W, std::true_type{});
+  if (c0 < size) body(c0, static_cast<int>(size - c0), std::false_type{});
+}
+
+// kVec values from src as A (kFull), or the first len of them (none if len <= 0) and zeros.
+template <typename A, bool kFull, typename S>
+Vec<A> load_vec(const S* src, int len) {
+  Vec<A> v = {};
+  if constexpr (kFull && std::is_same_v<S, A>) {
+    std::memcpy(&v, src, sizeof(v));
+  } else {
+    for (int l = 0; l < (kFull ? kVec<A> : std::min(len, kVec<A>)); ++l) v[l] = static_cast<A>(src[l]);
+  }
+  return v;
+}
+
+// The kVec values of v (kFull), or the first len of them (none if len <= 0), to dst as S.
+template <typename A, bool kFull, typename S>
+void store_vec(const Vec<A>& v, int len, S* dst) {
+  if constexpr (kFull && std::is_same_v<S, A>) {
+    std::memcpy(dst, &v, sizeof(v));
+  } else {
+    for (int l = 0; l < (kFull ? kVec<A> : std::min(len, kVec<A>)); ++l) dst[l] = static_cast<S>(v[l]);
+  }
+}
+
+// The sum of the lanes of v, in lane order.
+template <typename A>
+A sum_lanes(const Vec<A>& v) {
   A total = 0;
-  for (int l = 0; l < kLanes; ++l) total += lanes[l];
+  for (int l = 0; l < kVec<A>; ++l) total += v[l];
   return total;
 }
 
-// Loads `len` <= kLanes values of a row into `out` as A, zero-padding the rest.
-template <typename S, typename A>
-void load_block(const S* row, int64_t len, A* out) {
-  for (int l = 0; l < kLanes; ++l) out[l] = l < len ? static_cast<A>(row[l]) : A(0);
+// Outputs come from at::empty, untouched: on Linux, ask for transparent huge pages on the 2 MiB
+// aligned part of each before the kernel first writes it. Faulting a 64 MiB output in 4 KiB pages
+// costs ~30 ms on the development VM, several times the kernel that fills it (docs/performance.md);
+// with huge pages, ~4 ms. Does nothing for small tensors or where the kernel ignores the advice.
+void prefer_huge_pages(const at::Tensor& t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
+  const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t last = (begin + t.nbytes()) & ~(kHuge - 1);
+  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+#endif
 }
 
 // ---------------------------------------------------------------- sinkhorn
 
+// Sinkhorn of up to kMatrices matrices at once: those in the scale domain as SIMD lanes (one
+// 64-byte vector of A per entry), the others one at a time in the log domain. Work space of one
+// thread; logits, grad, p: n*n*kMatrices values, sums: sinkhorn_scratch_size * kMatrices.
+template <typename A>
+struct SinkhornGroup {
+  static constexpr int kMatrices = kVec<A>;
+  int n, iters;
+  std::vector<A> logits, grad, p, sums;
+  bool scale[kMatrices];
+
+  SinkhornGroup(int n_, int iters_)
+      : n(n_), iters(iters_), logits(n * n * kMatrices), grad(n * n * kMatrices), p(n * n * kMatrices),
+        sums(sinkhorn_scratch_size(n, iters) * kMatrices) {}
+
+  // Loads the logits of `count` matrices (matrix b at in + b * ld) into lanes; the lanes of the
+  // log-domain matrices and those past `count` get zeros.
+  void load(const A* in, int64_t ld, int count) {
+    for (int b = 0; b < kMatrices; ++b) scale[b] = b < count && in_scale_domain(in + b * ld, n, 1);
+    for (int k = 0; k < n * n; ++k)
+      for (int b = 0; b < kMatrices; ++b) logits[k * kMatrices + b] = scale[b] ? in[b * ld + k] : A(0);
+  }
+
+  // Sinkhorn matrices of the logits in[b * ld], b < count, into out[b * ld_out].
+  void forward(const A* in, int64_t ld, A* out, int64_t ld_out, int count) {
+    load(in, ld, count);
+    sinkhorn_scale_forward<kMatrices>(logits.data(), n, iters, static_cast<A*>(nullptr));
+    for (int b = 0; b < count; ++b) {
+      A* o = out + b * ld_out;
+      if (scale[b]) {
+        for (int k = 0; k < n * n; ++k) o[k] = logits[k * kMatrices + b];
+      } else {
+        std::copy(in + b * ld, in + b * ld + n * n, o);
+        sinkhorn_forward(o, n, iters);
+      }
+    }
+  }
+
+  // Gradients w.r.t. the logits in[b * ld] given the output gradients g[b * ld_g], into
+  // out[b * ld_out], b < count.
+  void backward(const A* in, int64_t ld, const A* g, int64_t ld_g, A* out, int64_t ld_out, int count) {
+    load(in, ld, count);
+    for (int k = 0; k < n * n; ++k)
+      for (int b = 0; b < kMatrices; ++b) grad[k * kMatrices + b] = scale[b] ? g[b * ld_g + k] : A(0);
+    sinkhorn_scale_backward<kMatrices>(logits.data(), grad.data(), n, iters, p.data(), sums.data());
+    for (int b = 0; b < count; ++b) {
+      A* o = out + b * ld_out;
+      if (scale[b]) {
+        for (int k = 0; k < n * n; ++k) o[k] = grad[k * kMatrices + b];
+      } else {
+        sinkhorn_backward(in + b * ld, g + b * ld_g, o, n, iters, p.data(), sums.data());
+      }
+    }
+  }
+};
+
 template <typename A>
 void sinkhorn_fwd_kernel(const A* logits, A* out, int64_t count, int n, int iters) {
-  at::parallel_for(0, count, 64, [&](int64_t begin, int64_t end) {
-    A lm[kMaxMatrix];
-    for (int64_t t = begin; t < end; ++t) {
-      std::copy(logits + t * n * n, logits + (t + 1) * n * n, lm);
-      sinkhorn_log_forward(lm, n, iters, static_cast<A*>(nullptr));
-      for (int k = 0; k < n * n; ++k) out[t * n * n + k] = exp_of(lm[k]);
+  constexpr int kMatrices = SinkhornGroup<A>::kMatrices;
+  const int64_t groups = (count + kMatrices - 1) / kMatrices;
+  at::parallel_for(0, groups, 4, [&](int64_t begin, int64_t end) {
+    SinkhornGroup<A> group(n, iters);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t t = i * kMatrices;
+      group.forward(logits + t * n * n, n * n, out + t * n * n, n * n,
+                    static_cast<int>(std::min<int64_t>(kMatrices, count - t)));
     }
   });
 }
 
 template <typename A>
 void sinkhorn_bwd_kernel(const A* logits, const A* grad_out, A* grad_in, int64_t count, int n, int iters) {
-  at::parallel_for(0, count, 64, [&](int64_t begin, int64_t end) {
-    std::vector<A> work(n * n + sinkhorn_scratch_size(n, iters));
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t o = t * n * n;
-      sinkhorn_backward(logits + o, grad_out + o, grad_in + o, n, iters, work.data(), work.data() + n * n);
+  constexpr int kMatrices = SinkhornGroup<A>::kMatrices;
+  const int64_t groups = (count + kMatrices - 1) / kMatrices;
+  at::parallel_for(0, groups, 4, [&](int64_t begin, int64_t end) {
+    SinkhornGroup<A> group(n, iters);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t o = i * kMatrices * n * n;
+      group.backward(logits + o, n * n, grad_out + o, n * n, grad_in + o, n * n,
+                     static_cast<int>(std::min<int64_t>(kMatrices, count - i * kMatrices)));
     }
   });
 }
@@ -74,144 +192,233 @@ at::Tensor sinkhorn_bwd(const at::Tensor& logits, const at::Tensor& grad_out, in
 
 // ---------------------------------------------------------------- mappings
 
-// One read of the streams of kTokenTile tokens gives m = v @ phi and sum(v^2) for each; then the
-// coefficient epilogue per token. NT: compile-time n, or 0 for run-time n.
-template <int NT, typename S, typename A>
-void mappings_fwd_kernel(const S* x, const A* phi, const A* alpha, const A* bias, int64_t tokens,
-                         int n_rt, int64_t hidden, int iters, A eps, A* h_pre, A* h_post, A* h_res,
-                         A* saved) {
-  const int n = NT > 0 ? NT : n_rt;
-  constexpr int KA = NT > 0 ? NT * NT + 2 * NT : kMaxColumns;
-  const int K = NT > 0 ? KA : num_columns(n);
+// The three products of mappings are GEMM-shaped with one small side (K = n^2 + 2n columns): the
+// micro-kernels below keep their accumulators in vector registers (blocks of whole vectors of A,
+// sizes fixed at compile time) and read the large side (v, dx) as contiguous rows.
+
+// Forward: m[b, c] = sum_e v[b, e] * phi[e, c] for kProjectTokens tokens and 2 vectors of columns
+// c of phi_pad (rows of ld values, zero-padded past K), into m[b * ld + c].
+constexpr int kProjectTokens = 8;
+
+template <typename S, typename A>
+void project_block(const S* const* rows, int64_t width, const A* phi_pad, int64_t ld, A* m) {
+  Vec<A> acc[kProjectTokens][2] = {};
+  for (int64_t e = 0; e < width; ++e) {
+    const Vec<A> p0 = load_vec<A, true>(phi_pad + e * ld, kVec<A>);
+    const Vec<A> p1 = load_vec<A, true>(phi_pad + e * ld + kVec<A>, kVec<A>);
+#pragma GCC unroll 16
+    for (int b = 0; b < kProjectTokens; ++b) {
+      const A v = static_cast<A>(rows[b][e]);
+      acc[b][0] += v * p0;
+      acc[b][1] += v * p1;
+    }
+  }
+  for (int b = 0; b < kProjectTokens; ++b) {
+    store_vec<A, true>(acc[b][0], kVec<A>, m + b * ld);
+    store_vec<A, true>(acc[b][1], kVec<A>, m + b * ld + kVec<A>);
+  }
+}
+
+// sum(v^2) of one row, in vector lanes summed in a fixed order.
+template <typename S, typename A>
+A sum_squares(const S* row, int64_t width) {
+  Vec<A> lanes = {};
+  for_blocks<kVec<A>>(width, [&](int64_t e0, int len, auto full) {
+    const Vec<A> v = load_vec<A, decltype(full)::value>(row + e0, len);
+    lanes += v * v;
+  });
+  return sum_lanes<A>(lanes);
+}
+
+// Per block of kProjectTokens tokens: m = v @ phi and sum(v^2) (the rows stay in cache between
+// the two), then the gates per token and the Sinkhorn of the block's matrices in SIMD groups.
+template <typename S, typename A>
+void mappings_fwd_kernel(const S* x, const A* phi, const A* alpha, const A* bias, int64_t tokens, int n,
+                         int64_t hidden, int iters, A eps, A* h_pre, A* h_post, A* h_res, A* saved) {
+  const int K = num_columns(n);
+  const int64_t ld = round_up(K, 2 * kVec<A>);
   const int64_t width = n * hidden;
-  const int64_t tiles = (tokens + kTokenTile - 1) / kTokenTile;
-  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<A> acc_store(kTokenTile * KA);
-    A* acc = acc_store.data();
-    A squares[kTokenTile];
-    A z[kMaxColumns];
-    for (int64_t tile = begin; tile < end; ++tile) {
-      const int64_t t0 = tile * kTokenTile;
-      const int valid = static_cast<int>(std::min<int64_t>(kTokenTile, tokens - t0));
-      const S* rows[kTokenTile];
-      for (int b = 0; b < kTokenTile; ++b) rows[b] = x + (t0 + std::min(b, valid - 1)) * width;
-      std::fill(acc, acc + kTokenTile * KA, A(0));
-      std::fill(squares, squares + kTokenTile, A(0));
-      for (int64_t e = 0; e < width; ++e) {
-        const A* p = phi + e * K;
-        for (int b = 0; b < kTokenTile; ++b) {
-          const A v = static_cast<A>(rows[b][e]);
-          squares[b] += v * v;
-          A* a = acc + b * KA;
-          for (int k = 0; k < K; ++k) a[k] += v * p[k];
-        }
+  std::vector<A> phi_pad(width * ld, A(0));
+  at::parallel_for(0, width, 1024, [&](int64_t begin, int64_t end) {
+    for (int64_t e = begin; e < end; ++e) std::copy(phi + e * K, phi + (e + 1) * K, phi_pad.data() + e * ld);
+  });
+  constexpr int kBlock = std::max(kProjectTokens, SinkhornGroup<A>::kMatrices);
+  at::parallel_for(0, (tokens + kBlock - 1) / kBlock, 1, [&](int64_t begin, int64_t end) {
+    std::vector<A> m(kBlock * ld), z(kBlock * K);
+    SinkhornGroup<A> group(n, iters);
+    for (int64_t block = begin; block < end; ++block) {
+      const int64_t t0 = block * kBlock;
+      const int valid = static_cast<int>(std::min<int64_t>(kBlock, tokens - t0));
+      for (int b0 = 0; b0 < valid; b0 += kProjectTokens) {
+        const S* rows[kProjectTokens];
+        for (int b = 0; b < kProjectTokens; ++b) rows[b] = x + (t0 + std::min(b0 + b, valid - 1)) * width;
+        for (int64_t c0 = 0; c0 < K; c0 += 2 * kVec<A>)
+          project_block(rows, width, phi_pad.data() + c0, ld, m.data() + b0 * ld + c0);
       }
       for (int b = 0; b < valid; ++b) {
         const int64_t t = t0 + b;
-        const A inv_r = inverse_rms(squares[b], width, eps);
+        const A inv_r = inverse_rms(sum_squares<S, A>(x + t * width, width), width, eps);
         A* u = saved + t * (K + 1);
-        for (int k = 0; k < K; ++k) u[k] = acc[b * KA + k] * inv_r;
+        for (int k = 0; k < K; ++k) u[k] = m[b * ld + k] * inv_r;
         u[K] = inv_r;
-        mappings_epilogue(u, alpha, bias, n, iters, z, h_pre + t * n, h_post + t * n, h_res + t * n * n);
+        mappings_gates(u, alpha, bias, n, z.data() + b * K, h_pre + t * n, h_post + t * n);
       }
+      for (int b = 0; b < valid; b += group.kMatrices)
+        group.forward(z.data() + b * K + 2 * n, K, h_res + (t0 + b) * n * n, n * n,
+                      std::min(group.kMatrices, valid - b));
     }
   });
 }
 
-// Backward: per token the coefficient gradients (dm, c, dz), then one pass over the streams per
-// token chunk that writes dx = dm @ phi^T + c * v and accumulates the chunk's partial of
-// dphi = v^T dm; finally the partials (and those of dbias, dalpha) are summed in chunk order.
-template <int NT, typename S, typename A>
+// Backward, dx = dm @ phi^T + c * v for kDxTokens tokens (dm rows of ldm values) and kDxVecs
+// vectors of their rows from e0 (`len` values; kFull: all). phi_t [K, ldt] is phi transposed.
+constexpr int kDxTokens = 4;
+constexpr int kDxVecs = 4;
+
+template <bool kFull, typename S, typename A>
+void dx_block(const S* x, S* grad_x, int64_t width, int valid, const A* dm, int64_t ldm, const A* rms_term,
+              const A* phi_t, int64_t ldt, int K, int64_t e0, int len) {
+  Vec<A> acc[kDxTokens][kDxVecs];
+#pragma GCC unroll 16
+  for (int b = 0; b < kDxTokens; ++b) {
+    const int row = std::min(b, valid - 1);
+#pragma GCC unroll 16
+    for (int j = 0; j < kDxVecs; ++j)
+      acc[b][j] = rms_term[row] * load_vec<A, kFull>(x + row * width + e0 + j * kVec<A>, len - j * kVec<A>);
+  }
+  for (int k = 0; k < K; ++k) {
+    Vec<A> p[kDxVecs];
+#pragma GCC unroll 16
+    for (int j = 0; j < kDxVecs; ++j) p[j] = load_vec<A, true>(phi_t + k * ldt + e0 + j * kVec<A>, kVec<A>);
+#pragma GCC unroll 16
+    for (int b = 0; b < kDxTokens; ++b) {
+      const A d = dm[std::min(b, valid - 1) * ldm + k];
+#pragma GCC unroll 16
+      for (int j = 0; j < kDxVecs; ++j) acc[b][j] += d * p[j];
+    }
+  }
+  for (int b = 0; b < valid; ++b)
+    for (int j = 0; j < kDxVecs; ++j)
+      store_vec<A, kFull>(acc[b][j], len - j * kVec<A>, grad_x + b * width + e0 + j * kVec<A>);
+}
+
+// Backward, the share of a token range in dphi: part[k, e] = sum_t v[t, e] * dm_pad[t, k] for
+// kDphiCols columns k from k0 and 2 vectors of values e from e0 (`len` of them; kFull: all).
+constexpr int kDphiCols = 8;
+
+template <bool kFull, typename S, typename A>
+void dphi_block(const S* x, int64_t width, int64_t t_begin, int64_t t_end, const A* dm_pad, int64_t ldm,
+                int k0, int64_t e0, int len, A* part, int64_t ldp) {
+  Vec<A> acc[kDphiCols][2] = {};
+  for (int64_t t = t_begin; t < t_end; ++t) {
+    const S* row = x + t * width + e0;
+    const Vec<A> v0 = load_vec<A, kFull>(row, len);
+    const Vec<A> v1 = load_vec<A, kFull>(row + kVec<A>, len - kVec<A>);
+    const A* d = dm_pad + t * ldm + k0;
+#pragma GCC unroll 16
+    for (int j = 0; j < kDphiCols; ++j) {
+      acc[j][0] += d[j] * v0;
+      acc[j][1] += d[j] * v1;
+    }
+  }
+  for (int j = 0; j < kDphiCols; ++j) {
+    store_vec<A, true>(acc[j][0], kVec<A>, part + (k0 + j) * ldp + e0);
+    store_vec<A, true>(acc[j][1], kVec<A>, part + (k0 + j) * ldp + e0 + kVec<A>);
+  }
+}
+
+// Backward: (1) per SIMD group of tokens the coefficient gradients (dz, dm, c); (2) dx, blocks of
+// kDxTokens tokens x kDxWidth values; (3) dphi = v^T dm in fixed token chunks (reduction_chunks:
+// shapes only, never threads), each chunk's partial [K, width] computed in register blocks, then
+// the chunks summed in order, like dbias and dalpha: bit-identical results run to run.
+template <typename S, typename A>
 void mappings_bwd_kernel(const A* grad_pre, const A* grad_post, const A* grad_res, const S* x,
                          const A* phi, const A* alpha, const A* bias, const A* saved, int64_t tokens,
-                         int n_rt, int64_t hidden, int iters, S* grad_x, A* grad_phi, A* grad_alpha,
+                         int n, int64_t hidden, int iters, S* grad_x, A* grad_phi, A* grad_alpha,
                          A* grad_bias) {
-  const int n = NT > 0 ? NT : n_rt;
-  constexpr int KA = NT > 0 ? NT * NT + 2 * NT : kMaxColumns;
-  const int K = NT > 0 ? KA : num_columns(n);
+  const int K = num_columns(n);
   const int KZ = K + 3;  // dz, then the three dalpha terms
+  const int64_t ldm = round_up(K, kDphiCols);
   const int64_t width = n * hidden;
 
-  std::vector<A> dm(tokens * K), dz(tokens * KZ), rms_term(tokens);
-  at::parallel_for(0, tokens, 16, [&](int64_t begin, int64_t end) {
-    std::vector<A> work(n * n + sinkhorn_scratch_size(n, iters));
-    A z[kMaxColumns];
-    for (int64_t t = begin; t < end; ++t) {
-      const A* u = saved + t * (K + 1);
-      A* dzt = dz.data() + t * KZ;
-      rms_term[t] = mappings_coeff_backward(grad_pre + t * n, grad_post + t * n, grad_res + t * n * n, u,
-                                            u[K], alpha, bias, n, iters, width, z, work.data(), work.data() + n * n, dzt,
-                                            dzt + K, dm.data() + t * K);
-    }
-  });
-
-  // phi^T [K, width], so that dx is vectorised along C.
-  std::vector<A> phi_t(K * width);
-  at::parallel_for(0, width, 1024, [&](int64_t begin, int64_t end) {
-    for (int64_t e = begin; e < end; ++e)
-      for (int k = 0; k < K; ++k) phi_t[k * width + e] = phi[e * K + k];
-  });
-
-  const int64_t chunks = reduction_chunks(tokens, width * K);
-  const int64_t chunk = (tokens + chunks - 1) / chunks;
-  std::vector<A> phi_partial(chunks * width * K), z_partial(chunks * KZ);
-  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<A> acc_store(kTokenTile * kLanes);
-    A* acc = acc_store.data();
-    for (int64_t c = begin; c < end; ++c) {
-      A* part = phi_partial.data() + c * width * K;
-      std::fill(part, part + width * K, A(0));
-      A* zpart = z_partial.data() + c * KZ;
-      std::fill(zpart, zpart + KZ, A(0));
-      const int64_t t_end = std::min(tokens, (c + 1) * chunk);
-      for (int64_t t0 = c * chunk; t0 < t_end; t0 += kTokenTile) {
-        const int valid = static_cast<int>(std::min<int64_t>(kTokenTile, t_end - t0));
-        for (int b = 0; b < valid; ++b)
-          for (int k = 0; k < KZ; ++k) zpart[k] += dz[(t0 + b) * KZ + k];
-        // dx of the tile, kLanes columns of v at a time.
-        for (int64_t e0 = 0; e0 < width; e0 += kLanes) {
-          const int64_t len = std::min<int64_t>(kLanes, width - e0);
-          for (int b = 0; b < valid; ++b) load_block(x + (t0 + b) * width + e0, len, acc + b * kLanes);
-          for (int b = 0; b < valid; ++b)
-            for (int l = 0; l < kLanes; ++l) acc[b * kLanes + l] *= rms_term[t0 + b];
-          for (int k = 0; k < K; ++k) {
-            A p[kLanes];
-            for (int l = 0; l < kLanes; ++l) p[l] = e0 + l < width ? phi_t[k * width + e0 + l] : A(0);
-            for (int b = 0; b < valid; ++b) {
-              const A d = dm[(t0 + b) * K + k];
-              for (int l = 0; l < kLanes; ++l) acc[b * kLanes + l] += d * p[l];
-            }
-          }
-          for (int b = 0; b < valid; ++b)
-            for (int64_t l = 0; l < len; ++l)
-              grad_x[(t0 + b) * width + e0 + l] = static_cast<S>(acc[b * kLanes + l]);
-        }
-        // The tile's share of dphi: row e gains sum_b v[b, e] * dm[b].
-        for (int64_t e = 0; e < width; ++e) {
-          A row[KA];
-          A* out = part + e * K;
-          for (int k = 0; k < K; ++k) row[k] = out[k];
-          for (int b = 0; b < valid; ++b) {
-            const A v = static_cast<A>(x[(t0 + b) * width + e]);
-            const A* d = dm.data() + (t0 + b) * K;
-            for (int k = 0; k < K; ++k) row[k] += v * d[k];
-          }
-          for (int k = 0; k < K; ++k) out[k] = row[k];
-        }
+  std::vector<A> dm_pad(tokens * ldm, A(0)), dz(tokens * KZ), rms_term(tokens);
+  constexpr int kMatrices = SinkhornGroup<A>::kMatrices;
+  at::parallel_for(0, (tokens + kMatrices - 1) / kMatrices, 1, [&](int64_t begin, int64_t end) {
+    SinkhornGroup<A> group(n, iters);
+    std::vector<A> z(kMatrices * K);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t t0 = i * kMatrices;
+      const int count = static_cast<int>(std::min<int64_t>(kMatrices, tokens - t0));
+      for (int b = 0; b < count; ++b) {
+        const int64_t t = t0 + b;
+        mappings_gates_backward(grad_pre + t * n, grad_post + t * n, saved + t * (K + 1), alpha, bias, n,
+                                z.data() + b * K, dz.data() + t * KZ);
+      }
+      group.backward(z.data() + 2 * n, K, grad_res + t0 * n * n, n * n, dz.data() + t0 * KZ + 2 * n, KZ, count);
+      for (int b = 0; b < count; ++b) {
+        const int64_t t = t0 + b;
+        const A* u = saved + t * (K + 1);
+        A* dzt = dz.data() + t * KZ;
+        rms_term[t] = mappings_projection_backward(dzt, u, u[K], alpha, n, width, dzt + K, dm_pad.data() + t * ldm);
       }
     }
   });
 
-  at::parallel_for(0, width * K, 4096, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      A total = 0;
-      for (int64_t c = 0; c < chunks; ++c) total += phi_partial[c * width * K + i];
-      grad_phi[i] = total;
+  // dx: phi^T [K, ldt] so that the loop runs along the rows of v.
+  constexpr int kDxWidth = kDxVecs * kVec<A>;
+  const int64_t ldt = round_up(width, kDxWidth);
+  std::vector<A> phi_t(K * ldt, A(0));
+  at::parallel_for(0, width, 1024, [&](int64_t begin, int64_t end) {
+    for (int64_t e = begin; e < end; ++e)
+      for (int k = 0; k < K; ++k) phi_t[k * ldt + e] = phi[e * K + k];
+  });
+  at::parallel_for(0, (tokens + kDxTokens - 1) / kDxTokens, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t block = begin; block < end; ++block) {
+      const int64_t t0 = block * kDxTokens;
+      const int valid = static_cast<int>(std::min<int64_t>(kDxTokens, tokens - t0));
+      const S* xs = x + t0 * width;
+      S* dxs = grad_x + t0 * width;
+      for_blocks<kDxWidth>(width, [&](int64_t e0, int len, auto full) {
+        dx_block<decltype(full)::value>(xs, dxs, width, valid, dm_pad.data() + t0 * ldm, ldm, rms_term.data() + t0,
+                                        phi_t.data(), ldt, K, e0, len);
+      });
+    }
+  });
+
+  // dphi: partials [chunks][ldm][ldp]; a task per (chunk, span of kDphiSpan blocks of e), whose
+  // rows of v (1 KiB each in float32) stay in cache while the column groups pass over them.
+  constexpr int kDphiWidth = 2 * kVec<A>;
+  constexpr int kDphiSpan = 8;
+  const int64_t ldp = round_up(width, kDphiWidth);
+  const int64_t spans = (ldp / kDphiWidth + kDphiSpan - 1) / kDphiSpan;
+  const int64_t chunks = reduction_chunks(tokens, width * K);
+  const int64_t chunk = (tokens + chunks - 1) / chunks;
+  std::unique_ptr<A[]> partial(new A[chunks * ldm * ldp]);  // every value is written below
+  at::parallel_for(0, chunks * spans, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t c = task / spans, span = task % spans * kDphiSpan * kDphiWidth;
+      const int64_t t_begin = c * chunk, t_end = std::min(tokens, t_begin + chunk);
+      A* part = partial.get() + c * ldm * ldp;
+      for_blocks<kDphiWidth>(std::min<int64_t>(width - span, kDphiSpan * kDphiWidth), [&](int64_t e0, int len, auto full) {
+        for (int k0 = 0; k0 < K; k0 += kDphiCols)
+          dphi_block<decltype(full)::value>(x, width, t_begin, t_end, dm_pad.data(), ldm, k0, span + e0, len, part, ldp);
+      });
+    }
+  });
+  at::parallel_for(0, K, 1, [&](int64_t begin, int64_t end) {
+    std::vector<A> total(width);
+    for (int64_t k = begin; k < end; ++k) {
+      std::copy(partial.get() + k * ldp, partial.get() + k * ldp + width, total.begin());
+      for (int64_t c = 1; c < chunks; ++c) {
+        const A* part = partial.get() + (c * ldm + k) * ldp;
+        for (int64_t e = 0; e < width; ++e) total[e] += part[e];
+      }
+      for (int64_t e = 0; e < width; ++e) grad_phi[e * K + k] = total[e];
     }
   });
   for (int k = 0; k < KZ; ++k) {
     A total = 0;
-    for (int64_t c = 0; c < chunks; ++c) total += z_partial[c * KZ + k];
+    for (int64_t t = 0; t < tokens; ++t) total += dz[t * KZ + k];
     if (k < K) grad_bias[k] = total;
     else grad_alpha[k - K] = total;
   }
@@ -227,10 +434,9 @@ Four mappings_fwd(const at::Tensor& x, const at::Tensor& phi, const at::Tensor& 
   const Streams s = check_streams(x);
   MHC_DISPATCH_FLOATS(x.scalar_type(), "mhc_mappings_fwd", [&] {
     using A = at::opmath_type<scalar_t>;
-    MHC_DISPATCH_STREAMS(s.n, NT, mappings_fwd_kernel<NT>(
-        x.data_ptr<scalar_t>(), phi.data_ptr<A>(), alpha.data_ptr<A>(), bias.data_ptr<A>(), s.tokens,
-        s.n, s.hidden, checked_iters(iters), static_cast<A>(eps), h_pre.data_ptr<A>(),
-        h_post.data_ptr<A>(), h_res.data_ptr<A>(), saved.data_ptr<A>()));
+    mappings_fwd_kernel(x.data_ptr<scalar_t>(), phi.data_ptr<A>(), alpha.data_ptr<A>(), bias.data_ptr<A>(),
+                        s.tokens, s.n, s.hidden, checked_iters(iters), static_cast<A>(eps), h_pre.data_ptr<A>(),
+                        h_post.data_ptr<A>(), h_res.data_ptr<A>(), saved.data_ptr<A>());
   });
   return outputs;
 }
@@ -240,71 +446,69 @@ Four mappings_bwd(const at::Tensor& grad_pre, const at::Tensor& grad_post, const
                   const at::Tensor& saved, int64_t iters) {
   auto outputs = mappings_bwd_outputs(grad_pre, grad_post, grad_res, x, phi, alpha, bias, saved);
   at::Tensor& grad_x = std::get<0>(outputs);
+  prefer_huge_pages(grad_x);
   at::Tensor& grad_phi = std::get<1>(outputs);
   at::Tensor& grad_alpha = std::get<2>(outputs);
   at::Tensor& grad_bias = std::get<3>(outputs);
   const Streams s = check_streams(x);
   MHC_DISPATCH_FLOATS(x.scalar_type(), "mhc_mappings_bwd", [&] {
     using A = at::opmath_type<scalar_t>;
-    MHC_DISPATCH_STREAMS(s.n, NT, mappings_bwd_kernel<NT>(
-        grad_pre.data_ptr<A>(), grad_post.data_ptr<A>(), grad_res.data_ptr<A>(),
-        x.data_ptr<scalar_t>(), phi.data_ptr<A>(), alpha.data_ptr<A>(), bias.data_ptr<A>(),
-        saved.data_ptr<A>(), s.tokens, s.n, s.hidden, checked_iters(iters),
-        grad_x.data_ptr<scalar_t>(), grad_phi.data_ptr<A>(), grad_alpha.data_ptr<A>(),
-        grad_bias.data_ptr<A>()));
+    mappings_bwd_kernel(grad_pre.data_ptr<A>(), grad_post.data_ptr<A>(), grad_res.data_ptr<A>(),
+                        x.data_ptr<scalar_t>(), phi.data_ptr<A>(), alpha.data_ptr<A>(), bias.data_ptr<A>(),
+                        saved.data_ptr<A>(), s.tokens, s.n, s.hidden, checked_iters(iters),
+                        grad_x.data_ptr<scalar_t>(), grad_phi.data_ptr<A>(), grad_alpha.data_ptr<A>(),
+                        grad_bias.data_ptr<A>());
   });
   return outputs;
 }
 
 // ---------------------------------------------------------------- pre
 
+// pre and post_res stream rows of C values one vector at a time (the last one may be partial); the
+// per-stream vectors of a token stay in registers for n known at compile time (NT > 0).
+template <int NT>
+constexpr int kStreamSlots = NT > 0 ? NT : kMaxStreams;
+
 template <typename S, typename A>
 void pre_fwd_kernel(const S* x, const A* h_pre, S* out, int64_t tokens, int n, int64_t hidden) {
-  at::parallel_for(0, tokens, 4, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, tokens, 16, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const S* xt = x + t * n * hidden;
-      for (int64_t c0 = 0; c0 < hidden; c0 += kLanes) {
-        const int64_t len = std::min<int64_t>(kLanes, hidden - c0);
-        A acc[kLanes] = {};
-        for (int i = 0; i < n; ++i) {
-          A v[kLanes];
-          load_block(xt + i * hidden + c0, len, v);
-          const A h = h_pre[t * n + i];
-          for (int l = 0; l < kLanes; ++l) acc[l] += h * v[l];
-        }
-        for (int64_t l = 0; l < len; ++l) out[t * hidden + c0 + l] = static_cast<S>(acc[l]);
-      }
+      for_blocks<kVec<A>>(hidden, [&](int64_t c0, int len, auto full) {
+        constexpr bool kFull = decltype(full)::value;
+        Vec<A> acc = {};
+        for (int i = 0; i < n; ++i) acc += h_pre[t * n + i] * load_vec<A, kFull>(xt + i * hidden + c0, len);
+        store_vec<A, kFull>(acc, len, out + t * hidden + c0);
+      });
     }
   });
 }
 
-template <typename S, typename A>
+template <int NT, typename S, typename A>
 void pre_bwd_kernel(const S* grad_out, const S* x, const A* h_pre, S* grad_x, A* grad_h, int64_t tokens,
-                    int n, int64_t hidden) {
-  at::parallel_for(0, tokens, 4, [&](int64_t begin, int64_t end) {
-    A lanes[kMaxStreams][kLanes];
+                    int n_rt, int64_t hidden) {
+  const int n = NT > 0 ? NT : n_rt;
+  at::parallel_for(0, tokens, 16, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t o = t * n * hidden;
-      for (int i = 0; i < n; ++i) std::fill(lanes[i], lanes[i] + kLanes, A(0));
-      for (int64_t c0 = 0; c0 < hidden; c0 += kLanes) {
-        const int64_t len = std::min<int64_t>(kLanes, hidden - c0);
-        A g[kLanes];
-        load_block(grad_out + t * hidden + c0, len, g);
+      Vec<A> lanes[kStreamSlots<NT>] = {};
+      for_blocks<kVec<A>>(hidden, [&](int64_t c0, int len, auto full) {
+        constexpr bool kFull = decltype(full)::value;
+        const Vec<A> g = load_vec<A, kFull>(grad_out + t * hidden + c0, len);
+#pragma GCC unroll 16
         for (int i = 0; i < n; ++i) {
-          A v[kLanes];
-          load_block(x + o + i * hidden + c0, len, v);
-          const A h = h_pre[t * n + i];
-          for (int l = 0; l < kLanes; ++l) lanes[i][l] += g[l] * v[l];
-          for (int64_t l = 0; l < len; ++l) grad_x[o + i * hidden + c0 + l] = static_cast<S>(h * g[l]);
+          lanes[i] += g * load_vec<A, kFull>(x + o + i * hidden + c0, len);
+          store_vec<A, kFull>(h_pre[t * n + i] * g, len, grad_x + o + i * hidden + c0);
         }
-      }
-      for (int i = 0; i < n; ++i) grad_h[t * n + i] = sum_lanes(lanes[i]);
+      });
+      for (int i = 0; i < n; ++i) grad_h[t * n + i] = sum_lanes<A>(lanes[i]);
     }
   });
 }
 
 at::Tensor pre_fwd(const at::Tensor& x, const at::Tensor& h_pre) {
   auto out = pre_fwd_output(x, h_pre);
+  prefer_huge_pages(out);
   const Streams s = check_streams(x);
   MHC_DISPATCH_FLOATS(x.scalar_type(), "mhc_pre_fwd", [&] {
     using A = at::opmath_type<scalar_t>;
@@ -318,88 +522,86 @@ std::tuple<at::Tensor, at::Tensor> pre_bwd(const at::Tensor& grad_out, const at:
                                            const at::Tensor& h_pre) {
   auto outputs = pre_bwd_outputs(grad_out, x, h_pre);
   at::Tensor& grad_x = std::get<0>(outputs);
+  prefer_huge_pages(grad_x);
   at::Tensor& grad_h = std::get<1>(outputs);
   const Streams s = check_streams(x);
   MHC_DISPATCH_FLOATS(x.scalar_type(), "mhc_pre_bwd", [&] {
     using A = at::opmath_type<scalar_t>;
-    pre_bwd_kernel(grad_out.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), h_pre.data_ptr<A>(),
-                   grad_x.data_ptr<scalar_t>(), grad_h.data_ptr<A>(), s.tokens, s.n, s.hidden);
+    MHC_DISPATCH_STREAMS(s.n, NT, pre_bwd_kernel<NT>(
+        grad_out.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), h_pre.data_ptr<A>(),
+        grad_x.data_ptr<scalar_t>(), grad_h.data_ptr<A>(), s.tokens, s.n, s.hidden));
   });
   return outputs;
 }
 
 // ---------------------------------------------------------------- post_res
 
-template <typename S, typename A>
+template <int NT, typename S, typename A>
 void post_res_fwd_kernel(const S* x, const S* f, const A* h_post, const A* h_res, S* out, int64_t tokens,
-                         int n, int64_t hidden) {
-  at::parallel_for(0, tokens, 4, [&](int64_t begin, int64_t end) {
-    A v[kMaxStreams][kLanes];
+                         int n_rt, int64_t hidden) {
+  const int n = NT > 0 ? NT : n_rt;
+  at::parallel_for(0, tokens, 16, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t o = t * n * hidden;
       const A* hr = h_res + t * n * n;
-      for (int64_t c0 = 0; c0 < hidden; c0 += kLanes) {
-        const int64_t len = std::min<int64_t>(kLanes, hidden - c0);
-        A fb[kLanes];
-        load_block(f + t * hidden + c0, len, fb);
-        for (int j = 0; j < n; ++j) load_block(x + o + j * hidden + c0, len, v[j]);
+      for_blocks<kVec<A>>(hidden, [&](int64_t c0, int len, auto full) {
+        constexpr bool kFull = decltype(full)::value;
+        const Vec<A> fb = load_vec<A, kFull>(f + t * hidden + c0, len);
+        Vec<A> v[kStreamSlots<NT>];
+#pragma GCC unroll 16
+        for (int j = 0; j < n; ++j) v[j] = load_vec<A, kFull>(x + o + j * hidden + c0, len);
+#pragma GCC unroll 16
         for (int i = 0; i < n; ++i) {
-          A acc[kLanes];
-          const A hp = h_post[t * n + i];
-          for (int l = 0; l < kLanes; ++l) acc[l] = hp * fb[l];
-          for (int j = 0; j < n; ++j) {
-            const A h = hr[i * n + j];
-            for (int l = 0; l < kLanes; ++l) acc[l] += h * v[j][l];
-          }
-          for (int64_t l = 0; l < len; ++l) out[o + i * hidden + c0 + l] = static_cast<S>(acc[l]);
+          Vec<A> acc = h_post[t * n + i] * fb;
+#pragma GCC unroll 16
+          for (int j = 0; j < n; ++j) acc += hr[i * n + j] * v[j];
+          store_vec<A, kFull>(acc, len, out + o + i * hidden + c0);
         }
-      }
+      });
     }
   });
 }
 
-template <typename S, typename A>
+// One pass per token: dx[j] = sum_i h_res[i, j] g[i], df = sum_i h_post[i] g[i], and the
+// coefficient gradients sum_c g[i] x[j], sum_c g[i] f in vector lanes summed in a fixed order.
+template <int NT, typename S, typename A>
 void post_res_bwd_kernel(const S* grad_out, const S* x, const S* f, const A* h_post, const A* h_res,
-                         S* grad_x, S* grad_f, A* grad_h_post, A* grad_h_res, int64_t tokens, int n,
+                         S* grad_x, S* grad_f, A* grad_h_post, A* grad_h_res, int64_t tokens, int n_rt,
                          int64_t hidden) {
-  at::parallel_for(0, tokens, 4, [&](int64_t begin, int64_t end) {
-    std::vector<A> lanes_store((n * n + n) * kLanes);
-    A g[kMaxStreams][kLanes], v[kMaxStreams][kLanes];
+  const int n = NT > 0 ? NT : n_rt;
+  at::parallel_for(0, tokens, 16, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t o = t * n * hidden;
       const A* hr = h_res + t * n * n;
-      A* res_lanes = lanes_store.data();             // [n*n][kLanes]: sum_c g[i] x[j]
-      A* post_lanes = res_lanes + n * n * kLanes;    // [n][kLanes]:   sum_c g[i] f
-      std::fill(lanes_store.begin(), lanes_store.end(), A(0));
-      for (int64_t c0 = 0; c0 < hidden; c0 += kLanes) {
-        const int64_t len = std::min<int64_t>(kLanes, hidden - c0);
-        A fb[kLanes], df[kLanes] = {};
-        load_block(f + t * hidden + c0, len, fb);
+      Vec<A> res_lanes[kStreamSlots<NT> * kStreamSlots<NT>] = {};
+      Vec<A> post_lanes[kStreamSlots<NT>] = {};
+      for_blocks<kVec<A>>(hidden, [&](int64_t c0, int len, auto full) {
+        constexpr bool kFull = decltype(full)::value;
+        const Vec<A> fb = load_vec<A, kFull>(f + t * hidden + c0, len);
+        Vec<A> df = {}, g[kStreamSlots<NT>], v[kStreamSlots<NT>];
+#pragma GCC unroll 16
         for (int i = 0; i < n; ++i) {
-          load_block(grad_out + o + i * hidden + c0, len, g[i]);
-          load_block(x + o + i * hidden + c0, len, v[i]);
+          g[i] = load_vec<A, kFull>(grad_out + o + i * hidden + c0, len);
+          v[i] = load_vec<A, kFull>(x + o + i * hidden + c0, len);
         }
+#pragma GCC unroll 16
         for (int i = 0; i < n; ++i) {
-          const A hp = h_post[t * n + i];
-          for (int l = 0; l < kLanes; ++l) {
-            df[l] += hp * g[i][l];
-            post_lanes[i * kLanes + l] += g[i][l] * fb[l];
-          }
-          for (int j = 0; j < n; ++j)
-            for (int l = 0; l < kLanes; ++l) res_lanes[(i * n + j) * kLanes + l] += g[i][l] * v[j][l];
+          df += h_post[t * n + i] * g[i];
+          post_lanes[i] += g[i] * fb;
+#pragma GCC unroll 16
+          for (int j = 0; j < n; ++j) res_lanes[i * n + j] += g[i] * v[j];
         }
+#pragma GCC unroll 16
         for (int j = 0; j < n; ++j) {
-          A dx[kLanes] = {};
-          for (int i = 0; i < n; ++i) {
-            const A h = hr[i * n + j];
-            for (int l = 0; l < kLanes; ++l) dx[l] += h * g[i][l];
-          }
-          for (int64_t l = 0; l < len; ++l) grad_x[o + j * hidden + c0 + l] = static_cast<S>(dx[l]);
+          Vec<A> dx = {};
+#pragma GCC unroll 16
+          for (int i = 0; i < n; ++i) dx += hr[i * n + j] * g[i];
+          store_vec<A, kFull>(dx, len, grad_x + o + j * hidden + c0);
         }
-        for (int64_t l = 0; l < len; ++l) grad_f[t * hidden + c0 + l] = static_cast<S>(df[l]);
-      }
-      for (int k = 0; k < n * n; ++k) grad_h_res[t * n * n + k] = sum_lanes(res_lanes + k * kLanes);
-      for (int i = 0; i < n; ++i) grad_h_post[t * n + i] = sum_lanes(post_lanes + i * kLanes);
+        store_vec<A, kFull>(df, len, grad_f + t * hidden + c0);
+      });
+      for (int k = 0; k < n * n; ++k) grad_h_res[t * n * n + k] = sum_lanes<A>(res_lanes[k]);
+      for (int i = 0; i < n; ++i) grad_h_post[t * n + i] = sum_lanes<A>(post_lanes[i]);
     }
   });
 }
@@ -407,11 +609,13 @@ void post_res_bwd_kernel(const S* grad_out, const S* x, const S* f, const A* h_p
 at::Tensor post_res_fwd(const at::Tensor& x, const at::Tensor& f, const at::Tensor& h_post,
                         const at::Tensor& h_res) {
   auto out = post_res_fwd_output(x, f, h_post, h_res);
+  prefer_huge_pages(out);
   const Streams s = check_streams(x);
   MHC_DISPATCH_FLOATS(x.scalar_type(), "mhc_post_res_fwd", [&] {
     using A = at::opmath_type<scalar_t>;
-    post_res_fwd_kernel(x.data_ptr<scalar_t>(), f.data_ptr<scalar_t>(), h_post.data_ptr<A>(),
-                        h_res.data_ptr<A>(), out.data_ptr<scalar_t>(), s.tokens, s.n, s.hidden);
+    MHC_DISPATCH_STREAMS(s.n, NT, post_res_fwd_kernel<NT>(
+        x.data_ptr<scalar_t>(), f.data_ptr<scalar_t>(), h_post.data_ptr<A>(), h_res.data_ptr<A>(),
+        out.data_ptr<scalar_t>(), s.tokens, s.n, s.hidden));
   });
   return out;
 }
@@ -421,15 +625,17 @@ Four post_res_bwd(const at::Tensor& grad_out, const at::Tensor& x, const at::Ten
   auto outputs = post_res_bwd_outputs(grad_out, x, f, h_post, h_res);
   at::Tensor& grad_x = std::get<0>(outputs);
   at::Tensor& grad_f = std::get<1>(outputs);
+  prefer_huge_pages(grad_x);
+  prefer_huge_pages(grad_f);
   at::Tensor& grad_h_post = std::get<2>(outputs);
   at::Tensor& grad_h_res = std::get<3>(outputs);
   const Streams s = check_streams(x);
   MHC_DISPATCH_FLOATS(x.scalar_type(), "mhc_post_res_bwd", [&] {
     using A = at::opmath_type<scalar_t>;
-    post_res_bwd_kernel(grad_out.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), f.data_ptr<scalar_t>(),
-                        h_post.data_ptr<A>(), h_res.data_ptr<A>(), grad_x.data_ptr<scalar_t>(),
-                        grad_f.data_ptr<scalar_t>(), grad_h_post.data_ptr<A>(),
-                        grad_h_res.data_ptr<A>(), s.tokens, s.n, s.hidden);
+    MHC_DISPATCH_STREAMS(s.n, NT, post_res_bwd_kernel<NT>(
+        grad_out.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), f.data_ptr<scalar_t>(), h_post.data_ptr<A>(),
+        h_res.data_ptr<A>(), grad_x.data_ptr<scalar_t>(), grad_f.data_ptr<scalar_t>(),
+        grad_h_post.data_ptr<A>(), grad_h_res.data_ptr<A>(), s.tokens, s.n, s.hidden));
   });
   return outputs;
 }

@@ -48,8 +48,8 @@ __global__ void sinkhorn_fwd_kernel(const A* logits, A* out, int64_t count, int 
   if (t >= count) return;
   A lm[kMaxMatrix];
   for (int k = 0; k < n * n; ++k) lm[k] = logits[t * n * n + k];
-  sinkhorn_log_forward(lm, n, iters, static_cast<A*>(nullptr));
-  for (int k = 0; k < n * n; ++k) out[t * n * n + k] = exp_of(lm[k]);
+  sinkhorn_forward(lm, n, iters);
+  for (int k = 0; k < n * n; ++k) out[t * n * n + k] = lm[k];
 }
 
 // lse: sinkhorn_scratch_size(n, iters) values per matrix, in global memory (cached, per thread).

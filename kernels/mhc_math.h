@@ -2,11 +2,12 @@
 //
 // Conventions are those of mhc_megatron/ops/__init__.py: a token's streams are an n x C matrix
 // (row i = stream i), h_res multiplies from the left, Sinkhorn starts from exp(L - max) with one
-// max per matrix and normalises columns then rows, in the log domain. Mapping columns (phi, bias,
-// the projection u) are [pre (n) | post (n) | res (n*n, row-major)].
+// max per matrix and normalises columns then rows (in the scale or the log domain, see below).
+// Mapping columns (phi, bias, the projection u) are [pre (n) | post (n) | res (n*n, row-major)].
 //
 // Every function works on one token (one n x n matrix, or K = n*n + 2n coefficients) held in
-// caller-provided arrays, in the accumulation type A (float, or double for float64 data).
+// caller-provided arrays, in the accumulation type A (float, or double for float64 data); the
+// scale-domain Sinkhorn works on L matrices at once (the CPU's SIMD lanes; L = 1 on the GPU).
 #pragma once
 
 #include <cmath>
@@ -65,8 +66,101 @@ MHC_HD A line_logsumexp(const A* lm, bool columns, int n, int line) {
   return top + log_of(total);
 }
 
-// In place: logits lm [n*n] -> log of the Sinkhorn matrix after `iters` iterations. When `lse` is
-// not null it receives the normaliser of every half-step ([2*iters][n], columns first).
+// Sinkhorn runs in one of two domains, the same math:
+// * scale domain (the fast path): p = exp(L - max), then each half-step divides every column (then
+//   every row) by its sum; no transcendental per iteration. After the first half-step every line
+//   sum lies in [1/n, n], so nothing can overflow; the first one divides by sums >= exp(-spread),
+//   spread = max(L) - min(L) of the matrix.
+// * log domain (the fallback): lm = L - max, then lm -= logsumexp along each column, then row.
+// A matrix whose spread passes scale_domain_spread runs in the log domain, so that exp(-spread)
+// stays a normal number far from underflow (float 1.6e-28, double 1e-222).
+MHC_HD float scale_domain_spread(float) { return 64.0f; }
+MHC_HD double scale_domain_spread(double) { return 512.0; }
+
+// Whether the matrix at m[k * stride] (k < n*n) runs in the scale domain.
+template <typename A>
+MHC_HD bool in_scale_domain(const A* m, int n, int stride) {
+  A top = m[0], bottom = m[0];
+  for (int k = 1; k < n * n; ++k) {
+    const A v = m[k * stride];
+    top = v > top ? v : top;
+    bottom = v < bottom ? v : bottom;
+  }
+  return top - bottom <= scale_domain_spread(top);
+}
+
+// Scale domain on L matrices at once (SIMD lanes on the CPU, L = 1 on the GPU): entry k of matrix
+// l is p[k * L + l]. In place: logits -> the Sinkhorn matrices after `iters` iterations. When
+// `sums` is not null it receives every half-step's line sums ([2*iters][n][L], columns first).
+template <int L, typename A>
+MHC_HD void sinkhorn_scale_forward(A* p, int n, int iters, A* sums) {
+  A top[L];
+  for (int l = 0; l < L; ++l) top[l] = p[l];
+  for (int k = 1; k < n * n; ++k)
+    for (int l = 0; l < L; ++l) top[l] = p[k * L + l] > top[l] ? p[k * L + l] : top[l];
+  for (int k = 0; k < n * n; ++k)
+    for (int l = 0; l < L; ++l) p[k * L + l] = exp_of(p[k * L + l] - top[l]);
+  for (int step = 0; step < 2 * iters; ++step) {
+    const bool columns = step % 2 == 0;
+    for (int line = 0; line < n; ++line) {
+      A total[L] = {};
+      for (int k = 0; k < n; ++k)
+        for (int l = 0; l < L; ++l) total[l] += p[line_index(columns, n, line, k) * L + l];
+      A inverse[L];
+      for (int l = 0; l < L; ++l) inverse[l] = A(1) / total[l];
+      for (int k = 0; k < n; ++k)
+        for (int l = 0; l < L; ++l) p[line_index(columns, n, line, k) * L + l] *= inverse[l];
+      if (sums != nullptr)
+        for (int l = 0; l < L; ++l) sums[(step * n + line) * L + l] = total[l];
+    }
+  }
+}
+
+// Gradient w.r.t. the logits of L matrices in the scale domain (layout of sinkhorn_scale_forward).
+// g holds the output gradient and receives the logits' gradient; p (n*n*L values) and sums
+// (sinkhorn_scratch_size(n, iters) * L) are work space. Recomputes the iterations, then runs them in
+// reverse: a half-step y = x / s (s = sum of x along the line) has the vector-Jacobian product
+// gx = (gy - sum(gy * y)) / s along the line, and x = y * s. Then p = exp(L - max) gives
+// g * p, and the max is differentiated like amax (split evenly among ties).
+template <int L, typename A>
+MHC_HD void sinkhorn_scale_backward(const A* logits, A* g, int n, int iters, A* p, A* sums) {
+  const int nn = n * n;
+  for (int k = 0; k < nn * L; ++k) p[k] = logits[k];
+  sinkhorn_scale_forward<L>(p, n, iters, sums);
+  for (int step = 2 * iters - 1; step >= 0; --step) {
+    const bool columns = step % 2 == 0;
+    for (int line = 0; line < n; ++line) {
+      A dot[L] = {};
+      for (int k = 0; k < n; ++k) {
+        const int idx = line_index(columns, n, line, k) * L;
+        for (int l = 0; l < L; ++l) dot[l] += g[idx + l] * p[idx + l];
+      }
+      const A* s = sums + (step * n + line) * L;
+      for (int k = 0; k < n; ++k) {
+        const int idx = line_index(columns, n, line, k) * L;
+        for (int l = 0; l < L; ++l) {
+          g[idx + l] = (g[idx + l] - dot[l]) / s[l];
+          p[idx + l] *= s[l];  // back to the state before this half-step
+        }
+      }
+    }
+  }
+  A top[L], total[L] = {}, ties[L] = {};
+  for (int l = 0; l < L; ++l) top[l] = logits[l];
+  for (int k = 1; k < nn; ++k)
+    for (int l = 0; l < L; ++l) top[l] = logits[k * L + l] > top[l] ? logits[k * L + l] : top[l];
+  for (int k = 0; k < nn; ++k)
+    for (int l = 0; l < L; ++l) {
+      g[k * L + l] *= p[k * L + l];
+      total[l] += g[k * L + l];
+      ties[l] += logits[k * L + l] == top[l] ? A(1) : A(0);
+    }
+  for (int k = 0; k < nn; ++k)
+    for (int l = 0; l < L; ++l) g[k * L + l] -= logits[k * L + l] == top[l] ? total[l] / ties[l] : A(0);
+}
+
+// Log domain, in place: logits lm [n*n] -> log of the Sinkhorn matrix after `iters` iterations.
+// When `lse` is not null it receives the normaliser of every half-step ([2*iters][n], columns first).
 template <typename A>
 MHC_HD void sinkhorn_log_forward(A* lm, int n, int iters, A* lse) {
   A top = lm[0];
@@ -82,13 +176,12 @@ MHC_HD void sinkhorn_log_forward(A* lm, int n, int iters, A* lse) {
   }
 }
 
-// Gradient of sinkhorn w.r.t. the logits of one matrix. Recomputes the forward iterations into
-// lm [n*n] (work) and lse (sinkhorn_scratch_size values), then runs them in reverse: a half-step
-// l' = l - logsumexp(l) has the vector-Jacobian product g = g' - exp(l') * sum(g') along its axis.
-// The max subtracted at the start is differentiated like amax (split evenly among ties).
+// Log-domain gradient of one matrix (lm: n*n work values, lse: sinkhorn_scratch_size). Recomputes
+// the iterations, then runs them in reverse: a half-step l' = l - logsumexp(l) has the
+// vector-Jacobian product g = g' - exp(l') * sum(g') along its axis. The max as in the scale domain.
 template <typename A>
-MHC_HD void sinkhorn_backward(const A* logits, const A* grad_out, A* grad_in, int n, int iters,
-                              A* lm, A* lse) {
+MHC_HD void sinkhorn_log_backward(const A* logits, const A* grad_out, A* grad_in, int n, int iters,
+                                  A* lm, A* lse) {
   const int nn = n * n;
   for (int k = 0; k < nn; ++k) lm[k] = logits[k];
   sinkhorn_log_forward(lm, n, iters, lse);
@@ -119,6 +212,30 @@ MHC_HD void sinkhorn_backward(const A* logits, const A* grad_out, A* grad_in, in
   }
 }
 
+// One matrix in whichever domain fits it, in place: logits m [n*n] -> the Sinkhorn matrix.
+template <typename A>
+MHC_HD void sinkhorn_forward(A* m, int n, int iters) {
+  if (in_scale_domain(m, n, 1)) {
+    sinkhorn_scale_forward<1>(m, n, iters, static_cast<A*>(nullptr));
+    return;
+  }
+  sinkhorn_log_forward(m, n, iters, static_cast<A*>(nullptr));
+  for (int k = 0; k < n * n; ++k) m[k] = exp_of(m[k]);
+}
+
+// Gradient of one matrix in whichever domain fits it; work: n*n values, scratch:
+// sinkhorn_scratch_size(n, iters) values.
+template <typename A>
+MHC_HD void sinkhorn_backward(const A* logits, const A* grad_out, A* grad_in, int n, int iters,
+                              A* work, A* scratch) {
+  if (in_scale_domain(logits, n, 1)) {
+    for (int k = 0; k < n * n; ++k) grad_in[k] = grad_out[k];
+    sinkhorn_scale_backward<1>(logits, grad_in, n, iters, work, scratch);
+  } else {
+    sinkhorn_log_backward(logits, grad_out, grad_in, n, iters, work, scratch);
+  }
+}
+
 // Scale of mapping column k: alpha[0] (pre), alpha[1] (post) or alpha[2] (res).
 MHC_HD int column_group(int n, int k) { return k < n ? 0 : (k < 2 * n ? 1 : 2); }
 
@@ -128,32 +245,31 @@ MHC_HD void mapping_logits(const A* u, const A* alpha, const A* bias, int n, A* 
   for (int k = 0; k < num_columns(n); ++k) z[k] = alpha[column_group(n, k)] * u[k] + bias[k];
 }
 
-// Forward epilogue of one token: projection u [K] -> h_pre [n], h_post [n], h_res [n*n].
-// z [K] is work space (its res part ends as the log of h_res).
+// Gates of one token: projection u [K] -> z [K] (whose res part are the logits of h_res),
+// h_pre [n], h_post [n].
 template <typename A>
-MHC_HD void mappings_epilogue(const A* u, const A* alpha, const A* bias, int n, int iters, A* z,
-                              A* h_pre, A* h_post, A* h_res) {
+MHC_HD void mappings_gates(const A* u, const A* alpha, const A* bias, int n, A* z, A* h_pre, A* h_post) {
   mapping_logits(u, alpha, bias, n, z);
   for (int i = 0; i < n; ++i) {
     h_pre[i] = sigmoid(z[i]);
     h_post[i] = A(2) * sigmoid(z[n + i]);
   }
-  A* res = z + 2 * n;
-  sinkhorn_log_forward(res, n, iters, static_cast<A*>(nullptr));
-  for (int k = 0; k < n * n; ++k) h_res[k] = exp_of(res[k]);
 }
 
-// Backward of one token's coefficients. Given the output gradients (grad_res may be the same
-// values as h_res's layout [n*n]) and the saved u [K], inv_r = 1/r, it writes
-//   dz [K]       gradient of z (also of bias), and dz * u summed per group into dalpha [3];
-//   dm [K]       gradient of the raw projection m = v @ phi;
-//   returns c    such that dv = dm @ phi^T + c * v (the RMS term), for `width` = n*C values of v.
-// z holds K values, lm n*n and lse sinkhorn_scratch_size(n, iters) (Sinkhorn backward work).
+// Forward epilogue of one token: the gates, then h_res [n*n] = sinkhorn of z's res part.
 template <typename A>
-MHC_HD A mappings_coeff_backward(const A* grad_pre, const A* grad_post, const A* grad_res,
-                                 const A* u, A inv_r, const A* alpha, const A* bias, int n,
-                                 int iters, long width, A* z, A* lm, A* lse, A* dz, A* dalpha,
-                                 A* dm) {
+MHC_HD void mappings_epilogue(const A* u, const A* alpha, const A* bias, int n, int iters, A* z,
+                              A* h_pre, A* h_post, A* h_res) {
+  mappings_gates(u, alpha, bias, n, z, h_pre, h_post);
+  for (int k = 0; k < n * n; ++k) h_res[k] = z[2 * n + k];
+  sinkhorn_forward(h_res, n, iters);
+}
+
+// Backward of the gates of one token: z [K] as mappings_gates, and dz [2n] (pre, post parts of the
+// gradient of z) from the output gradients.
+template <typename A>
+MHC_HD void mappings_gates_backward(const A* grad_pre, const A* grad_post, const A* u, const A* alpha,
+                                    const A* bias, int n, A* z, A* dz) {
   mapping_logits(u, alpha, bias, n, z);
   for (int i = 0; i < n; ++i) {
     const A s_pre = sigmoid(z[i]);
@@ -161,7 +277,14 @@ MHC_HD A mappings_coeff_backward(const A* grad_pre, const A* grad_post, const A*
     const A s_post = sigmoid(z[n + i]);
     dz[n + i] = A(2) * grad_post[i] * s_post * (A(1) - s_post);
   }
-  sinkhorn_backward(z + 2 * n, grad_res, dz + 2 * n, n, iters, lm, lse);
+}
+
+// From the gradient dz [K] of z (also that of bias) and the saved u [K], inv_r = 1/r: dz * u summed
+// per group into dalpha [3], the gradient dm [K] of the raw projection m = v @ phi, and the
+// returned c such that dv = dm @ phi^T + c * v (the RMS term), for `width` = n*C values of v.
+template <typename A>
+MHC_HD A mappings_projection_backward(const A* dz, const A* u, A inv_r, const A* alpha, int n, long width,
+                                      A* dalpha, A* dm) {
   A projected = 0;
   for (int g = 0; g < 3; ++g) dalpha[g] = 0;
   for (int k = 0; k < num_columns(n); ++k) {
@@ -172,6 +295,19 @@ MHC_HD A mappings_coeff_backward(const A* grad_pre, const A* grad_post, const A*
     dalpha[g] += dz[k] * u[k];
   }
   return -projected * inv_r * inv_r / A(width);
+}
+
+// Backward of one token's coefficients: mappings_gates_backward, the Sinkhorn backward of the res
+// part of dz, then mappings_projection_backward (its outputs and return value). z holds K values,
+// lm n*n and lse sinkhorn_scratch_size(n, iters) (Sinkhorn backward work).
+template <typename A>
+MHC_HD A mappings_coeff_backward(const A* grad_pre, const A* grad_post, const A* grad_res,
+                                 const A* u, A inv_r, const A* alpha, const A* bias, int n,
+                                 int iters, long width, A* z, A* lm, A* lse, A* dz, A* dalpha,
+                                 A* dm) {
+  mappings_gates_backward(grad_pre, grad_post, u, alpha, bias, n, z, dz);
+  sinkhorn_backward(z + 2 * n, grad_res, dz + 2 * n, n, iters, lm, lse);
+  return mappings_projection_backward(dz, u, inv_r, alpha, n, width, dalpha, dm);
 }
 
 }  // namespace mhc

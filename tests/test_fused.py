@@ -8,6 +8,8 @@ reason (extension not built, built without CUDA, no GPU). Tolerances:
   last place (``FLOOR``) for results where both errors are pure rounding.
 """
 
+import math
+
 import pytest
 import torch
 
@@ -85,6 +87,23 @@ def test_float64_matches_reference(op, n, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("lead", [(), (2, 3)])
+@pytest.mark.parametrize("op", ["mappings", "pre", "post_res"])
+def test_streams_with_any_leading_dimensions(op, lead, device):
+    """x [n, C] or [s, b, n, C] reaches the kernels as it is (no reshape); results as the reference."""
+    device = require_fused(device)
+    inputs = make_inputs(op, n=3, hidden=5, tokens=math.prod(lead))
+    if op == "mappings":
+        inputs[0] = inputs[0].reshape(*lead, 3, 5)
+    else:  # every input is per token: x, then f / h_pre / h_post / h_res
+        inputs = [t.reshape(*lead, *t.shape[1:]) for t in inputs]
+    want = run(op, inputs, "reference", torch.device("cpu"), torch.float64)
+    got = run(op, inputs, "fused", device, torch.float64)
+    assert [g.shape for g in got] == [w.shape for w in want]
+    assert relative_error(got, want) <= FLOAT64_TOLERANCE
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("op", list(OPS))
 def test_low_precision_within_twice_the_reference_error(op, dtype, device):
@@ -106,6 +125,41 @@ def test_large_logits_stay_finite_and_match(op, dtype, device):
     """Logits spread by ~100s: exp underflows for whole columns; the log domain must hold."""
     device = require_fused(device)
     inputs = make_inputs(op, n=4, hidden=16, tokens=8, logit_scale=300.0)
+    want = run(op, inputs, "reference", torch.device("cpu"), torch.float64)
+    got = run(op, inputs, "fused", device, dtype)
+    assert all(torch.isfinite(g).all() for g in got)
+    assert relative_error(got, want) <= (FLOAT64_TOLERANCE if dtype == torch.float64 else 1e-4)
+
+
+# The Sinkhorn kernels run a matrix in the scale domain when its logit spread (max - min) is at
+# most this, else in the log domain (mhc_math.h, scale_domain_spread).
+SCALE_DOMAIN_SPREAD = {torch.float64: 512.0, torch.float32: 64.0}
+
+
+def sinkhorn_logits(op: str, inputs) -> torch.Tensor:
+    """The logits [T, n, n] that ``op`` runs Sinkhorn on (``mappings``: the res part of z)."""
+    if op == "sinkhorn":
+        return inputs[0]
+    x, phi, alpha, bias, _, eps = inputs
+    n = x.shape[-2]
+    flat = x.reshape(x.shape[0], -1)
+    u = flat @ phi / (flat.square().mean(-1, keepdim=True) + eps).sqrt()
+    return (alpha[2] * u[:, 2 * n:] + bias[2 * n:]).reshape(-1, n, n)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("op", ["sinkhorn", "mappings"])
+def test_scale_and_log_domain_matrices_side_by_side(op, dtype, device):
+    """Spreads on both sides of the scale-domain limit in one batch (one SIMD group on the CPU)."""
+    device = require_fused(device)
+    limit = SCALE_DOMAIN_SPREAD[dtype]
+    inputs = make_inputs(op, n=4, hidden=16, tokens=37, logit_scale=limit / 5)
+    if op == "sinkhorn":  # per-token scales from well inside the scale domain to far past it
+        inputs[0] = inputs[0] * torch.tensor([0.05, 0.5, 1.0, 1.5, 3.0])[torch.arange(37) % 5, None, None].double()
+    logits = sinkhorn_logits(op, inputs)
+    spread = logits.amax((-2, -1)) - logits.amin((-2, -1))
+    assert (spread <= limit).any() and (spread > limit).any()
     want = run(op, inputs, "reference", torch.device("cpu"), torch.float64)
     got = run(op, inputs, "fused", device, dtype)
     assert all(torch.isfinite(g).all() for g in got)

@@ -8,8 +8,11 @@ kernels. This module registers, when the extension is present:
 * autograd: each ``*_fwd`` op is differentiated by its ``*_bwd`` op.
 
 The functions below take arguments already validated by the public operators and return what the
-reference returns (same shapes, dtypes and conventions): they flatten the leading dimensions to T
-tokens, make inputs contiguous and cast coefficients to the coefficient dtype.
+reference returns (same shapes, dtypes and conventions): they make inputs contiguous and cast
+coefficients to the coefficient dtype. Stream tensors keep their shape ``[..., n, C]`` (the ops
+flatten the leading dimensions themselves): a reshape here would put a view between the ops and
+autograd, and the gradients of ``x`` from mappings, pre and post_res would then be summed into a
+fresh tensor instead of in place.
 """
 
 from __future__ import annotations
@@ -49,33 +52,30 @@ def sinkhorn(logits: torch.Tensor, iters: int) -> torch.Tensor:
 
 
 def mappings(x, phi, alpha, bias, iters, eps):
-    n, hidden = x.shape[-2:]
+    n = x.shape[-2]
     lead = x.shape[:-2]
     dtype = coefficient_dtype(x.dtype)
     h_pre, h_post, h_res, _ = torch.ops.mhc_megatron.mappings_fwd(
-        x.reshape(-1, n, hidden).contiguous(), _coefficients(phi, dtype), _coefficients(alpha, dtype),
-        _coefficients(bias, dtype), iters, eps,
+        x.contiguous(), _coefficients(phi, dtype), _coefficients(alpha, dtype), _coefficients(bias, dtype), iters, eps,
     )
     return h_pre.reshape(*lead, n), h_post.reshape(*lead, n), h_res.reshape(*lead, n, n)
 
 
 def pre(x: torch.Tensor, h_pre: torch.Tensor) -> torch.Tensor:
-    n, hidden = x.shape[-2:]
-    out = torch.ops.mhc_megatron.pre_fwd(
-        x.reshape(-1, n, hidden).contiguous(), _coefficients(h_pre, coefficient_dtype(x.dtype)).reshape(-1, n)
+    n = x.shape[-2]
+    return torch.ops.mhc_megatron.pre_fwd(
+        x.contiguous(), _coefficients(h_pre, coefficient_dtype(x.dtype)).reshape(-1, n)
     )
-    return out.reshape(*x.shape[:-2], hidden)
 
 
 def post_res(x: torch.Tensor, f: torch.Tensor, h_post: torch.Tensor, h_res: torch.Tensor) -> torch.Tensor:
     """As the reference, except that ``f`` is cast to the dtype of ``x`` first when they differ."""
-    n, hidden = x.shape[-2:]
+    n = x.shape[-2]
     dtype = coefficient_dtype(x.dtype)
-    out = torch.ops.mhc_megatron.post_res_fwd(
-        x.reshape(-1, n, hidden).contiguous(), f.to(x.dtype).reshape(-1, hidden).contiguous(),
+    return torch.ops.mhc_megatron.post_res_fwd(
+        x.contiguous(), f.to(x.dtype).contiguous(),
         _coefficients(h_post, dtype).reshape(-1, n), _coefficients(h_res, dtype).reshape(-1, n, n),
     )
-    return out.reshape(x.shape)
 
 
 def _grad(grad: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
@@ -96,7 +96,7 @@ def _register() -> None:
 
     @torch.library.register_fake(lib + "mappings_fwd")
     def _(x, phi, alpha, bias, iters, eps):
-        tokens, n = x.shape[0], x.shape[1]
+        tokens, n = x.shape[:-2].numel(), x.shape[-2]
         return (phi.new_empty(tokens, n), phi.new_empty(tokens, n), phi.new_empty(tokens, n, n),
                 phi.new_empty(tokens, n * n + 2 * n + 1))
 
@@ -106,7 +106,7 @@ def _register() -> None:
 
     @torch.library.register_fake(lib + "pre_fwd")
     def _(x, h_pre):
-        return x.new_empty(x.shape[0], x.shape[2])
+        return x.new_empty(*x.shape[:-2], x.shape[-1])
 
     @torch.library.register_fake(lib + "pre_bwd")
     def _(grad_out, x, h_pre):
@@ -145,7 +145,7 @@ def _register() -> None:
 
     def pre_backward(ctx, grad):
         x, h_pre = ctx.saved_tensors
-        return torch.ops.mhc_megatron.pre_bwd(_grad(grad, x[:, 0]), x, h_pre)
+        return torch.ops.mhc_megatron.pre_bwd(_grad(grad, x[..., 0, :]), x, h_pre)
 
     def post_res_setup(ctx, inputs, output):
         ctx.save_for_backward(*inputs)
