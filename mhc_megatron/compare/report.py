@@ -28,6 +28,8 @@ from pathlib import Path
 import yaml
 from matplotlib.figure import Figure
 
+from mhc_megatron.jsonl import read_jsonl
+
 BASELINE = "residual"
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
@@ -74,22 +76,13 @@ def load_metrics(run_dir: str | Path) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"no metrics file {path}: is {run_dir} a run directory of mhc_megatron.train?")
     by_step: dict[int, dict] = {}
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(
-                    f"{path}:{number} is not valid JSON ({error.msg} at column {error.colno}): {line.strip()[:120]!r}"
-                ) from error
-            step = record.get("step") if isinstance(record, dict) else None
-            if isinstance(step, bool) or not isinstance(step, int) or step < 1:
-                raise ValueError(
-                    f"{path}:{number} must be a JSON object with an integer 'step' >= 1, got {line.strip()[:120]!r}"
-                )
-            by_step[step] = record
+    for number, record in read_jsonl(path):
+        step = record.get("step") if isinstance(record, dict) else None
+        if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+            raise ValueError(
+                f"{path}:{number} must be a JSON object with an integer 'step' >= 1, got {json.dumps(record)[:120]!r}"
+            )
+        by_step[step] = record
     return [by_step[step] for step in sorted(by_step)]
 
 

@@ -9,7 +9,6 @@ dataset behind. Command line: ``mhc-preprocess --input FILE... --output-prefix P
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -19,23 +18,17 @@ from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 from tqdm import tqdm
 
 from mhc_megatron.data.tokenizers import BYTE_LEVEL, build_tokenizer
+from mhc_megatron.jsonl import read_jsonl
 
 
 def _documents(path: Path, json_key: str) -> Iterator[str]:
     if path.suffix != ".jsonl":
         yield path.read_text(encoding="utf-8", errors="replace")
         return
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{number} is not valid JSON: {error}") from error
-            if not isinstance(record, dict) or not isinstance(record.get(json_key), str):
-                raise ValueError(f"{path}:{number} has no string field {json_key!r}")
-            yield record[json_key]
+    for number, record in read_jsonl(path):
+        if not isinstance(record, dict) or not isinstance(record.get(json_key), str):
+            raise ValueError(f"{path}:{number} has no string field {json_key!r}")
+        yield record[json_key]
 
 
 def preprocess_files(
