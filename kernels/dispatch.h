@@ -206,3 +206,16 @@ inline int64_t reduction_chunks(int64_t tokens, int64_t partial_size) {
 // The stream dtypes every op accepts.
 #define MHC_DISPATCH_FLOATS(dtype, name, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, name, __VA_ARGS__)
+
+// Registers one backend's eight kernels (each file's own mhc::*_fwd / *_bwd) for dispatch `KEY`.
+#define MHC_REGISTER_KERNELS(KEY)                        \
+  TORCH_LIBRARY_IMPL(mhc_megatron, KEY, m) {             \
+    m.impl("sinkhorn_fwd", &mhc::sinkhorn_fwd);          \
+    m.impl("sinkhorn_bwd", &mhc::sinkhorn_bwd);          \
+    m.impl("mappings_fwd", &mhc::mappings_fwd);          \
+    m.impl("mappings_bwd", &mhc::mappings_bwd);          \
+    m.impl("pre_fwd", &mhc::pre_fwd);                    \
+    m.impl("pre_bwd", &mhc::pre_bwd);                    \
+    m.impl("post_res_fwd", &mhc::post_res_fwd);          \
+    m.impl("post_res_bwd", &mhc::post_res_bwd);          \
+  }

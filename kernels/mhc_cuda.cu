@@ -509,13 +509,4 @@ Four post_res_bwd(const at::Tensor& grad_out, const at::Tensor& x, const at::Ten
 }  // namespace
 }  // namespace mhc
 
-TORCH_LIBRARY_IMPL(mhc_megatron, CUDA, m) {
-  m.impl("sinkhorn_fwd", &mhc::sinkhorn_fwd);
-  m.impl("sinkhorn_bwd", &mhc::sinkhorn_bwd);
-  m.impl("mappings_fwd", &mhc::mappings_fwd);
-  m.impl("mappings_bwd", &mhc::mappings_bwd);
-  m.impl("pre_fwd", &mhc::pre_fwd);
-  m.impl("pre_bwd", &mhc::pre_bwd);
-  m.impl("post_res_fwd", &mhc::post_res_fwd);
-  m.impl("post_res_bwd", &mhc::post_res_bwd);
-}
+MHC_REGISTER_KERNELS(CUDA)
