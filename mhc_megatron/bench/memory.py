@@ -66,23 +66,25 @@ def residual_bytes_per_token_layer(shape: SliceShape) -> float:
     )
 
 
-def hyper_connection_bytes_per_token_layer(shape: SliceShape, kept_state_fraction: float) -> float:
+def hyper_connection_bytes_per_token_layer(shape: SliceShape, block_size: int | None) -> float:
     """What the two hyper-connections of one mHC layer add per token.
 
-    Per sub-layer: the input stream state (n C, only ``kept_state_fraction`` of them with block
-    recompute), the sub-layer output (C, for the gradient of h_post), and the float32 coefficients:
-    h_res (n^2), h_pre and h_post (2n), and the projection with its rms (n^2 + 2n + 1).
+    Per sub-layer: the float32 coefficients, h_res (n^2), h_pre and h_post (2n), and the projection
+    with its rms (n^2 + 2n + 1); without recompute also its input stream state (n C) and its output
+    (C, for the gradient of h_post). Block recompute keeps the input state at block starts only
+    (``kept_state_fraction``), and the sub-layer input the norm would keep (C, counted in the
+    residual layer) is rebuilt too, which the kept output (C) offsets.
     """
     e = torch.finfo(shape.dtype).bits // 8
     n, c = shape.streams, shape.hidden
     coefficients = (2 * n * n + 4 * n + 1) * FLOAT32
-    return 2 * (kept_state_fraction * n * c * e + c * e + coefficients)
-
-
-def kept_state_fraction(layers: int, block_size: int | None) -> float:
-    """Share of the 2 L sub-layer input states kept: every one without recompute, block starts with."""
     if block_size is None:
-        return 1.0
+        return 2 * (n * c * e + c * e + coefficients)
+    return 2 * (kept_state_fraction(shape.layers, block_size) * n * c * e + coefficients)
+
+
+def kept_state_fraction(layers: int, block_size: int) -> float:
+    """Share of the 2 L sub-layer input states block recompute keeps: the block starts."""
     sublayers = 2 * layers
     return -(-sublayers // block_size) / sublayers
 
@@ -93,19 +95,20 @@ def activation_bytes_per_token_layer(shape: SliceShape, hc_mode: str, block_size
     e = torch.finfo(shape.dtype).bits // 8
     total = residual_bytes_per_token_layer(shape) + (2 * shape.hidden * e + FLOAT32) / shape.layers
     if hc_mode == "mhc":
-        total += hyper_connection_bytes_per_token_layer(shape, kept_state_fraction(shape.layers, block_size))
+        total += hyper_connection_bytes_per_token_layer(shape, block_size)
     return total
 
 
 def peak_bytes_per_token_layer(shape: SliceShape, hc_mode: str, block_size: int | None) -> float:
-    """The model's peak: the end of forward plus, with block recompute, the states of the slice's last
-    block rebuilt at the start of backward, while almost everything else is still held."""
+    """The model's peak: the end of forward plus, with block recompute, what is rebuilt for the
+    slice's last sub-layer at the start of backward, while almost everything else is still held: its
+    layer input (C) and, unless it starts a block, its input state (n C). Later rebuilds come after
+    backward has released more than they hold."""
     total = activation_bytes_per_token_layer(shape, hc_mode, block_size)
     if hc_mode == "mhc" and block_size is not None:
-        sublayers = 2 * shape.layers
-        last_block = sublayers - (-(-sublayers // block_size) - 1) * block_size
         e = torch.finfo(shape.dtype).bits // 8
-        total += (last_block - 1) * shape.streams * shape.hidden * e / shape.layers
+        last_state_rebuilt = (2 * shape.layers - 1) % block_size != 0
+        total += (last_state_rebuilt * shape.streams + 1) * shape.hidden * e / shape.layers
     return total
 
 
@@ -152,7 +155,7 @@ def _build_decoder(shape: SliceShape, hc_mode: str, block_size: int | None, devi
 
 class SavedTensorBytes:
     """Bytes of the storages autograd holds for backward (each counted once, parameters excluded),
-    sampled at the end of forward and whenever block recompute has rebuilt a block (its peak)."""
+    sampled at the end of forward and after every rebuild of block recompute (its peak)."""
 
     def __init__(self, model) -> None:
         self.parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -290,7 +293,7 @@ def _print_table(shape: SliceShape, results: dict, device: torch.device) -> None
         f"heads {shape.heads}, seq {shape.seq}, micro-batch {shape.micro_batch}, n = {shape.streams}, "
         f"{str(shape.dtype).removeprefix('torch.')}, {device.type}"
     )
-    print(f"{'':42} {'end of forward':>31}   {'peak (+ block rebuild)':>31}   {'forward + backward':>20}")
+    print(f"{'':42} {'end of forward':>31}   {'peak (+ rebuilt in bwd)':>31}   {'forward + backward':>20}")
     print(f"{'variant':42} {'measured':>9} {'vs res.':>8} {'model':>9} {'err':>4}   {'measured':>9} {'vs res.':>8} "
           f"{'model':>9} {'err':>4}   {'ms':>9} {'vs res.':>8}")
     for label, r in results.items():

@@ -147,7 +147,7 @@ class HyperConnectionTransformerLayer(TransformerLayer):
         layer_input, mixing = self.attention_hyper_connection.pre(streams)
         attention_output, context = self._forward_attention(layer_input, **kwargs)
         next_streams = self.attention_hyper_connection.post_res(streams, attention_output, mixing)
-        self._track(0, self.attention_hyper_connection, streams, attention_output, next_streams)
+        self._track(0, self.attention_hyper_connection, streams, layer_input, mixing, attention_output, next_streams)
         streams = next_streams
 
         layer_input, mixing = self.mlp_hyper_connection.pre(streams)
@@ -158,7 +158,7 @@ class HyperConnectionTransformerLayer(TransformerLayer):
             packed_seq_params=kwargs.get("packed_seq_params"),
         )
         next_streams = self.mlp_hyper_connection.post_res(streams, mlp_output, mixing)
-        self._track(1, self.mlp_hyper_connection, streams, mlp_output, next_streams)
+        self._track(1, self.mlp_hyper_connection, streams, layer_input, mixing, mlp_output, next_streams)
         streams = next_streams
 
         if self.stream_collapse is not None:
@@ -169,14 +169,16 @@ class HyperConnectionTransformerLayer(TransformerLayer):
         output = make_viewless_tensor(inp=streams, requires_grad=streams.requires_grad, keep_graph=True)
         return output, context
 
-    def _track(self, which: int, connection, streams, output, next_streams) -> None:
+    def _track(self, which: int, connection, streams, layer_input, mixing, output, next_streams) -> None:
         """Hand sub-layer ``which`` (0 attention, 1 MLP) to the block recomputation, if on."""
         if self.block_recompute is not None and self.num_streams > 1:
             self.block_recompute.after_sublayer(
                 self.first_chunk_sublayer + which,
                 streams,
+                layer_input,
                 next_streams,
-                lambda state: connection.next_streams(state, output),
+                read=lambda state: connection.read(state, mixing.h_pre),
+                advance=lambda state: connection.post_res(state, output, mixing),
             )
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):

@@ -1,19 +1,27 @@
 """mHC's block recomputation of the stream state (paper, section 4.3).
 
-Without it, every hyper-connected sub-layer keeps its input stream state ``x_l`` (``n*C`` values per
-token) for backward. With ``mhc_recompute="block"`` the sub-layers of each (virtual) pipeline chunk
-form blocks of ``L_r`` consecutive sub-layers; only the state at a block's start is kept, with each
-sub-layer's output ``f_l`` (kept anyway: ``post_res`` needs it). The other states are freed as soon
-as the forward pass no longer needs them, and rebuilt when backward reaches the block's last
-sub-layer, by replaying ``x_{l+1} = post_res(x_l, f_l, mappings(x_l))`` from the block start. The
-replay runs the same operators on the same inputs, so the rebuilt states, and every gradient, are
-bitwise those of ``none``.
+Without it, every hyper-connected sub-layer ``l`` keeps for backward its input stream state ``x_l``
+(``n*C`` values per token, read by the mappings, ``pre`` and ``post_res``) and its layer input
+``u_l = h_pre x_l`` (``C``, the sub-layer's norm keeps it), besides its output ``f_l`` (``C``,
+``post_res`` needs it for the gradient of ``h_post``) and its coefficients. With
+``mhc_recompute="block"`` the sub-layers of each (virtual) pipeline chunk form blocks of ``L_r``
+consecutive sub-layers and only the state at a block's start is kept; the other states and every
+layer input are freed as soon as forward no longer needs them.
 
-Mechanics: a freed state keeps its tensor (which autograd holds) but its storage shrinks to zero
-bytes; the rebuild writes the replayed values back into that storage, below autograd's version
-counters, the way megatron-core's ``CheckpointWithoutOutput`` restores its outputs. The rebuild is a
-hook on the gradient of the block's last state, which autograd runs before any backward of the
-block. Blocks never cross a pipeline chunk: the chunk's input and output are block boundaries.
+Backward rebuilds them one sub-layer at a time, just before that sub-layer's backward: ``x_l`` by
+replaying ``x_{k+1} = post_res(x_k, f_k, h_post_k, h_res_k)`` from the block start with the kept
+outputs and coefficients, then ``u_l = read(x_l, h_pre_l)``; both are freed again when the
+sub-layer's backward is done. So at most one rebuilt state per chunk is held at any time, for a
+replay of up to ``L_r - 1`` ``post_res`` per sub-layer (memory-bound and small next to the layer's
+matrix products). The replay runs the same operators on the same inputs as forward, so the rebuilt
+tensors, and every gradient, are bitwise those of ``none``.
+
+Mechanics: a freed tensor stays (autograd holds it) but its storage shrinks to zero bytes; the
+rebuild writes the values back into that storage, below autograd's version counters, the way
+megatron-core's ``CheckpointWithoutOutput`` restores its outputs. The rebuild of sub-layer ``l`` is
+a hook on the gradient of its output state ``x_{l+1}``, which autograd runs before any backward of
+``l``; the same hook frees what sub-layer ``l + 1`` used, whose backward is then complete. Blocks
+never cross a pipeline chunk: the chunk's input and output are block boundaries.
 
 Layers that megatron-core itself recomputes (``recompute_granularity="full"``) keep only their
 chunk's input already; block recomputation leaves them alone.
@@ -31,47 +39,64 @@ RECOMPUTE_MODES = ("none", "block")
 
 
 def default_block_size(num_streams: int, sublayers: int) -> int:
-    """``L_r* = sqrt(n * L / (n + 2))`` rounded, for ``L`` hyper-connected sub-layers in a chunk.
-
-    It balances the states kept at block starts (``n*C * L / L_r`` per token) against the states
-    rebuilt for one block in backward (about ``(n + 2) * C * L_r``).
-    """
+    """``L_r* = sqrt(n * L / (n + 2))`` rounded (the paper's optimum), for ``L`` hyper-connected
+    sub-layers in a chunk."""
     return min(sublayers, max(1, round(math.sqrt(num_streams * sublayers / (num_streams + 2)))))
+
+
+def _free(tensor: torch.Tensor) -> None:
+    tensor.untyped_storage().resize_(0)
+
+
+def _restore(freed: torch.Tensor, values: torch.Tensor) -> None:
+    """Write ``values`` into the storage of ``freed``, which had exactly their layout."""
+    if values.shape != freed.shape or values.stride() != freed.stride() or values.dtype != freed.dtype:
+        raise RuntimeError(
+            f"block recompute rebuilt a tensor of shape {tuple(values.shape)}, strides {values.stride()}, "
+            f"{values.dtype}; forward had {tuple(freed.shape)}, {freed.stride()}, {freed.dtype}"
+        )
+    freed.untyped_storage().resize_(values.untyped_storage().nbytes())
+    freed.untyped_storage().copy_(values.untyped_storage())
+
+
+@dataclass
+class _SubLayer:
+    """One hyper-connected sub-layer in one forward pass.
+
+    ``state`` is its input stream state (freed unless it starts the block), ``layer_input`` the
+    input it gave the sub-layer (always freed); ``read(state)`` recomputes ``layer_input`` and
+    ``advance(state)`` the next state, both with the coefficients and output kept from forward.
+    """
+
+    state: torch.Tensor
+    state_freed: bool
+    layer_input: torch.Tensor
+    read: Callable[[torch.Tensor], torch.Tensor]
+    advance: Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass
 class _Block:
-    """The states of one block in one forward pass, and how to replay them."""
+    """The sub-layers of one block in one forward pass; ``sublayers[0].state`` is kept."""
 
-    tracker: BlockRecompute
-    start: torch.Tensor
-    steps: list[Callable[[torch.Tensor], torch.Tensor]] = field(default_factory=list)
-    freed: list[torch.Tensor] = field(default_factory=list)
+    sublayers: list[_SubLayer] = field(default_factory=list)
 
-    def rebuild(self, _grad: torch.Tensor) -> None:
-        """Replay the block from its start and write every freed state back into its storage."""
-        self.tracker.rebuilt_states += len(self.freed)
-        with torch.no_grad():
-            state = self.start
-            for step, freed in zip(self.steps, self.freed):
-                state = step(state)
-                freed.untyped_storage().resize_(state.untyped_storage().nbytes())
-                freed.untyped_storage().copy_(state.untyped_storage())
-        self.steps.clear()
-        if self.tracker.rebuild_observer is not None:
-            self.tracker.rebuild_observer()
+    def state_of(self, index: int) -> torch.Tensor:
+        """The input state of ``sublayers[index]``, replayed from the block start."""
+        state = self.sublayers[0].state
+        for sublayer in self.sublayers[:index]:
+            state = sublayer.advance(state)
+        return state
 
 
 class BlockRecompute:
     """Block bookkeeping for the hyper-connected sub-layers of one pipeline chunk.
 
-    ``sublayers`` counts the chunk's hyper-connected sub-layers, ``block_size`` is ``L_r``. The layer
-    calls ``after_sublayer(position, x_in, x_out, replay)`` after each sub-layer, with the sub-layer's
-    position in the chunk (from 0), its input and output states, and a function that recomputes
-    ``x_out`` from ``x_in`` without autograd. The chunk's sub-layers run in order within one forward
-    pass, and a block closes within the pass, so one open block per chunk suffices. Sub-layers the
-    tracker does not see (layers megatron recomputes) are skipped: the first one it sees after them
-    starts a block.
+    ``sublayers`` counts the chunk's hyper-connected sub-layers, ``block_size`` is ``L_r``. The
+    layer calls ``after_sublayer`` after each sub-layer (see there). The chunk's sub-layers run in
+    order within one forward pass, and a block closes within the pass, so one open block per chunk
+    suffices; what backward needs lives in the hooks. Sub-layers the tracker does not see (layers
+    megatron recomputes, at the start of a chunk) are skipped: the first one it sees starts a block.
     """
 
     def __init__(self, sublayers: int, block_size: int) -> None:
@@ -80,28 +105,70 @@ class BlockRecompute:
         self.sublayers = sublayers
         self.block_size = block_size
         self._open: _Block | None = None
-        self.freed_states = 0  # counters over the tracker's life, for tests and benchmarks
-        self.rebuilt_states = 0
-        # Called after each block rebuild, when the rebuilt states are held (benchmarks measure there).
+        # Counters over the tracker's life, for tests and benchmarks.
+        self.freed_states = self.rebuilt_states = 0
+        self.freed_inputs = self.rebuilt_inputs = 0
+        # Called after each rebuild, while the rebuilt tensors are held (benchmarks measure there).
         self.rebuild_observer: Callable[[], None] | None = None
 
     def after_sublayer(
-        self, position: int, x_in: torch.Tensor, x_out: torch.Tensor, replay: Callable[[torch.Tensor], torch.Tensor]
+        self,
+        position: int,
+        state: torch.Tensor,
+        layer_input: torch.Tensor,
+        next_state: torch.Tensor,
+        read: Callable[[torch.Tensor], torch.Tensor],
+        advance: Callable[[torch.Tensor], torch.Tensor],
     ) -> None:
+        """Sub-layer ``position`` (its index among the chunk's sub-layers, from 0) has run: it read
+        ``layer_input`` from ``state`` and produced ``next_state``; ``read`` and ``advance``
+        recompute the two from ``state`` without autograd (see ``_SubLayer``)."""
         if not torch.is_grad_enabled():
             return  # nothing is kept for backward (evaluation, or a forward megatron recomputes)
         offset = position % self.block_size
-        if offset == 0 or self._open is None:  # a block start, or the first sub-layer tracked
-            self._open = _Block(tracker=self, start=x_in)
-        else:
-            # x_in was the previous sub-layer's output; this sub-layer was its last reader in forward.
-            self._open.freed.append(x_in)
-            x_in.untyped_storage().resize_(0)
+        starts_block = offset == 0 or self._open is None  # a block start, or the first sub-layer tracked
+        previous = None if starts_block else self._open
+        if starts_block:
+            previous_block, self._open = self._open, _Block()
+        sublayer = _SubLayer(state, not starts_block, layer_input, read, advance)
+        self._open.sublayers.append(sublayer)
+        # This sub-layer was the last reader of both in forward.
+        _free(layer_input)
+        self.freed_inputs += 1
+        if sublayer.state_freed:
+            _free(state)
             self.freed_states += 1
-        self._open.steps.append(replay)
-        last_of_block = offset == self.block_size - 1 or position == self.sublayers - 1
-        if last_of_block:
+        # Backward reaches `state` once this sub-layer's backward is done: free what it rebuilt and
+        # rebuild the previous sub-layer (same block, or the last of the previous block).
+        if state.requires_grad:
+            if previous is None:
+                previous, index = previous_block, None
+            else:
+                index = len(previous.sublayers) - 2
+            state.register_hook(self._hook(release=sublayer, block=previous, index=index))
+        if position == self.sublayers - 1:  # the chunk's last sub-layer: nothing comes after it
             block, self._open = self._open, None
-            del block.steps[len(block.freed):]  # only the replays that produce freed states
-            if block.freed:
-                x_out.register_hook(block.rebuild)
+            next_state.register_hook(self._hook(release=None, block=block, index=len(block.sublayers) - 1))
+
+    def _hook(self, release: _SubLayer | None, block: _Block | None, index: int | None):
+        def on_gradient(_grad: torch.Tensor) -> None:
+            if release is not None:
+                _free(release.layer_input)
+                if release.state_freed:
+                    _free(release.state)
+            if block is not None and block.sublayers:
+                self._rebuild(block, len(block.sublayers) - 1 if index is None else index)
+
+        return on_gradient
+
+    def _rebuild(self, block: _Block, index: int) -> None:
+        """Rebuild the input state and layer input of ``block.sublayers[index]`` for its backward."""
+        sublayer = block.sublayers[index]
+        with torch.no_grad():
+            if sublayer.state_freed:
+                _restore(sublayer.state, block.state_of(index))
+                self.rebuilt_states += 1
+            _restore(sublayer.layer_input, sublayer.read(sublayer.state))
+            self.rebuilt_inputs += 1
+        if self.rebuild_observer is not None:
+            self.rebuild_observer()

@@ -38,10 +38,12 @@ HC_MODES = ("residual", "hc", "mhc")
 
 
 class Mixing(NamedTuple):
-    """What ``post_res`` needs from ``pre``: ``h_post [..., n]`` and ``h_res [..., n, n]``."""
+    """The coefficients ``pre`` computed: ``h_post [..., n]`` and ``h_res [..., n, n]`` for
+    ``post_res``, and ``h_pre [..., n]``, with which ``read`` recomputes the sub-layer input."""
 
     h_post: torch.Tensor
     h_res: torch.Tensor
+    h_pre: torch.Tensor
 
 
 class HyperConnection(nn.Module):
@@ -131,11 +133,14 @@ class HyperConnection(nn.Module):
         if self.mode == "residual":
             as_stream_matrix(streams, 1, self.hidden_size)
             return streams, None
-        x = as_stream_matrix(streams, self.num_streams, self.hidden_size)
-        h_pre, h_post, h_res = self.mappings(x)
+        h_pre, h_post, h_res = self.mappings(as_stream_matrix(streams, self.num_streams, self.hidden_size))
         if self.mapping_observer is not None:
             self.mapping_observer(self, h_res.detach())
-        return mhc_pre(x, h_pre), Mixing(h_post, h_res)
+        return self.read(streams, h_pre), Mixing(h_post, h_res, h_pre)
+
+    def read(self, streams: torch.Tensor, h_pre: torch.Tensor) -> torch.Tensor:
+        """The sub-layer input ``h_pre x [..., C]`` from ``streams [..., n*C]`` and ``h_pre [..., n]``."""
+        return mhc_pre(as_stream_matrix(streams, self.num_streams, self.hidden_size), h_pre)
 
     def post_res(
         self, streams: torch.Tensor, output: torch.Tensor, mixing: Mixing | None
@@ -153,14 +158,6 @@ class HyperConnection(nn.Module):
             raise ValueError(f"mode {self.mode!r} needs the mixing returned by pre(), got None")
         x = as_stream_matrix(streams, self.num_streams, self.hidden_size)
         return mhc_post_res(x, output, mixing.h_post, mixing.h_res).flatten(-2)
-
-    def next_streams(self, streams: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
-        """``post_res`` with the mixing recomputed from ``streams``: the next stream state from the
-        current one and a stored sub-layer ``output``, for recomputation (no observer call)."""
-        if self.mode == "residual":
-            return self.post_res(streams, output, None)
-        _, h_post, h_res = self.mappings(as_stream_matrix(streams, self.num_streams, self.hidden_size))
-        return self.post_res(streams, output, Mixing(h_post, h_res))
 
     def forward(
         self, streams: torch.Tensor, sublayer: Callable[[torch.Tensor], torch.Tensor]

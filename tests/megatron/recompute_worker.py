@@ -3,8 +3,8 @@
 Builds the same tiny float64 GPT (same seed) once per ``mhc_recompute`` variant, runs forward and
 backward over fixed micro-batches with megatron's schedule (1F1B or interleaved under PP), and
 writes, per variant, every parameter gradient's largest absolute difference from the ``none``
-variant (0.0 means bitwise equal), the loss, and how many stream states the block recomputation
-freed in forward and rebuilt in backward. Rank 0 of every pipeline stage writes its part.
+variant (0.0 means bitwise equal), the loss, and how many stream states and sub-layer inputs the
+block recomputation freed in forward and rebuilt in backward. Rank 0 of every pipeline stage writes its part.
 """
 
 import argparse
@@ -67,15 +67,17 @@ def gradients(args, mhc_recompute: str, block: int | None):
     losses = run_schedule(chunks, config, micro_batches(), forward_only=False)
     loss = torch.stack([entry["lm loss"] for entry in losses]).mean().item() if losses else None
     trackers = {id(t): t for chunk in chunks for layer in chunk.decoder.layers if (t := layer.block_recompute)}
-    freed = sum(t.freed_states for t in trackers.values())
-    rebuilt = sum(t.rebuilt_states for t in trackers.values())
+    counters = {
+        name: sum(getattr(t, name) for t in trackers.values())
+        for name in ("freed_states", "rebuilt_states", "freed_inputs", "rebuilt_inputs")
+    }
     grads = {
         f"{index}.{name}": param.grad.clone()
         for index, chunk in enumerate(chunks)
         for name, param in chunk.named_parameters()
         if param.grad is not None
     }
-    return loss, grads, (freed, rebuilt)
+    return loss, grads, counters
 
 
 def main():
@@ -87,12 +89,11 @@ def main():
     reference_loss, reference, _ = gradients(args, "none", None)
     record = {"none": {"loss": reference_loss, "parameters": len(reference)}}
     for block in [None, *map(int, args.block_sizes.split(","))]:
-        loss, grads, (freed, rebuilt) = gradients(args, "block", block)
+        loss, grads, counters = gradients(args, "block", block)
         assert grads.keys() == reference.keys()
         record[f"block-{block}"] = {
             "loss": loss,
-            "freed_states": freed,
-            "rebuilt_states": rebuilt,
+            **counters,
             "max_grad_difference": max((grads[k] - reference[k]).abs().max().item() for k in reference),
         }
     with open(f"{args.out}.stage{parallel_state.get_pipeline_model_parallel_rank()}", "w") as out:

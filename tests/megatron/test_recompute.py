@@ -1,5 +1,6 @@
-"""mHC block recomputation: gradients bitwise equal to no recomputation (float64, CPU), states
-really freed and rebuilt, under PP (1F1B and interleaved), megatron's own recomputation and MoE."""
+"""mHC block recomputation: gradients bitwise equal to no recomputation (float64, CPU), states and
+sub-layer inputs really freed and rebuilt, under PP (1F1B and interleaved), megatron's own
+recomputation and MoE."""
 
 import json
 
@@ -38,8 +39,10 @@ def test_block_recompute_gives_the_gradients_of_none(tmp_path, nproc, args):
             assert variant["max_grad_difference"] == 0.0, (size, variant)
             assert variant["loss"] == record["none"]["loss"]
             assert variant["freed_states"] == variant["rebuilt_states"]
+            assert variant["freed_inputs"] == variant["rebuilt_inputs"]
         if "full" in args:  # megatron reruns every layer (uniform); block recompute has nothing to add
-            assert all(record[f"block-{size}"]["freed_states"] == 0 for size in BLOCK_SIZES)
-        else:  # L_r = 1 keeps every state; longer blocks free some
+            assert all(record[f"block-{size}"]["freed_inputs"] == 0 for size in BLOCK_SIZES)
+        else:  # every sub-layer input is rebuilt; L_r = 1 keeps every state, longer blocks free some
+            assert all(record[f"block-{size}"]["freed_inputs"] > 0 for size in BLOCK_SIZES)
             assert record["block-1"]["freed_states"] == 0
             assert record["block-100"]["freed_states"] > 0
