@@ -41,6 +41,13 @@ class MhcTransformerConfig(TransformerConfig):
             (mHC paper, section 4.3; see ``recompute.py``).
         mhc_recompute_block: ``L_r``, sub-layers per block; ``None``: ``sqrt(n L / (n + 2))`` for
             the ``L`` sub-layers of each chunk.
+        mhc_post_res_high_priority_stream: run the MLP sub-layer's post/residual mixing on a
+            high-priority CUDA stream (paper, section 4.3), so that it is scheduled ahead of other
+            work queued on the device; CUDA only.
+
+    Pipeline exchange: megatron's ``overlap_p2p_comm`` overlaps the stage-to-stage sends and
+    receives with computation, in the interleaved schedule (megatron's) and in 1F1B
+    (``schedules.forward_backward_pipelining_overlapped``); it needs ``batch_p2p_comm=False``.
     """
 
     hc_mode: str = "mhc"
@@ -52,6 +59,7 @@ class MhcTransformerConfig(TransformerConfig):
     hc_collapse: str = "mean"
     mhc_recompute: str = "none"
     mhc_recompute_block: int | None = None
+    mhc_post_res_high_priority_stream: bool = False
 
     def __post_init__(self) -> None:
         self._validate_hyper_connection_fields()
@@ -60,6 +68,16 @@ class MhcTransformerConfig(TransformerConfig):
             # gloo pairs the batched sends of the interleaved schedule in the wrong order (the
             # loss silently changes); unbatched exchanges are exact. See docs/architecture.md.
             self.batch_p2p_comm = False
+        _require(
+            not (self.overlap_p2p_comm and self.batch_p2p_comm),
+            "overlap_p2p_comm=True needs batch_p2p_comm=False: a batched exchange is waited for inside the "
+            "call, so it cannot overlap with computation",
+        )
+        _require(
+            not self.mhc_post_res_high_priority_stream or torch.cuda.is_available(),
+            "mhc_post_res_high_priority_stream=True needs CUDA (it runs the MLP post/residual on a "
+            "high-priority CUDA stream); set it to False on CPU",
+        )
         super().__post_init__()
         self._validate_supported_combinations()
 
