@@ -73,7 +73,7 @@ def test_timer_adds_calls_and_waits():
             return True
 
     timer = P2PTimer()
-    request = _TimedRequest(Request(), timer)
+    request = _TimedRequest(Request(), timer, ())
     assert request.wait() and request.is_completed()
     timer.add(0.5, wait=False)
     assert timer.waits == 1 and timer.calls == 1 and 0.51 <= timer.seconds < 0.6
