@@ -47,7 +47,9 @@ class MhcTransformerConfig(TransformerConfig):
 
     Pipeline exchange: megatron's ``overlap_p2p_comm`` overlaps the stage-to-stage sends and
     receives with computation, in the interleaved schedule (megatron's) and in 1F1B
-    (``schedules.forward_backward_pipelining_overlapped``); it needs ``batch_p2p_comm=False``.
+    (``schedules.forward_backward_pipelining_overlapped``); it needs ``batch_p2p_comm=False``. The
+    stream state crosses stages in ``pipeline_dtype``, which must be the training dtype (bf16 when
+    ``bf16``).
     """
 
     hc_mode: str = "mhc"
@@ -72,6 +74,18 @@ class MhcTransformerConfig(TransformerConfig):
             not (self.overlap_p2p_comm and self.batch_p2p_comm),
             "overlap_p2p_comm=True needs batch_p2p_comm=False: a batched exchange is waited for inside the "
             "call, so it cannot overlap with computation",
+        )
+        _require(
+            not self.overlap_p2p_comm_warmup_flush,
+            "overlap_p2p_comm_warmup_flush=True is not supported: in megatron-core 0.19.2 its forward-only "
+            "(evaluation) pass posts receives that are never matched at pipeline_model_parallel_size=4 with "
+            "a virtual pipeline (the run hangs); overlap_p2p_comm=True alone overlaps the steady phase",
+        )
+        _require(
+            not (self.bf16 and self.pipeline_model_parallel_size > 1 and not self.fp32_residual_connection)
+            or self.pipeline_dtype in (None, torch.bfloat16),
+            f"bf16=True sends the stream state between pipeline stages in bf16, so pipeline_dtype must be "
+            f"torch.bfloat16, got {self.pipeline_dtype}",
         )
         _require(
             not self.mhc_post_res_high_priority_stream or torch.cuda.is_available(),

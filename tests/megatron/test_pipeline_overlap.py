@@ -26,20 +26,48 @@ LAYOUTS = {
 }
 
 
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_overlapped_schedule_matches_blocking_bitwise(layout, tmp_path):
-    nproc, args, schedule = LAYOUTS[layout]
-    run_workers("overlap_worker.py", nproc, *args, "--out", str(tmp_path / "run"))
+SEQ, MICRO_BATCH, HIDDEN, STREAMS = 8, 2, 16, 4  # as in overlap_worker.py
+
+
+def check_runs(tmp_path, nproc: int, args: list[str], schedule: str, dtype: str) -> None:
+    """Overlapped == blocking on every rank, bitwise; the exchange carries [s, b*n, C] in ``dtype``."""
     for rank in range(nproc):
         record = json.loads((tmp_path / f"run.rank{rank}.json").read_text())
-        for hc_mode in ("mhc", "residual"):
+        for hc_mode, streams in (("mhc", STREAMS), ("residual", 1)):
             blocking, overlapped = record[hc_mode]["blocking"], record[hc_mode]["overlapped"]
             assert overlapped.pop("schedule") == schedule
             blocking.pop("schedule")
             assert overlapped == blocking, f"rank {rank}, {hc_mode}"
+            assert blocking["exchanged"] == [[dtype, [SEQ, MICRO_BATCH * streams, HIDDEN]]], f"rank {rank}, {hc_mode}"
             if blocking["last_stage"]:
                 assert len(blocking["losses"]) == 2 and all(loss > 0 for loss in blocking["losses"])
                 assert len(blocking["eval_losses"]) == 2 * int(args[1])
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_overlapped_schedule_matches_blocking_bitwise(layout, tmp_path):
+    nproc, args, schedule = LAYOUTS[layout]
+    run_workers("overlap_worker.py", nproc, *args, "--out", str(tmp_path / "run"))
+    check_runs(tmp_path, nproc, args, schedule, "torch.float32")
+
+
+def test_bf16_training_exchanges_bf16_streams(tmp_path):
+    """The stream state crosses stages in the training dtype: half the bytes of float32."""
+    nproc, args, schedule = LAYOUTS["1F1B PP=2"]
+    run_workers("overlap_worker.py", nproc, *args, "--bf16", "--out", str(tmp_path / "run"))
+    check_runs(tmp_path, nproc, args, schedule, "torch.bfloat16")
+
+
+def test_bf16_needs_a_bf16_pipeline_dtype():
+    with pytest.raises(ValueError, match="pipeline_dtype must be torch.bfloat16"):
+        MhcTransformerConfig(num_layers=2, hidden_size=16, num_attention_heads=2, bf16=True,
+                             pipeline_model_parallel_size=2, pipeline_dtype=torch.float32)
+
+
+def test_warmup_flush_overlap_is_refused_with_the_reason():
+    with pytest.raises(ValueError, match="overlap_p2p_comm_warmup_flush=True is not supported"):
+        MhcTransformerConfig(num_layers=2, hidden_size=16, num_attention_heads=2, overlap_p2p_comm=True,
+                             overlap_p2p_comm_warmup_flush=True)
 
 
 def test_overlap_needs_unbatched_exchange(monkeypatch):
