@@ -1,7 +1,8 @@
 """Exposed pipeline communication: blocking vs overlapped stage-to-stage exchange (PP = 2).
 
-For each schedule (``1f1b``: megatron's 1F1B vs ``schedules.forward_backward_pipelining_overlapped``;
-``interleaved``: megatron's interleaved schedule, VPP = 2, without and with its ``overlap_p2p_comm``)
+For each schedule (``1f1b``: megatron's 1F1B vs ``schedules.forward_backward_pipelining_overlapped``,
+also with ``--extra-warmup`` forwards ahead; ``interleaved``: megatron's interleaved schedule, VPP = 2,
+without and with its ``overlap_p2p_comm``)
 it starts 2 processes (``torch.multiprocessing``, gloo on CPU, NCCL on GPUs), builds one model per
 variant from the same initial weights, and trains them on the same batches, the variants in turn
 step by step (their order alternating, so that a change of load shifts both alike). Per step and
@@ -33,7 +34,14 @@ from pathlib import Path
 import torch
 
 SCHEDULES = {"1f1b": None, "interleaved": 2}  # virtual pipeline size
-VARIANTS = {"blocking": False, "overlapped": True}  # overlap_p2p_comm
+
+
+def _variants(args, schedule: str) -> dict[str, tuple[bool, int]]:
+    """name -> (overlap_p2p_comm, pipeline_extra_warmup): blocking first, then the overlapped ones."""
+    variants = {"blocking": (False, 0), "overlapped": (True, 0)}
+    if schedule == "1f1b" and args.extra_warmup:
+        variants[f"overlapped, {args.extra_warmup} ahead"] = (True, args.extra_warmup)
+    return variants
 PIPELINE = 2
 
 
@@ -49,6 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--micro-batch", type=int, default=512)
     parser.add_argument("--micro-batches", type=int, default=8)
     parser.add_argument("--vocab", type=int, default=256)
+    parser.add_argument("--extra-warmup", type=int, default=1,
+                        help="pipeline_extra_warmup of a third 1F1B variant (0: no third variant)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--steps", type=int, default=6, help="measured steps per variant (after the warm-up)")
     parser.add_argument("--warmup", type=int, default=2)
@@ -57,7 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", default="mhc-bench-pipeline.json", help="where to write the results")
 
 
-def _config(args, virtual: int | None, overlap: bool):
+def _config(args, virtual: int | None, overlap: bool, extra: int):
     from mhc_megatron.megatron import MhcTransformerConfig
 
     dtype = getattr(torch, args.dtype)
@@ -66,6 +76,7 @@ def _config(args, virtual: int | None, overlap: bool):
         num_attention_heads=args.heads, hc_mode=args.hc_mode, num_streams=args.streams,
         pipeline_model_parallel_size=PIPELINE, virtual_pipeline_model_parallel_size=virtual,
         overlap_p2p_comm=overlap, batch_p2p_comm=not overlap and torch.cuda.is_available(),
+        pipeline_extra_warmup=extra,
         normalization="RMSNorm", add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0,
         use_cpu_initialization=not torch.cuda.is_available(), params_dtype=dtype, pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,
@@ -97,8 +108,9 @@ def _worker(rank: int, args, schedule: str, out_dir: str) -> None:
     initialize_parallel(1, PIPELINE, virtual, seed=1)
     device = training_device()
     models, initial = {}, None
-    for name, overlap in VARIANTS.items():
-        config = _config(args, virtual, overlap)
+    variants = _variants(args, schedule)
+    for name, (overlap, extra) in variants.items():
+        config = _config(args, virtual, overlap, extra)
         chunks = build_model_chunks(config, args.vocab, args.seq, backend="local")
         if initial is None:
             initial = [copy.deepcopy(chunk.state_dict()) for chunk in chunks]
@@ -107,11 +119,11 @@ def _worker(rank: int, args, schedule: str, out_dir: str) -> None:
             chunk.to(device)
         model = wrap_with_ddp(chunks, config)
         models[name] = (model, build_optimizer(model, lr=1e-3), config)
-    records = {name: [] for name in VARIANTS}
+    records = {name: [] for name in variants}
     timer = P2PTimer()
     for step in range(args.warmup + args.steps):
         batches = _batches(args, step, device)
-        order = list(VARIANTS) if step % 2 == 0 else list(reversed(VARIANTS))
+        order = list(variants) if step % 2 == 0 else list(reversed(variants))
         for name in order:
             model, optimizer, config = models[name]
             torch.distributed.barrier()
@@ -135,13 +147,14 @@ def _summarise(per_rank: dict[int, dict], warmup: int) -> dict:
         for name, steps in records.items():
             measured = steps[warmup:]
             row[name] = {key: statistics.median(s[key] for s in measured) for key in ("step_s", "p2p_s", "exposed_s")}
-        for key in ("step_s", "p2p_s", "exposed_s"):
-            row[key.replace("_s", "_ratio")] = row["overlapped"][key] / max(row["blocking"][key], 1e-12)
+        for name in records:
+            for key in ("step_s", "p2p_s", "exposed_s"):
+                row[name][key.replace("_s", "_ratio")] = row[name][key] / max(row["blocking"][key], 1e-12)
         summary["ranks"][rank] = row
     summary["identical"] = all(
-        [(s["loss"], s["grad_norm"]) for s in records["overlapped"]]
-        == [(s["loss"], s["grad_norm"]) for s in records["blocking"]]
+        [(s["loss"], s["grad_norm"]) for s in steps] == [(s["loss"], s["grad_norm"]) for s in records["blocking"]]
         for records in per_rank.values()
+        for steps in records.values()
     )
     last = per_rank[max(per_rank)]["blocking"]
     summary["losses"] = [s["loss"] for s in last]
@@ -185,13 +198,13 @@ def _print_table(args, results: dict) -> None:
     print(f"\nPP = {PIPELINE}: {args.layers} layers, hidden {args.hidden}, hc_mode {args.hc_mode}, n = {args.streams}, "
           f"seq {args.seq}, micro-batch {args.micro_batch} x {args.micro_batches}, {args.dtype}; "
           f"{megabytes:.1f} MiB per exchange; medians of {args.steps} steps after {args.warmup}")
-    print("ms per step (median); p2p: blocked in exchanges; exposed: of that, after both sides had posted")
-    print(f"{'schedule':12} {'rank':>4} | {'blocking: step':>14} {'p2p':>7} {'exposed':>7} | {'overlapped: step':>16} "
-          f"{'p2p':>7} {'exposed':>7} | {'ratios: step':>12} {'p2p':>6} {'exposed':>7} | identical | load (1/5/15 min)")
+    print("ms per step (median); p2p: blocked in exchanges; exposed: of that, after both sides had posted; "
+          "ratios to blocking")
+    print(f"{'schedule':12} {'rank':>4} {'variant':22} | {'step':>7} {'p2p':>7} {'exposed':>7} | {'step':>6} {'p2p':>6} "
+          f"{'exposed':>7} | identical | load (1/5/15 min)")
     for schedule, summary in results.items():
         for rank, row in summary["ranks"].items():
-            b, o = row["blocking"], row["overlapped"]
-            print(f"{schedule:12} {rank:>4} | {1000 * b['step_s']:14.1f} {1000 * b['p2p_s']:7.1f} {1000 * b['exposed_s']:7.1f} "
-                  f"| {1000 * o['step_s']:16.1f} {1000 * o['p2p_s']:7.1f} {1000 * o['exposed_s']:7.1f} "
-                  f"| {row['step_ratio']:12.3f} {row['p2p_ratio']:6.3f} {row['exposed_ratio']:7.3f} "
-                  f"| {str(summary['identical']):9} | {summary['load_before']} -> {summary['load_after']}")
+            for name, r in row.items():
+                print(f"{schedule:12} {rank:>4} {name:22} | {1000 * r['step_s']:7.1f} {1000 * r['p2p_s']:7.1f} "
+                      f"{1000 * r['exposed_s']:7.1f} | {r['step_ratio']:6.3f} {r['p2p_ratio']:6.3f} {r['exposed_ratio']:7.3f} "
+                      f"| {str(summary['identical']):9} | {summary['load_before']} -> {summary['load_after']}")

@@ -41,6 +41,9 @@ class MhcTransformerConfig(TransformerConfig):
             (mHC paper, section 4.3; see ``recompute.py``).
         mhc_recompute_block: ``L_r``, sub-layers per block; ``None``: ``sqrt(n L / (n + 2))`` for
             the ``L`` sub-layers of each chunk.
+        pipeline_extra_warmup: with ``overlap_p2p_comm`` and no virtual pipeline, warm-up forwards
+            that every stage but the last runs ahead of 1F1B's, so that the exchange can hide behind
+            them (``schedules.py``); each holds one more micro-batch of activations. 0: plain 1F1B.
         mhc_post_res_high_priority_stream: run the MLP sub-layer's post/residual mixing on a
             high-priority CUDA stream (paper, section 4.3), so that it is scheduled ahead of other
             work queued on the device; CUDA only.
@@ -62,6 +65,7 @@ class MhcTransformerConfig(TransformerConfig):
     mhc_recompute: str = "none"
     mhc_recompute_block: int | None = None
     mhc_post_res_high_priority_stream: bool = False
+    pipeline_extra_warmup: int = 0
 
     def __post_init__(self) -> None:
         self._validate_hyper_connection_fields()
@@ -74,6 +78,16 @@ class MhcTransformerConfig(TransformerConfig):
             not (self.overlap_p2p_comm and self.batch_p2p_comm),
             "overlap_p2p_comm=True needs batch_p2p_comm=False: a batched exchange is waited for inside the "
             "call, so it cannot overlap with computation",
+        )
+        extra = self.pipeline_extra_warmup
+        _require(
+            isinstance(extra, int) and not isinstance(extra, bool) and extra >= 0,
+            f"pipeline_extra_warmup must be an int >= 0, got {extra!r}",
+        )
+        _require(
+            extra == 0 or (self.overlap_p2p_comm and self.virtual_pipeline_model_parallel_size is None),
+            f"pipeline_extra_warmup={extra} applies to the overlapped 1F1B schedule only: it needs "
+            "overlap_p2p_comm=True and no virtual pipeline",
         )
         _require(
             not self.overlap_p2p_comm_warmup_flush,

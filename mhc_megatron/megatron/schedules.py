@@ -14,6 +14,11 @@ bitwise the same. Only the communication moves:
 * the receive of the next micro-batch's input is posted as soon as the current one has arrived, and
   the receive of the next gradient as soon as the current one has arrived, so both travel while
   this stage computes; each is waited for right before its data is used;
+* with ``pipeline_extra_warmup = k`` (``MhcTransformerConfig``), every stage but the last runs k more
+  warm-up forwards, so that in the steady phase the gradient of micro-batch i is awaited after the
+  forward of micro-batch i + k + (its usual lead): the exchange then has a forward's worth of
+  computation to hide behind, at the cost of k more micro-batches of activations held per stage.
+  The forwards and the backwards each keep their order, so the results stay bitwise the same;
 * sends return at once; a send is waited for before the next send in the same direction (at most
   one in flight each way, which also bounds the buffers held), before its output is deallocated
   (``deallocate_pipeline_outputs``) and, for all of them, before the gradients are finalised.
@@ -210,11 +215,13 @@ def forward_backward_pipelining_overlapped(
             no_sync_context.__exit__(None, None, None)
             no_sync_context = None
 
-    warmup = min(p2p_communicator.total_stages - p2p_communicator.current_stage - 1, num_microbatches)
+    standard_warmup = p2p_communicator.total_stages - p2p_communicator.current_stage - 1
+    ahead = 0 if last else getattr(config, "pipeline_extra_warmup", 0)
+    warmup = min(standard_warmup + ahead, num_microbatches)
     steady = num_microbatches - warmup
     outstanding = None
     if config.num_microbatches_with_partial_activation_checkpoints is not None:
-        outstanding = warmup + 1
+        outstanding = min(standard_warmup, num_microbatches) + 1
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     total_num_tokens = torch.zeros([], dtype=torch.int, device=device)
     forward_data_store, input_tensors, output_tensors = [], [], []

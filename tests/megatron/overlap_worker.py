@@ -1,8 +1,8 @@
 """One process of an overlapped-pipeline test, started by torchrun (see conftest.run_workers).
 
 For each ``--hc-modes`` entry, builds a tiny GPT under the given pipeline layout, then trains the same initial weights for a few
-Adam steps once per schedule variant (``blocking``: ``overlap_p2p_comm`` off; ``overlapped``: on),
-recording per variant the losses, the gradient norms, the losses of a forward-only pass, the dtype
+Adam steps once per schedule variant (``blocking``: ``overlap_p2p_comm`` off; ``overlapped``: on;
+and, for 1F1B, ``overlapped+ahead``: 2 extra warm-up forwards), recording per variant the losses, the gradient norms, the losses of a forward-only pass, the dtype
 and shape of every tensor that pass exchanged, and a SHA-256 of this rank's parameters after the
 steps. Every rank writes ``<out>.rank<R>.json``: ``{hc_mode: {variant: record}}``.
 """
@@ -39,6 +39,7 @@ def parse_args():
 VARIANTS = {
     "blocking": dict(overlap_p2p_comm=False),
     "overlapped": dict(overlap_p2p_comm=True),
+    "overlapped+ahead": dict(overlap_p2p_comm=True, pipeline_extra_warmup=2),  # 1F1B only
 }
 
 

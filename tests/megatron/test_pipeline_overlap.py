@@ -1,8 +1,8 @@
 """The overlapped pipeline exchange (``overlap_p2p_comm``) against the blocking one, on gloo.
 
 Each case trains the same initial weights for 2 Adam steps with the blocking and the overlapped
-schedule (1F1B: ``schedules.forward_backward_pipelining_overlapped``; interleaved: megatron's own
-``overlap_p2p_comm``), for mHC (n = 4) and the residual model, and requires on every rank bitwise
+schedule (1F1B: ``schedules.forward_backward_pipelining_overlapped``, also with 2 extra warm-up
+forwards; interleaved: megatron's own ``overlap_p2p_comm``), for mHC (n = 4) and the residual model, and requires on every rank bitwise
 equal losses, gradient norms, forward-only losses and parameters after the steps.
 """
 
@@ -18,9 +18,10 @@ from mhc_megatron.megatron import MhcTransformerConfig
 from mhc_megatron.megatron.p2p_timing import P2PTimer, _TimedRequest
 from mhc_megatron.megatron.schedules import check_overlapped_schedule_supported
 
+AHEAD = ["--variants", "blocking", "overlapped", "overlapped+ahead"]  # 1F1B: also 2 forwards ahead
 LAYOUTS = {
-    "1F1B PP=2": (2, ["--pp", "2"], "forward_backward_pipelining_overlapped"),
-    "1F1B PP=4": (4, ["--pp", "4"], "forward_backward_pipelining_overlapped"),
+    "1F1B PP=2": (2, ["--pp", "2", *AHEAD], "forward_backward_pipelining_overlapped"),
+    "1F1B PP=4": (4, ["--pp", "4", *AHEAD], "forward_backward_pipelining_overlapped"),
     "interleaved PP=2 x VPP=2": (2, ["--pp", "2", "--vpp", "2"], "forward_backward_pipelining_with_interleaving"),
     "interleaved PP=4 x VPP=2": (4, ["--pp", "4", "--vpp", "2"], "forward_backward_pipelining_with_interleaving"),
 }
@@ -34,10 +35,12 @@ def check_runs(tmp_path, nproc: int, args: list[str], schedule: str, dtype: str)
     for rank in range(nproc):
         record = json.loads((tmp_path / f"run.rank{rank}.json").read_text())
         for hc_mode, streams in (("mhc", STREAMS), ("residual", 1)):
-            blocking, overlapped = record[hc_mode]["blocking"], record[hc_mode]["overlapped"]
-            assert overlapped.pop("schedule") == schedule
+            variants = record[hc_mode]
+            blocking = variants.pop("blocking")
             blocking.pop("schedule")
-            assert overlapped == blocking, f"rank {rank}, {hc_mode}"
+            for name, overlapped in variants.items():
+                assert overlapped.pop("schedule") == schedule
+                assert overlapped == blocking, f"rank {rank}, {hc_mode}, {name}"
             assert blocking["exchanged"] == [[dtype, [SEQ, MICRO_BATCH * streams, HIDDEN]]], f"rank {rank}, {hc_mode}"
             if blocking["last_stage"]:
                 assert len(blocking["losses"]) == 2 and all(loss > 0 for loss in blocking["losses"])
@@ -62,6 +65,13 @@ def test_bf16_needs_a_bf16_pipeline_dtype():
     with pytest.raises(ValueError, match="pipeline_dtype must be torch.bfloat16"):
         MhcTransformerConfig(num_layers=2, hidden_size=16, num_attention_heads=2, bf16=True,
                              pipeline_model_parallel_size=2, pipeline_dtype=torch.float32)
+
+
+@pytest.mark.parametrize("fields", [dict(), dict(overlap_p2p_comm=True, virtual_pipeline_model_parallel_size=2)])
+def test_extra_warmup_needs_the_overlapped_1f1b(fields):
+    with pytest.raises(ValueError, match="pipeline_extra_warmup=1 applies to the overlapped 1F1B schedule only"):
+        MhcTransformerConfig(num_layers=4, hidden_size=16, num_attention_heads=2, pipeline_model_parallel_size=2,
+                             pipeline_dtype=torch.float32, pipeline_extra_warmup=1, **fields)
 
 
 def test_warmup_flush_overlap_is_refused_with_the_reason():
