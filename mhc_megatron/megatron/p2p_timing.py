@@ -25,7 +25,9 @@ import torch
 from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
 
 # what a request key of megatron's exchange means: (sends?, toward the next stage?)
-_REQUESTS = {"send_next": (True, True), "recv_prev": (False, False), "send_prev": (True, False), "recv_next": (False, True)}
+_REQUESTS = {
+    "send_next": (True, True), "recv_prev": (False, False), "send_prev": (True, False), "recv_next": (False, True),
+}
 
 
 class P2PTimer:

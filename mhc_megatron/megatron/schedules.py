@@ -7,21 +7,23 @@ schedule needs it too. ``forward_backward_pipelining_overlapped`` is that schedu
 megatron's own pieces (``forward_step``, ``backward_step``, ``P2PCommunicator`` with its
 non-blocking calls) and called like ``forward_backward_pipelining_without_interleaving``.
 
-The order of computation is exactly that of megatron's 1F1B (warm-up forwards, one forward and one
-backward per micro-batch in the steady phase, cool-down backwards), so losses and gradients are
-bitwise the same. Only the communication moves:
+The order of computation is that of megatron's 1F1B (warm-up forwards, one forward and one backward
+per micro-batch in the steady phase, cool-down backwards), so losses and gradients are bitwise the
+same. The communication moves:
 
 * the receive of the next micro-batch's input is posted as soon as the current one has arrived, and
   the receive of the next gradient as soon as the current one has arrived, so both travel while
   this stage computes; each is waited for right before its data is used;
-* with ``pipeline_extra_warmup = k`` (``MhcTransformerConfig``), every stage but the last runs k more
-  warm-up forwards, so that in the steady phase the gradient of micro-batch i is awaited after the
-  forward of micro-batch i + k + (its usual lead): the exchange then has a forward's worth of
-  computation to hide behind, at the cost of k more micro-batches of activations held per stage.
-  The forwards and the backwards each keep their order, so the results stay bitwise the same;
 * sends return at once; a send is waited for before the next send in the same direction (at most
   one in flight each way, which also bounds the buffers held), before its output is deallocated
   (``deallocate_pipeline_outputs``) and, for all of them, before the gradients are finalised.
+
+In 1F1B a stage has nothing else to compute while the gradient it needs next is on its way, so that
+transfer stays exposed. ``pipeline_extra_warmup = k`` (``MhcTransformerConfig``) gives it work: every
+stage but the last runs k more warm-up forwards, so each gradient arrives while the stage computes a
+forward that plain 1F1B would run later, at the cost of k more micro-batches of activations held.
+The forwards keep their order and so do the backwards (each micro-batch's arithmetic is unchanged,
+and the gradients accumulate in the same order), so the results stay bitwise the same.
 
 Each direction between two stages carries one kind of message (activations forward, gradients
 backward), posted and matched in micro-batch order, so the exchange is correct on gloo as on NCCL.
@@ -147,7 +149,9 @@ def check_overlapped_schedule_supported(config) -> None:
     }
     for field, why in unsupported.items():
         if getattr(config, field, False):
-            raise ValueError(f"the overlapped 1F1B schedule (overlap_p2p_comm=True) does not support {field}=True: {why}")
+            raise ValueError(
+                f"the overlapped 1F1B schedule (overlap_p2p_comm=True) does not support {field}=True: {why}"
+            )
     if getattr(config, "cuda_graph_impl", None) == "local":
         raise ValueError("the overlapped 1F1B schedule does not support cuda_graph_impl='local'")
 
@@ -186,7 +190,8 @@ def forward_backward_pipelining_overlapped(
     if p2p_communicator is None:
         p2p_communicator = P2PCommunicator(pp_group=parallel_state.get_pipeline_model_parallel_group(), config=config)
         pg_collection = default_pg_collection()
-    if not isinstance(pg_collection, ProcessGroupCollection) or type(p2p_communicator).__name__.startswith("MultiModule"):
+    multimodule = type(p2p_communicator).__name__.startswith("MultiModule")
+    if multimodule or not isinstance(pg_collection, ProcessGroupCollection):
         raise ValueError("the overlapped 1F1B schedule supports single-module pipelines only")
     tp_group, cp_group = pg_collection.tp, pg_collection.cp
 

@@ -1,10 +1,11 @@
 """One process of an overlapped-pipeline test, started by torchrun (see conftest.run_workers).
 
-For each ``--hc-modes`` entry, builds a tiny GPT under the given pipeline layout, then trains the same initial weights for a few
-Adam steps once per schedule variant (``blocking``: ``overlap_p2p_comm`` off; ``overlapped``: on;
-and, for 1F1B, ``overlapped+ahead``: 2 extra warm-up forwards), recording per variant the losses, the gradient norms, the losses of a forward-only pass, the dtype
-and shape of every tensor that pass exchanged, and a SHA-256 of this rank's parameters after the
-steps. Every rank writes ``<out>.rank<R>.json``: ``{hc_mode: {variant: record}}``.
+For each ``--hc-modes`` entry, builds a tiny GPT under the given pipeline layout, then trains the
+same initial weights for a few Adam steps once per schedule variant (``blocking``:
+``overlap_p2p_comm`` off; ``overlapped``: on; ``overlapped+ahead``, 1F1B only: also 2 extra warm-up
+forwards), recording per variant the losses, the gradient norms, the losses of a forward-only pass,
+the dtype and shape of every tensor that pass exchanged, and a SHA-256 of this rank's parameters
+after the steps. Every rank writes ``<out>.rank<R>.json``: ``{hc_mode: {variant: record}}``.
 """
 
 import argparse

@@ -2,8 +2,9 @@
 
 Each case trains the same initial weights for 2 Adam steps with the blocking and the overlapped
 schedule (1F1B: ``schedules.forward_backward_pipelining_overlapped``, also with 2 extra warm-up
-forwards; interleaved: megatron's own ``overlap_p2p_comm``), for mHC (n = 4) and the residual model, and requires on every rank bitwise
-equal losses, gradient norms, forward-only losses and parameters after the steps.
+forwards; interleaved: megatron's own ``overlap_p2p_comm``), for mHC (n = 4) and the residual
+model, and requires on every rank bitwise equal losses, gradient norms, forward-only losses and
+parameters after the steps.
 """
 
 import json
