@@ -74,38 +74,7 @@ class MhcTransformerConfig(TransformerConfig):
             # gloo pairs the batched sends of the interleaved schedule in the wrong order (the
             # loss silently changes); unbatched exchanges are exact. See docs/architecture.md.
             self.batch_p2p_comm = False
-        _require(
-            not (self.overlap_p2p_comm and self.batch_p2p_comm),
-            "overlap_p2p_comm=True needs batch_p2p_comm=False: a batched exchange is waited for inside the "
-            "call, so it cannot overlap with computation",
-        )
-        extra = self.pipeline_extra_warmup
-        _require(
-            isinstance(extra, int) and not isinstance(extra, bool) and extra >= 0,
-            f"pipeline_extra_warmup must be an int >= 0, got {extra!r}",
-        )
-        _require(
-            extra == 0 or (self.overlap_p2p_comm and self.virtual_pipeline_model_parallel_size is None),
-            f"pipeline_extra_warmup={extra} applies to the overlapped 1F1B schedule only: it needs "
-            "overlap_p2p_comm=True and no virtual pipeline",
-        )
-        _require(
-            not self.overlap_p2p_comm_warmup_flush,
-            "overlap_p2p_comm_warmup_flush=True is not supported: in megatron-core 0.19.2 its forward-only "
-            "(evaluation) pass posts receives that are never matched at pipeline_model_parallel_size=4 with "
-            "a virtual pipeline (the run hangs); overlap_p2p_comm=True alone overlaps the steady phase",
-        )
-        _require(
-            not (self.bf16 and self.pipeline_model_parallel_size > 1 and not self.fp32_residual_connection)
-            or self.pipeline_dtype in (None, torch.bfloat16),
-            f"bf16=True sends the stream state between pipeline stages in bf16, so pipeline_dtype must be "
-            f"torch.bfloat16, got {self.pipeline_dtype}",
-        )
-        _require(
-            not self.mhc_post_res_high_priority_stream or torch.cuda.is_available(),
-            "mhc_post_res_high_priority_stream=True needs CUDA (it runs the MLP post/residual on a "
-            "high-priority CUDA stream); set it to False on CPU",
-        )
+        self._validate_pipeline_exchange()
         super().__post_init__()
         self._validate_supported_combinations()
 
@@ -138,6 +107,41 @@ class MhcTransformerConfig(TransformerConfig):
         _require(
             self.mhc_recompute == "none" or self.hc_mode != "residual",
             f"mhc_recompute={self.mhc_recompute!r} recomputes hyper-connection states; hc_mode='residual' has none",
+        )
+
+    def _validate_pipeline_exchange(self) -> None:
+        """The overlapped exchange, its options, and the dtype the stream state crosses stages in."""
+        _require(
+            not (self.overlap_p2p_comm and self.batch_p2p_comm),
+            "overlap_p2p_comm=True needs batch_p2p_comm=False: a batched exchange is waited for inside the "
+            "call, so it cannot overlap with computation",
+        )
+        extra = self.pipeline_extra_warmup
+        _require(
+            isinstance(extra, int) and not isinstance(extra, bool) and extra >= 0,
+            f"pipeline_extra_warmup must be an int >= 0, got {extra!r}",
+        )
+        _require(
+            extra == 0 or (self.overlap_p2p_comm and self.virtual_pipeline_model_parallel_size is None),
+            f"pipeline_extra_warmup={extra} applies to the overlapped 1F1B schedule only: it needs "
+            "overlap_p2p_comm=True and no virtual pipeline",
+        )
+        _require(
+            not self.overlap_p2p_comm_warmup_flush,
+            "overlap_p2p_comm_warmup_flush=True is not supported: with megatron-core 0.19.2 its forward-only "
+            "(evaluation) pass at pipeline_model_parallel_size=4 with a virtual pipeline leaves stages waiting "
+            "for a message that no stage sends; overlap_p2p_comm=True alone overlaps the steady phase",
+        )
+        _require(
+            not (self.bf16 and self.pipeline_model_parallel_size > 1 and not self.fp32_residual_connection)
+            or self.pipeline_dtype in (None, torch.bfloat16),
+            f"bf16=True sends the stream state between pipeline stages in bf16, so pipeline_dtype must be "
+            f"torch.bfloat16, got {self.pipeline_dtype}",
+        )
+        _require(
+            not self.mhc_post_res_high_priority_stream or torch.cuda.is_available(),
+            "mhc_post_res_high_priority_stream=True needs CUDA (it runs the MLP post/residual on a "
+            "high-priority CUDA stream); set it to False on CPU",
         )
 
     def _validate_parallel_fit(self) -> None:
