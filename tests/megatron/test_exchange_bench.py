@@ -1,4 +1,4 @@
-"""``mhc-bench pipeline`` on a tiny shape: it runs every schedule and variant, and they agree."""
+"""``mhc-bench exchange`` on a tiny shape: it runs every schedule and variant, and they agree."""
 
 import json
 import os
@@ -6,10 +6,10 @@ import subprocess
 import sys
 
 
-def test_pipeline_bench_runs_and_the_variants_agree(tmp_path):
-    out = tmp_path / "pipeline.json"
+def test_exchange_bench_runs_and_the_variants_agree(tmp_path):
+    out = tmp_path / "exchange.json"
     command = [
-        sys.executable, "-m", "mhc_megatron.bench.cli", "pipeline", "--layers", "4", "--hidden", "16", "--heads", "2",
+        sys.executable, "-m", "mhc_megatron.bench.cli", "exchange", "--layers", "4", "--hidden", "16", "--heads", "2",
         "--seq", "8", "--micro-batch", "4", "--micro-batches", "4", "--vocab", "64", "--steps", "1", "--warmup", "1",
         "--port", "29563", "--json", str(out),
     ]

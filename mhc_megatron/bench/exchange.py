@@ -64,7 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per process")
     parser.add_argument("--port", type=int, default=29541)
-    parser.add_argument("--json", default="mhc-bench-pipeline.json", help="where to write the results")
+    parser.add_argument("--json", default="mhc-bench-exchange.json", help="where to write the results")
 
 
 def _config(args, virtual: int | None, overlap: bool, extra: int):
