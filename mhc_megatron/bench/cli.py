@@ -1,13 +1,13 @@
 """``mhc-bench``: benchmarks of this package, one subcommand each (``mhc-bench kernels --help``,
-``mhc-bench memory --help``)."""
+``mhc-bench memory --help``, ``mhc-bench exchange --help``)."""
 
 from __future__ import annotations
 
 import argparse
 
-from mhc_megatron.bench import kernels, memory
+from mhc_megatron.bench import exchange, kernels, memory
 
-SUBCOMMANDS = {"kernels": kernels, "memory": memory}
+SUBCOMMANDS = {"kernels": kernels, "memory": memory, "exchange": exchange}
 
 
 def main(argv: list[str] | None = None) -> None:

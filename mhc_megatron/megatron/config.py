@@ -41,6 +41,18 @@ class MhcTransformerConfig(TransformerConfig):
             (mHC paper, section 4.3; see ``recompute.py``).
         mhc_recompute_block: ``L_r``, sub-layers per block; ``None``: ``sqrt(n L / (n + 2))`` for
             the ``L`` sub-layers of each chunk.
+        pipeline_extra_warmup: with ``overlap_p2p_comm`` and no virtual pipeline, warm-up forwards
+            that every stage but the last runs ahead of 1F1B's, so that the exchange can hide behind
+            them (``schedules.py``); each holds one more micro-batch of activations. 0: plain 1F1B.
+        mhc_post_res_high_priority_stream: run the MLP sub-layer's post/residual mixing on a
+            high-priority CUDA stream (paper, section 4.3), so that it is scheduled ahead of other
+            work queued on the device; CUDA only.
+
+    Pipeline exchange: megatron's ``overlap_p2p_comm`` overlaps the stage-to-stage sends and
+    receives with computation, in the interleaved schedule (megatron's) and in 1F1B
+    (``schedules.forward_backward_pipelining_overlapped``); it needs ``batch_p2p_comm=False``. The
+    stream state crosses stages in ``pipeline_dtype``, which must be the training dtype (bf16 when
+    ``bf16``).
     """
 
     hc_mode: str = "mhc"
@@ -52,6 +64,8 @@ class MhcTransformerConfig(TransformerConfig):
     hc_collapse: str = "mean"
     mhc_recompute: str = "none"
     mhc_recompute_block: int | None = None
+    mhc_post_res_high_priority_stream: bool = False
+    pipeline_extra_warmup: int = 0
 
     def __post_init__(self) -> None:
         self._validate_hyper_connection_fields()
@@ -60,6 +74,7 @@ class MhcTransformerConfig(TransformerConfig):
             # gloo pairs the batched sends of the interleaved schedule in the wrong order (the
             # loss silently changes); unbatched exchanges are exact. See docs/architecture.md.
             self.batch_p2p_comm = False
+        self._validate_pipeline_exchange()
         super().__post_init__()
         self._validate_supported_combinations()
 
@@ -92,6 +107,41 @@ class MhcTransformerConfig(TransformerConfig):
         _require(
             self.mhc_recompute == "none" or self.hc_mode != "residual",
             f"mhc_recompute={self.mhc_recompute!r} recomputes hyper-connection states; hc_mode='residual' has none",
+        )
+
+    def _validate_pipeline_exchange(self) -> None:
+        """The overlapped exchange, its options, and the dtype the stream state crosses stages in."""
+        _require(
+            not (self.overlap_p2p_comm and self.batch_p2p_comm),
+            "overlap_p2p_comm=True needs batch_p2p_comm=False: a batched exchange is waited for inside the "
+            "call, so it cannot overlap with computation",
+        )
+        extra = self.pipeline_extra_warmup
+        _require(
+            isinstance(extra, int) and not isinstance(extra, bool) and extra >= 0,
+            f"pipeline_extra_warmup must be an int >= 0, got {extra!r}",
+        )
+        _require(
+            extra == 0 or (self.overlap_p2p_comm and self.virtual_pipeline_model_parallel_size is None),
+            f"pipeline_extra_warmup={extra} applies to the overlapped 1F1B schedule only: it needs "
+            "overlap_p2p_comm=True and no virtual pipeline",
+        )
+        _require(
+            not self.overlap_p2p_comm_warmup_flush,
+            "overlap_p2p_comm_warmup_flush=True is not supported: with megatron-core 0.19.2 its forward-only "
+            "(evaluation) pass at pipeline_model_parallel_size=4 with a virtual pipeline leaves stages waiting "
+            "for a message that no stage sends; overlap_p2p_comm=True alone overlaps the steady phase",
+        )
+        _require(
+            not (self.bf16 and self.pipeline_model_parallel_size > 1 and not self.fp32_residual_connection)
+            or self.pipeline_dtype in (None, torch.bfloat16),
+            f"bf16=True sends the stream state between pipeline stages in bf16, so pipeline_dtype must be "
+            f"torch.bfloat16, got {self.pipeline_dtype}",
+        )
+        _require(
+            not self.mhc_post_res_high_priority_stream or torch.cuda.is_available(),
+            "mhc_post_res_high_priority_stream=True needs CUDA (it runs the MLP post/residual on a "
+            "high-priority CUDA stream); set it to False on CPU",
         )
 
     def _validate_parallel_fit(self) -> None:

@@ -36,6 +36,7 @@ from megatron.core.utils import get_pg_rank, make_viewless_tensor
 
 from mhc_megatron.megatron.hyper_connection import MegatronStreamCollapse
 from mhc_megatron.megatron.recompute import BlockRecompute
+from mhc_megatron.megatron.streams import high_priority_stream, run_on_stream
 from mhc_megatron.modules import expand_streams
 
 
@@ -112,6 +113,7 @@ class HyperConnectionTransformerLayer(TransformerLayer):
             config, vp_stage=kwargs.get("vp_stage"), pp_rank=get_pg_rank(self.pg_collection.pp)
         )
         self.sends_pipeline_buffer = layer_number == chunk_layers and not is_last_layer
+        self.post_res_stream = high_priority_stream() if config.mhc_post_res_high_priority_stream else None
 
     def _stream_state(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if self.num_streams == 1:
@@ -157,7 +159,7 @@ class HyperConnectionTransformerLayer(TransformerLayer):
             padding_mask=kwargs.get("padding_mask"),
             packed_seq_params=kwargs.get("packed_seq_params"),
         )
-        next_streams = self.mlp_hyper_connection.post_res(streams, mlp_output, mixing)
+        next_streams = self._mlp_post_res(streams, mlp_output, mixing)
         self._track(1, self.mlp_hyper_connection, streams, layer_input, mixing, mlp_output, next_streams)
         streams = next_streams
 
@@ -168,6 +170,12 @@ class HyperConnectionTransformerLayer(TransformerLayer):
             streams = streams.view(s, b * self.num_streams, self.config.hidden_size)
         output = make_viewless_tensor(inp=streams, requires_grad=streams.requires_grad, keep_graph=True)
         return output, context
+
+    def _mlp_post_res(self, streams, mlp_output, mixing) -> torch.Tensor:
+        """The MLP's post/residual mixing, on the high-priority stream if the config asks for it."""
+        if self.post_res_stream is None:
+            return self.mlp_hyper_connection.post_res(streams, mlp_output, mixing)
+        return run_on_stream(self.post_res_stream, self.mlp_hyper_connection.post_res, streams, mlp_output, mixing)
 
     def _track(self, which: int, connection, streams, layer_input, mixing, output, next_streams) -> None:
         """Hand sub-layer ``which`` (0 attention, 1 MLP) to the block recomputation, if on."""

@@ -18,7 +18,9 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from mhc_megatron.megatron.config import MhcTransformerConfig
+from mhc_megatron.megatron.p2p_timing import P2PTimer, TimedP2PCommunicator
 from mhc_megatron.megatron.pipeline import stream_micro_batch_size
+from mhc_megatron.megatron.schedules import default_pg_collection, forward_backward_pipelining_overlapped
 
 
 @dataclass
@@ -68,19 +70,36 @@ def gpt_forward_step(data_iterator, model):
     return per_token_loss, partial(_masked_mean_loss, batch.loss_mask)
 
 
+def forward_backward_function(config: MhcTransformerConfig):
+    """The schedule for ``config``: megatron's (no pipelining, 1F1B, interleaved with or without
+    ``overlap_p2p_comm``), or the overlapped 1F1B of ``schedules.py`` when ``overlap_p2p_comm`` is
+    set without a virtual pipeline (megatron's 1F1B refuses the option)."""
+    pipelined = parallel_state.get_pipeline_model_parallel_world_size() > 1
+    if pipelined and config.overlap_p2p_comm and parallel_state.get_virtual_pipeline_model_parallel_world_size() is None:
+        return forward_backward_pipelining_overlapped
+    return get_forward_backward_func()
+
+
 def run_schedule(
     model_chunks: list[torch.nn.Module],
     config: MhcTransformerConfig,
     micro_batches: list[MicroBatch],
     forward_step_func=gpt_forward_step,
+    p2p_timer: P2PTimer | None = None,
     **schedule_kwargs,
 ) -> list:
-    """Run megatron's ``forward_backward_func`` (no pipelining, 1F1B or interleaved) over
-    ``micro_batches``, with one data iterator per model chunk and the stream-sized pipeline buffers.
+    """Run the pipeline schedule of ``forward_backward_function(config)`` over ``micro_batches``,
+    with one data iterator per model chunk and the stream-sized pipeline buffers. ``p2p_timer``, if
+    given, adds up the time this rank spends blocked in stage-to-stage exchanges (``p2p_timing.py``).
     ``schedule_kwargs`` (``forward_only``, ``collect_non_loss_data``, ...) go to the schedule."""
     iterators = [iter(micro_batches) for _ in model_chunks]
     micro_batch_size, seq_length = micro_batches[0].tokens.shape
-    return get_forward_backward_func()(
+    if p2p_timer is not None and parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        schedule_kwargs["p2p_communicator"] = TimedP2PCommunicator(
+            parallel_state.get_pipeline_model_parallel_group(), config, p2p_timer
+        )
+        schedule_kwargs["pg_collection"] = default_pg_collection()
+    return forward_backward_function(config)(
         forward_step_func=forward_step_func,
         data_iterator=iterators if len(iterators) > 1 else iterators[0],
         model=model_chunks if len(model_chunks) > 1 else model_chunks[0],
@@ -96,8 +115,10 @@ def train_step(
     optimizer,
     config: MhcTransformerConfig,
     micro_batches: list[MicroBatch],
+    p2p_timer: P2PTimer | None = None,
 ) -> tuple[float | None, float]:
-    """Forward and backward over ``micro_batches`` (this data-parallel rank's share), then step.
+    """Forward and backward over ``micro_batches`` (this data-parallel rank's share), then step
+    (``p2p_timer``: see ``run_schedule``).
 
     Returns ``(loss, grad_norm)``: the loss averaged over micro-batches and data-parallel ranks on
     the last pipeline stage (``None`` elsewhere), and the gradient norm the optimizer clipped.
@@ -109,7 +130,7 @@ def train_step(
     for chunk in model_chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
-    losses = run_schedule(model_chunks, config, micro_batches, forward_only=False)
+    losses = run_schedule(model_chunks, config, micro_batches, p2p_timer=p2p_timer, forward_only=False)
     _, grad_norm, _ = optimizer.step()
     if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
         return None, grad_norm

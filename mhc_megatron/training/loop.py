@@ -22,6 +22,7 @@ from mhc_megatron.data import StepBatches, check_indexed_dataset
 from mhc_megatron.diagnostics import record_mappings
 from mhc_megatron.megatron import destroy_parallel, initialize_parallel
 from mhc_megatron.megatron.config import MhcTransformerConfig
+from mhc_megatron.megatron.p2p_timing import P2PTimer
 from mhc_megatron.megatron.step import run_schedule, train_step, wrap_with_ddp
 from mhc_megatron.training.amax import pipeline_amax_gain
 from mhc_megatron.training.builders import (
@@ -134,6 +135,8 @@ class Trainer:
         self.optimizer, self.scheduler = build_training_optimizer(run, config, self.model)
         self.iteration = self.consumed_samples = 0
         self.saved_iteration: int | None = None  # the step whose checkpoint exists (saved or loaded)
+        # time blocked in pipeline exchanges (p2p_timing.py), logged per step when pipelined
+        self.p2p_timer = P2PTimer() if config.pipeline_model_parallel_size > 1 else None
         self._resume()
         _say(
             f"model: {config.num_layers} layers, hidden {config.hidden_size}, hc_mode {config.hc_mode} "
@@ -180,7 +183,9 @@ class Trainer:
         started = time.perf_counter()
         recording = record_mappings(torch.nn.ModuleList(self.model)) if log_gain else contextlib.nullcontext()
         with recording as recorder:
-            loss, grad_norm = train_step(self.model, self.optimizer, self.config, micro_batches)
+            if self.p2p_timer is not None:
+                self.p2p_timer.reset()
+            loss, grad_norm = train_step(self.model, self.optimizer, self.config, micro_batches, self.p2p_timer)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         step_time = time.perf_counter() - started
@@ -196,6 +201,8 @@ class Trainer:
             "peak_mem_bytes": int(_max_over_ranks(_peak_memory_bytes())),
             "consumed_samples": self.consumed_samples,
         }
+        if self.p2p_timer is not None:
+            record["p2p_blocked_s"] = _max_over_ranks(self.p2p_timer.seconds)  # the most blocked rank
         if log_gain:
             gain = pipeline_amax_gain(recorder)
             record.update(amax_gain_forward=gain.forward, amax_gain_backward=gain.backward)

@@ -28,12 +28,14 @@ def single_process(initial_weights, dataset, tmp_path_factory):
 
 @pytest.mark.parametrize(
     "layout",
-    [["tensor_model_parallel_size=2"], ["pipeline_model_parallel_size=2"]],
-    ids=["tp2", "pp2"],
+    [["tensor_model_parallel_size=2"], ["pipeline_model_parallel_size=2"],
+     ["pipeline_model_parallel_size=2", "overlap_p2p_comm=true"]],
+    ids=["tp2", "pp2", "pp2-overlapped"],
 )
 def test_two_processes_match_one(layout, single_process, initial_weights, dataset, tmp_path):
     parallel = train_from(initial_weights, dataset, tmp_path, *layout, nproc=2)
     assert [r["step"] for r in parallel] == [1, 2, 3, 4]
+    assert all(("p2p_blocked_s" in r) == ("pipeline_model_parallel_size=2" in layout) for r in parallel)
     for one, two in zip(single_process, parallel):
         assert two["loss"] == pytest.approx(one["loss"], rel=1e-5), (one, two)
         assert two["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-4), (one, two)

@@ -1,0 +1,141 @@
+"""One process of an overlapped-pipeline test, started by torchrun (see conftest.run_workers).
+
+For each ``--hc-modes`` entry, builds a tiny GPT under the given pipeline layout, then trains the
+same initial weights for a few Adam steps once per schedule variant (``blocking``:
+``overlap_p2p_comm`` off; ``overlapped``: on; ``overlapped+ahead``, 1F1B only: also 2 extra warm-up
+forwards), recording per variant the losses, the gradient norms, the losses of a forward-only pass,
+the dtype and shape of every tensor that pass exchanged, and a SHA-256 of this rank's parameters
+after the steps. Every rank writes ``<out>.rank<R>.json``: ``{hc_mode: {variant: record}}``.
+"""
+
+import argparse
+import copy
+import dataclasses
+import hashlib
+import json
+
+import torch
+from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
+
+from mhc_megatron.megatron import MhcTransformerConfig, build_model_chunks, destroy_parallel, initialize_parallel
+from mhc_megatron.megatron.schedules import default_pg_collection
+from mhc_megatron.megatron.step import (
+    MicroBatch, build_optimizer, forward_backward_function, run_schedule, train_step, wrap_with_ddp,
+)
+
+VOCAB, SEQ, MICRO_BATCH, STEPS = 64, 8, 2, 2
+
+
+def parse_args():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--hc-modes", nargs="+", default=["mhc", "residual"])
+    parser.add_argument("--pp", type=int, required=True)
+    parser.add_argument("--vpp", type=int, default=None)
+    parser.add_argument("--variants", nargs="+", default=["blocking", "overlapped"])
+    parser.add_argument("--bf16", action="store_true", help="train in bf16 (Float16Module) and record the exchange dtypes")
+    parser.add_argument("--out", required=True)
+    return parser.parse_args()
+
+
+VARIANTS = {
+    "blocking": dict(overlap_p2p_comm=False),
+    "overlapped": dict(overlap_p2p_comm=True),
+    "overlapped+ahead": dict(overlap_p2p_comm=True, pipeline_extra_warmup=2),  # 1F1B only
+}
+
+
+def make_config(args, hc_mode: str) -> MhcTransformerConfig:
+    stages = args.pp * (args.vpp or 1)
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    return MhcTransformerConfig(
+        num_layers=stages, hidden_size=16, ffn_hidden_size=32, num_attention_heads=2,
+        hc_mode=hc_mode, num_streams=4, hc_alpha_init=0.3, sinkhorn_iters=5,
+        pipeline_model_parallel_size=args.pp, virtual_pipeline_model_parallel_size=args.vpp,
+        normalization="RMSNorm", add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0,
+        use_cpu_initialization=True, pipeline_dtype=dtype, params_dtype=dtype, bf16=args.bf16,
+    )
+
+
+def micro_batches(step: int, count: int) -> list[MicroBatch]:
+    generator = torch.Generator().manual_seed(500 + step)
+    start = torch.randint(0, VOCAB, (count * MICRO_BATCH, 1), generator=generator)
+    stride = torch.randint(1, 4, (count * MICRO_BATCH, 1), generator=generator)
+    rows = (start + stride * torch.arange(SEQ + 1)) % VOCAB
+    return [
+        MicroBatch(tokens=chunk[:, :-1], labels=chunk[:, 1:], loss_mask=torch.ones(chunk.shape[0], SEQ))
+        for chunk in rows.split(MICRO_BATCH)
+    ]
+
+
+def parameter_digest(chunks) -> str:
+    digest = hashlib.sha256()
+    for chunk in chunks:
+        for name, parameter in chunk.named_parameters():
+            digest.update(name.encode())
+            digest.update(parameter.detach().cpu().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+class RecordingCommunicator(P2PCommunicator):
+    """Records the dtype and shape of every tensor sent and every buffer received."""
+
+    def __init__(self, pp_group, config, log: list) -> None:
+        super().__init__(pp_group=pp_group, config=config)
+        self.log = log
+
+    def _communicate(self, **kwargs):
+        received = super()._communicate(**kwargs)
+        sent = [kwargs.get("tensor_send_next"), kwargs.get("tensor_send_prev")]
+        self.log += [[str(t.dtype), list(t.shape)] for t in sent + list(received[:2]) if t is not None]
+        return received
+
+
+def run_variant(base: MhcTransformerConfig, overrides: dict, initial: list[dict]) -> dict:
+    count = 2 * base.pipeline_model_parallel_size  # micro-batches: a steady 1F1B phase on every stage
+    from megatron.core import parallel_state
+    from megatron.core.transformer.module import Float16Module
+
+    config = dataclasses.replace(base, **overrides)
+    chunks = build_model_chunks(config, VOCAB, SEQ, backend="local")
+    for chunk, state in zip(chunks, initial):
+        chunk.load_state_dict(state)
+    if config.bf16:
+        chunks = [Float16Module(config, chunk) for chunk in chunks]
+    model = wrap_with_ddp(chunks, config)
+    optimizer = build_optimizer(model, lr=1e-2, bf16=config.bf16, params_dtype=config.params_dtype)
+    losses, grad_norms = [], []
+    for step in range(STEPS):
+        loss, grad_norm = train_step(model, optimizer, config, micro_batches(step, count))
+        losses.append(loss)
+        grad_norms.append(float(grad_norm))
+    exchanged = []
+    communicator = RecordingCommunicator(parallel_state.get_pipeline_model_parallel_group(), config, exchanged)
+    with torch.no_grad():
+        outputs = run_schedule(model, config, micro_batches(STEPS, count), forward_only=True,
+                               p2p_communicator=communicator, pg_collection=default_pg_collection())
+    eval_losses = [entry["lm loss"].item() for entry in outputs]
+    return {
+        "losses": losses, "grad_norms": grad_norms, "eval_losses": eval_losses,
+        "parameters": parameter_digest(chunks),
+        "exchanged": sorted({(dtype, tuple(shape)) for dtype, shape in exchanged}),
+        "schedule": forward_backward_function(config).__name__,
+        "last_stage": parallel_state.is_pipeline_last_stage(ignore_virtual=True),
+    }
+
+
+def main():
+    args = parse_args()
+    torch.set_num_threads(1)
+    initialize_parallel(1, args.pp, args.vpp, seed=7)
+    record = {}
+    for hc_mode in args.hc_modes:
+        base = make_config(args, hc_mode)
+        initial = [copy.deepcopy(chunk.state_dict()) for chunk in build_model_chunks(base, VOCAB, SEQ, backend="local")]
+        record[hc_mode] = {name: run_variant(base, VARIANTS[name], initial) for name in args.variants}
+    with open(f"{args.out}.rank{torch.distributed.get_rank()}.json", "w") as out:
+        json.dump(record, out)
+    destroy_parallel()
+
+
+if __name__ == "__main__":
+    main()

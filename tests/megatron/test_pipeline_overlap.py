@@ -1,0 +1,120 @@
+"""The overlapped pipeline exchange (``overlap_p2p_comm``) against the blocking one, on gloo.
+
+Each case trains the same initial weights for 2 Adam steps with the blocking and the overlapped
+schedule (1F1B: ``schedules.forward_backward_pipelining_overlapped``, also with 2 extra warm-up
+forwards; interleaved: megatron's own ``overlap_p2p_comm``), for mHC (n = 4) and the residual
+model, and requires on every rank bitwise equal losses, gradient norms, forward-only losses and
+parameters after the steps.
+"""
+
+import json
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import run_workers
+
+from mhc_megatron.megatron import MhcTransformerConfig
+from mhc_megatron.megatron.p2p_timing import P2PTimer, _TimedRequest
+from mhc_megatron.megatron.schedules import check_overlapped_schedule_supported
+
+AHEAD = ["--variants", "blocking", "overlapped", "overlapped+ahead"]  # 1F1B: also 2 forwards ahead
+LAYOUTS = {
+    "1F1B PP=2": (2, ["--pp", "2", *AHEAD], "forward_backward_pipelining_overlapped"),
+    "1F1B PP=4": (4, ["--pp", "4", *AHEAD], "forward_backward_pipelining_overlapped"),
+    "interleaved PP=2 x VPP=2": (2, ["--pp", "2", "--vpp", "2"], "forward_backward_pipelining_with_interleaving"),
+    "interleaved PP=4 x VPP=2": (4, ["--pp", "4", "--vpp", "2"], "forward_backward_pipelining_with_interleaving"),
+}
+
+
+SEQ, MICRO_BATCH, HIDDEN, STREAMS = 8, 2, 16, 4  # as in overlap_worker.py
+
+
+def check_runs(tmp_path, nproc: int, args: list[str], schedule: str, dtype: str) -> None:
+    """Overlapped == blocking on every rank, bitwise; the exchange carries [s, b*n, C] in ``dtype``."""
+    for rank in range(nproc):
+        record = json.loads((tmp_path / f"run.rank{rank}.json").read_text())
+        for hc_mode, streams in (("mhc", STREAMS), ("residual", 1)):
+            variants = record[hc_mode]
+            blocking = variants.pop("blocking")
+            blocking.pop("schedule")
+            for name, overlapped in variants.items():
+                assert overlapped.pop("schedule") == schedule
+                assert overlapped == blocking, f"rank {rank}, {hc_mode}, {name}"
+            assert blocking["exchanged"] == [[dtype, [SEQ, MICRO_BATCH * streams, HIDDEN]]], f"rank {rank}, {hc_mode}"
+            if blocking["last_stage"]:
+                assert len(blocking["losses"]) == 2 and all(loss > 0 for loss in blocking["losses"])
+                assert len(blocking["eval_losses"]) == 2 * int(args[1])
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_overlapped_schedule_matches_blocking_bitwise(layout, tmp_path):
+    nproc, args, schedule = LAYOUTS[layout]
+    run_workers("overlap_worker.py", nproc, *args, "--out", str(tmp_path / "run"))
+    check_runs(tmp_path, nproc, args, schedule, "torch.float32")
+
+
+def test_bf16_training_exchanges_bf16_streams(tmp_path):
+    """The stream state crosses stages in the training dtype: half the bytes of float32."""
+    nproc, args, schedule = LAYOUTS["1F1B PP=2"]
+    run_workers("overlap_worker.py", nproc, *args, "--bf16", "--out", str(tmp_path / "run"))
+    check_runs(tmp_path, nproc, args, schedule, "torch.bfloat16")
+
+
+def test_bf16_needs_a_bf16_pipeline_dtype():
+    with pytest.raises(ValueError, match="pipeline_dtype must be torch.bfloat16"):
+        MhcTransformerConfig(num_layers=2, hidden_size=16, num_attention_heads=2, bf16=True,
+                             pipeline_model_parallel_size=2, pipeline_dtype=torch.float32)
+
+
+@pytest.mark.parametrize("fields", [dict(), dict(overlap_p2p_comm=True, virtual_pipeline_model_parallel_size=2)])
+def test_extra_warmup_needs_the_overlapped_1f1b(fields):
+    with pytest.raises(ValueError, match="pipeline_extra_warmup=1 applies to the overlapped 1F1B schedule only"):
+        MhcTransformerConfig(num_layers=4, hidden_size=16, num_attention_heads=2, pipeline_model_parallel_size=2,
+                             pipeline_dtype=torch.float32, pipeline_extra_warmup=1, **fields)
+
+
+def test_warmup_flush_overlap_is_refused_with_the_reason():
+    with pytest.raises(ValueError, match="overlap_p2p_comm_warmup_flush=True is not supported"):
+        MhcTransformerConfig(num_layers=2, hidden_size=16, num_attention_heads=2, overlap_p2p_comm=True,
+                             overlap_p2p_comm_warmup_flush=True)
+
+
+def test_overlap_needs_unbatched_exchange(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the check runs before anything touches CUDA
+    with pytest.raises(ValueError, match="overlap_p2p_comm=True needs batch_p2p_comm=False"):
+        MhcTransformerConfig(num_layers=2, hidden_size=16, num_attention_heads=2, overlap_p2p_comm=True)
+
+
+def test_high_priority_stream_needs_cuda():
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available")
+    with pytest.raises(ValueError, match="mhc_post_res_high_priority_stream=True needs CUDA"):
+        MhcTransformerConfig(num_layers=2, hidden_size=16, num_attention_heads=2,
+                             mhc_post_res_high_priority_stream=True)
+
+
+@pytest.mark.parametrize("field", ["batch_p2p_comm", "variable_seq_lengths", "use_ring_exchange_p2p"])
+def test_overlapped_1f1b_refuses_what_it_cannot_overlap(field):
+    config = SimpleNamespace(**{field: True})
+    with pytest.raises(ValueError, match=f"does not support {field}=True"):
+        check_overlapped_schedule_supported(config)
+
+
+def test_timer_adds_calls_and_waits():
+    class Request:
+        def wait(self):
+            time.sleep(0.01)
+            return True
+
+        def is_completed(self):
+            return True
+
+    timer = P2PTimer()
+    request = _TimedRequest(Request(), timer, ())
+    assert request.wait() and request.is_completed()
+    timer.add(0.5, wait=False)
+    assert timer.waits == 1 and timer.calls == 1 and 0.51 <= timer.seconds < 0.6
+    timer.reset()
+    assert (timer.seconds, timer.calls, timer.waits) == (0.0, 0, 0)
