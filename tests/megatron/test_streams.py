@@ -32,9 +32,9 @@ def test_run_on_stream_orders_and_records(monkeypatch):
         log.append(f"leave {stream.name}")
 
     streams, output = torch.ones(2, 8), torch.ones(2, 2)
-    mixing = Mixing(torch.ones(2, 4), torch.ones(2, 4, 4))
+    mixing = Mixing(torch.ones(2, 4), torch.ones(2, 4, 4), torch.ones(2, 4))
     names.update({id(streams): "streams", id(output): "output", id(mixing.h_post): "h_post",
-                  id(mixing.h_res): "h_res"})
+                  id(mixing.h_res): "h_res", id(mixing.h_pre): "h_pre"})
 
     def post_res(streams, output, mixing):
         log.append("post_res")
@@ -47,6 +47,7 @@ def test_run_on_stream_orders_and_records(monkeypatch):
     assert log == [
         "side waits for current", "enter side", "post_res", "leave side",
         "streams recorded on side", "output recorded on side", "h_post recorded on side", "h_res recorded on side",
+        "h_pre recorded on side",
         "result recorded on current", "current waits for side",
     ]
 
