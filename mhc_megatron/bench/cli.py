@@ -1,13 +1,13 @@
 """``mhc-bench``: benchmarks of this package, one subcommand each (``mhc-bench kernels --help``,
-``mhc-bench memory --help``)."""
+``mhc-bench memory --help``, ``mhc-bench pipeline --help``)."""
 
 from __future__ import annotations
 
 import argparse
 
-from mhc_megatron.bench import kernels, memory
+from mhc_megatron.bench import kernels, memory, pipeline
 
-SUBCOMMANDS = {"kernels": kernels, "memory": memory}
+SUBCOMMANDS = {"kernels": kernels, "memory": memory, "pipeline": pipeline}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -36,7 +36,7 @@ def recommend(model: ModelSpec, base: Layout, cluster: ClusterSpec) -> tuple[Eva
             evaluated.append(evaluate(candidate_model, layout, cluster, compare=False))
         except ValueError:
             continue  # batch or experts not divisible for this layout
-    evaluated.sort(key=lambda e: e.step_time)
+    evaluated.sort(key=lambda e: (round(e.step_time, 9), e.peak_memory))  # ties: the smaller footprint
     fitting = [e for e in evaluated if e.peak_memory <= cluster.device.hbm_bytes]
     best = evaluate(fitting[0].model, fitting[0].layout, cluster) if fitting else None
     return best, evaluated
