@@ -49,14 +49,14 @@ FLOAT32 = 4
 
 def check_layout(model: ModelSpec, layout: Layout, cluster: ClusterSpec) -> int:
     """Validate ``layout`` for ``model`` on ``cluster``; return the micro-batches per step."""
-    world = cluster.world_size
-    if world % (layout.tp * layout.pp):
-        raise ValueError(f"{world} GPUs are not divisible by tp x pp = {layout.tp} x {layout.pp}")
     if model.num_layers % (layout.pp * layout.vpp):
         raise ValueError(
             f"num_layers {model.num_layers} is not divisible by pp x vpp = {layout.pp} x {layout.vpp}: "
             "every model chunk needs the same number of layers"
         )
+    world = cluster.world_size
+    if world % (layout.tp * layout.pp):
+        raise ValueError(f"{world} GPUs are not divisible by tp x pp = {layout.tp} x {layout.pp}")
     dp = world // (layout.tp * layout.pp)
     if layout.ep > 1 and (not model.moe or dp % layout.ep or model.num_moe_experts % layout.ep):
         raise ValueError(f"ep {layout.ep} needs an MoE model whose experts and data-parallel size ({dp}) it divides")
