@@ -154,10 +154,11 @@ def main(argv: list[str] | None = None) -> None:
         print(_describe(model, machine))
         report(model, layout, machine)
         if args.recommend:
-            best, evaluated = recommend(model, layout, machine)
-            fitting = [e for e in evaluated if e.peak_memory <= machine.device.hbm_bytes]
-            print(f"\nsearched {len(evaluated)} layouts, {len(fitting)} fit in {machine.device.hbm_bytes / GB:.0f} GB; fastest that fit:")
-            for e in fitting[:5]:
+            search = recommend(model, layout, machine)
+            best = search.best
+            print(f"\nsearched {search.tried} layouts, {len(search.fitting)} fit in {machine.device.hbm_bytes / GB:.0f} GB; "
+                  "fastest that fit:")
+            for e in search.fitting[:5]:
                 print(f"  {e.step_time * 1e3:9.1f} ms  peak {e.peak_memory / GB:5.1f} GB  {_layout_text(e)}")
             if best is None:
                 print("recommendation: none fits; add GPUs, tensor parallelism or a smaller micro-batch")

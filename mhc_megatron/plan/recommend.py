@@ -1,13 +1,24 @@
-"""The search: every pipeline layout (PP, VPP, micro-batch size, recompute) that divides the model
-and fits in HBM, simulated; the fastest wins."""
+"""The search: every pipeline layout (PP, VPP, micro-batch size, recompute) that divides the model;
+those that fit in HBM are simulated and the fastest wins."""
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
+from mhc_megatron.plan import costs
 from mhc_megatron.plan.evaluate import Evaluation, evaluate
 from mhc_megatron.plan.hardware import ClusterSpec
 from mhc_megatron.plan.model import Layout, ModelSpec
+
+
+@dataclass(frozen=True)
+class Search:
+    """``best``: the fastest layout that fits, compared with residual (``None`` if none fits);
+    ``fitting``: every layout that fits, fastest first; ``tried``: valid layouts considered."""
+
+    best: Evaluation | None
+    fitting: list[Evaluation]
+    tried: int
 
 
 def candidates(model: ModelSpec, base: Layout, cluster: ClusterSpec, micro_batch_sizes=(1, 2, 4, 8)) -> list[tuple[ModelSpec, Layout]]:
@@ -27,16 +38,24 @@ def candidates(model: ModelSpec, base: Layout, cluster: ClusterSpec, micro_batch
     return found
 
 
-def recommend(model: ModelSpec, base: Layout, cluster: ClusterSpec) -> tuple[Evaluation | None, list[Evaluation]]:
-    """(the fastest layout whose every stage fits in HBM, compared with residual, or ``None``; all
-    valid layouts evaluated, fastest first)."""
-    evaluated = []
+def peak_memory(model: ModelSpec, layout: Layout, cluster: ClusterSpec) -> float:
+    """The largest stage's bytes per GPU (raises ``ValueError`` for a layout that does not divide)."""
+    micro_batches = costs.check_layout(model, layout, cluster)
+    return max(costs.stage_memory(model, layout, cluster, micro_batches, stage)["total"] for stage in range(layout.pp))
+
+
+def recommend(model: ModelSpec, base: Layout, cluster: ClusterSpec) -> Search:
+    """Simulate every candidate that fits in ``cluster.device.hbm_bytes``; pick the fastest (ties:
+    the smaller footprint)."""
+    tried, fitting = 0, []
     for candidate_model, layout in candidates(model, base, cluster):
         try:
-            evaluated.append(evaluate(candidate_model, layout, cluster, compare=False))
+            fits = peak_memory(candidate_model, layout, cluster) <= cluster.device.hbm_bytes
         except ValueError:
             continue  # batch or experts not divisible for this layout
-    evaluated.sort(key=lambda e: (round(e.step_time, 9), e.peak_memory))  # ties: the smaller footprint
-    fitting = [e for e in evaluated if e.peak_memory <= cluster.device.hbm_bytes]
+        tried += 1
+        if fits:
+            fitting.append(evaluate(candidate_model, layout, cluster, compare=False))
+    fitting.sort(key=lambda e: (round(e.step_time, 9), e.peak_memory))
     best = evaluate(fitting[0].model, fitting[0].layout, cluster) if fitting else None
-    return best, evaluated
+    return Search(best, fitting, tried)

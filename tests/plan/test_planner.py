@@ -46,12 +46,12 @@ def test_recommendation_fits_and_is_fastest():
     model = ModelSpec(num_layers=8, hidden_size=1024, num_attention_heads=8, seq_length=1024, micro_batch_size=1,
                       global_batch_size=16)
     machine = cluster("H100", gpus_per_node=4, hbm_bytes=1.5 * GB)  # tight: only some layouts fit
-    best, evaluated = recommend(model, Layout(), machine)
-    fitting = [e for e in evaluated if e.peak_memory <= machine.device.hbm_bytes]
-    assert best is not None and 0 < len(fitting) < len(evaluated)
-    assert best.peak_memory <= machine.device.hbm_bytes
-    assert best.step_time == min(e.step_time for e in fitting)
-    assert recommend(model, Layout(), cluster("H100", gpus_per_node=4, hbm_bytes=1e3))[0] is None
+    search = recommend(model, Layout(), machine)
+    assert search.best is not None and 0 < len(search.fitting) < search.tried
+    assert all(e.peak_memory <= machine.device.hbm_bytes for e in search.fitting)
+    assert search.best.step_time == min(e.step_time for e in search.fitting)
+    assert search.best.residual_step is not None  # the winner is compared with residual
+    assert recommend(model, Layout(), cluster("H100", gpus_per_node=4, hbm_bytes=1e3)).best is None
 
 
 def test_unknown_gpu():
