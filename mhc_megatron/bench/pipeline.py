@@ -2,17 +2,22 @@
 
 Steps, for one training config and its overrides (e.g. ``configs/tiny-cpu.yaml micro_batch_size=2``):
 
-1. **Calibration**, one process with one thread (what torchrun gives each rank): forward and
-   backward seconds of one layer (a slice of ``num_layers`` layers, per layer) for each ``hc_mode``;
-   the output layer + cross-entropy and the embedding (plain torch ops of the same shapes); the
-   gloo point-to-point latency and bandwidth between two local processes; and how much P processes
-   slow each other on this machine (``effective cores`` = P x time alone / time side by side,
-   which also captures other users' load at that moment); then one ``mhc-train`` run at PP = 1,
-   whose step time minus its micro-batches' compute gives the per-step tail (optimizer etc.).
+1. **Calibration**, with one thread per process (what torchrun gives each rank):
+   - the shape of the costs: forward and backward seconds of one layer (a slice of ``num_layers``
+     layers, per layer), the output layer + cross-entropy and the embedding (plain torch ops of the
+     same shapes), in one process;
+   - their scale: two ``mhc-train`` runs at PP = 1 with ``m`` and ``2 m`` micro-batches per step;
+     the difference of the median step times over ``m`` is the measured time of one micro-batch
+     (layers, head, embedding and the schedule's own per-pass work), the rest of the step is the
+     per-step tail (optimizer, gradient norm); the benchmark's durations are scaled to sum to the
+     measured micro-batch (the layer benchmark alone misses the training loop's per-pass work and
+     sees the machine's load at another moment);
+   - gloo point-to-point latency (4-byte message) and bandwidth (one hop's bytes) between two local
+     processes, fastest of the repeats (other users' load only ever slows it).
 2. **Runs**: ``torchrun --nproc-per-node P -m mhc_megatron.train`` at each PP (and VPP), median
    ``step_time_s`` after the warm-up steps.
-3. **Prediction**: the simulator (blocking transfers, megatron's order, ``shared_cores`` = the
-   effective cores) with those measured durations, against the measured median.
+3. **Prediction**: the simulator (blocking transfers in megatron's order, the P ranks sharing this
+   machine's cores by processor sharing) with those durations, against the measured median.
 """
 
 from __future__ import annotations
@@ -117,7 +122,7 @@ def _worker(kind: str, rank: int, world: int, port: int, payload: dict, queue) -
                     torch.distributed.recv(buffer, 0)
                     torch.distributed.send(buffer, 0)
                 times.append((time.perf_counter() - started) / 2)
-            results[size] = statistics.median(times[2:])
+            results[size] = min(times[2:])
         torch.distributed.destroy_process_group()
         if rank == 0:
             queue.put(results)
@@ -148,16 +153,10 @@ def _spawn(kind: str, world: int, payload: dict) -> list:
 
 
 def p2p_link(hop_bytes: int, repeats: int) -> dict:
-    """gloo one-way latency (s, 4-byte message) and bandwidth (bytes/s, from a ``hop_bytes`` message)."""
+    """gloo one-way latency (s, 4-byte message) and bandwidth (bytes/s, from a ``hop_bytes`` message),
+    each the fastest of ``repeats`` round trips."""
     times = _spawn("p2p", 2, {"sizes": [4, hop_bytes], "repeats": repeats})[0]
     return {"latency": times[4], "bandwidth": hop_bytes / max(times[hop_bytes] - times[4], 1e-9)}
-
-
-def effective_cores(shape: dict, hc_mode: str, processes: int, alone: dict, repeats: int) -> float:
-    """``processes`` x (layer time alone / layer time with ``processes`` copies side by side)."""
-    together = _spawn("layers", processes, {"shape": shape, "hc_mode": hc_mode, "repeats": repeats})
-    slowdown = statistics.median((r["forward"] + r["backward"]) for r in together) / (alone["forward"] + alone["backward"])
-    return min(float(processes), processes / slowdown)
 
 
 def train(config: str, overrides: list[str], pp: int, vpp: int, iters: int, warmup: int) -> dict:
@@ -203,33 +202,45 @@ def hop_bytes(shape: dict, hc_mode: str) -> int:
     return streams * shape["seq_length"] * shape["micro_batch_size"] * shape["hidden_size"] * 4
 
 
+def calibrate(args: argparse.Namespace, shape: dict, mode: str) -> dict:
+    """Per-micro-batch durations (s) for ``mode``, scaled to the PP = 1 runs, the tail and the link."""
+    settings = [*args.overrides, f"hc_mode={mode}"]
+    raw = _spawn("layers", 1, {"shape": shape, "hc_mode": mode, "repeats": args.repeats})[0]
+    micro_batches = shape["global_batch_size"] // shape["micro_batch_size"]
+    single = train(args.config, settings, 1, 1, args.train_iters, args.warmup)
+    double = train(args.config, [*settings, f"global_batch_size={2 * shape['global_batch_size']}"], 1, 1,
+                   args.train_iters, args.warmup)
+    per_micro_batch = (double["median"] - single["median"]) / micro_batches
+    benchmark = shape["num_layers"] * (raw["forward"] + raw["backward"]) + raw["head_forward"] + raw["head_backward"] + raw["embedding"]
+    scale = per_micro_batch / benchmark
+    calibration = {key: value * scale for key, value in raw.items()}
+    calibration.update(benchmark=raw, scale=scale, pp1=[single, double], hop_bytes=hop_bytes(shape, mode),
+                       tail=max(0.0, single["median"] - micro_batches * per_micro_batch))
+    calibration.update(p2p_link(calibration["hop_bytes"], 4 * args.repeats))
+    return calibration
+
+
 def run(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
     shape = shape_of(args.config, args.overrides)
     layouts = [tuple(int(v) for v in layout.split("x")) for layout in args.layouts]
-    report = {"config": args.config, "overrides": args.overrides, "date": time.strftime("%Y-%m-%d %H:%M"), "modes": {}}
+    cores = os.cpu_count()
+    report = {"config": args.config, "overrides": args.overrides, "date": time.strftime("%Y-%m-%d %H:%M"),
+              "cores": cores, "modes": {}}
     for mode in args.modes:
-        settings = [*args.overrides, f"hc_mode={mode}"]
         mode_shape = {**shape, "hc_mode": mode}
-        calibration = _spawn("layers", 1, {"shape": mode_shape, "hc_mode": mode, "repeats": args.repeats})[0]
-        calibration["hop_bytes"] = hop_bytes(mode_shape, mode)
-        calibration.update(p2p_link(calibration["hop_bytes"], args.repeats))
-        single = train(args.config, settings, 1, 1, args.train_iters, args.warmup)
-        calibration["tail"] = 0.0
-        calibration["tail"] = max(0.0, single["median"] - predict(calibration, mode_shape, 1, 1, None))
-        cores = {pp: effective_cores(mode_shape, mode, pp, calibration, args.repeats) for pp in {pp for pp, _ in layouts}}
+        calibration = calibrate(args, mode_shape, mode)
         rows = []
         for pp, vpp in layouts:
             load_before = os.getloadavg()[0]
-            measured = train(args.config, settings, pp, vpp, args.train_iters, args.warmup)
-            predicted = predict(calibration, mode_shape, pp, vpp, cores[pp])
+            measured = train(args.config, [*args.overrides, f"hc_mode={mode}"], pp, vpp, args.train_iters, args.warmup)
+            predicted = predict(calibration, mode_shape, pp, vpp, cores)
             rows.append({"pp": pp, "vpp": vpp, "measured": measured["median"], "predicted": predicted,
-                         "error": predicted / measured["median"] - 1, "effective_cores": cores[pp],
-                         "load_average": load_before, "steps": measured["steps"], "command": measured["command"]})
+                         "error": predicted / measured["median"] - 1, "load_average": load_before,
+                         "steps": measured["steps"], "command": measured["command"]})
             print(f"{mode:8} PP {pp} VPP {vpp}: measured {measured['median'] * 1e3:7.1f} ms, predicted "
-                  f"{predicted * 1e3:7.1f} ms ({100 * rows[-1]['error']:+.1f} %), effective cores {cores[pp]:.2f}, "
-                  f"load {load_before:.1f}", flush=True)
-        report["modes"][mode] = {"calibration": calibration, "pp1": single, "runs": rows}
+                  f"{predicted * 1e3:7.1f} ms ({100 * rows[-1]['error']:+.1f} %), load {load_before:.1f}", flush=True)
+        report["modes"][mode] = {"calibration": calibration, "runs": rows}
     with open(args.json, "w") as out:
         json.dump(report, out, indent=2)
     print(f"wrote {args.json}")
