@@ -3,15 +3,15 @@
 Steps, for one training config and its overrides (e.g. ``configs/tiny-cpu.yaml micro_batch_size=2``):
 
 1. **Calibration**, with one thread per process (what torchrun gives each rank):
-   - the shape of the costs: forward and backward seconds of one layer (a slice of ``num_layers``
-     layers, per layer), the output layer + cross-entropy and the embedding (plain torch ops of the
-     same shapes), in one process;
-   - their scale: two ``mhc-train`` runs at PP = 1 with ``m`` and ``2 m`` micro-batches per step;
-     the difference of the median step times over ``m`` is the measured time of one micro-batch
-     (layers, head, embedding and the schedule's own per-pass work), the rest of the step is the
-     per-step tail (optimizer, gradient norm); the benchmark's durations are scaled to sum to the
-     measured micro-batch (the layer benchmark alone misses the training loop's per-pass work and
-     sees the machine's load at another moment);
+   - three ``mhc-train`` runs at PP = 1 (median step times after warm-up): the config as it is
+     (``m`` micro-batches, ``L`` layers), with ``2 m`` micro-batches, and with ``L / 2`` layers. The
+     second minus the first over ``m`` is one micro-batch's time; the first minus the third over
+     ``m L / 2`` is one layer's forward + backward; what a micro-batch takes beyond its layers, the
+     output layer and the embedding is the schedule's own per-pass work (``pass_overhead``: the
+     forward-step wrapper, the loss, autograd's entry; each pipeline chunk pays it again); what the
+     step takes beyond its micro-batches is the per-step tail (optimizer, gradient norm);
+   - one process: the forward / backward split of a layer (a slice of ``L`` layers), and the output
+     layer + cross-entropy and the embedding (plain torch ops of the same shapes);
    - gloo point-to-point latency (4-byte message) and bandwidth (one hop's bytes) between two local
      processes, fastest of the repeats (other users' load only ever slows it).
 2. **Runs**: ``torchrun --nproc-per-node P -m mhc_megatron.train`` at each PP (and VPP), median
@@ -176,19 +176,21 @@ def train(config: str, overrides: list[str], pp: int, vpp: int, iters: int, warm
 
 def predict(calibration: dict, shape: dict, pp: int, vpp: int, cores: float | None) -> float:
     """The simulator's step time (s) for a PP x VPP run from the calibration's measured durations:
-    chunk passes of ``layers / (pp vpp)`` layers, the embedding on the first chunk's forward, the
-    output layer + loss on the last chunk, hops of ``n s b C`` float32 values at the measured gloo
-    latency and bandwidth, blocking (megatron on CPU), the measured per-step tail."""
+    chunk passes of ``layers / (pp vpp)`` layers plus the per-pass overhead (half in forward, half in
+    backward), the embedding on the first chunk (a third in forward), the output layer + loss on the
+    last chunk, hops of ``n s b C`` float32 values at the measured gloo latency and bandwidth,
+    blocking (megatron on CPU), the measured per-step tail."""
     layers = shape["num_layers"] // (pp * vpp)
     micro_batches = shape["global_batch_size"] // shape["micro_batch_size"]
     plan = build(pp, vpp, micro_batches)
     last = plan.total_chunks - 1
 
     def compute(task: Task, stage: int) -> float:
+        overhead = calibration["pass_overhead"] / 2
         if task.kind == "F":
-            return (layers * calibration["forward"] + (calibration["head_forward"] if task.chunk == last else 0.0)
+            return (layers * calibration["forward"] + overhead + (calibration["head_forward"] if task.chunk == last else 0.0)
                     + (calibration["embedding"] / 3 if task.chunk == 0 else 0.0))
-        return (layers * calibration["backward"] + (calibration["head_backward"] if task.chunk == last else 0.0)
+        return (layers * calibration["backward"] + overhead + (calibration["head_backward"] if task.chunk == last else 0.0)
                 + (2 * calibration["embedding"] / 3 if task.chunk == 0 else 0.0))
 
     def transfer(task: Task, src: int, dst: int) -> float:
@@ -203,19 +205,28 @@ def hop_bytes(shape: dict, hc_mode: str) -> int:
 
 
 def calibrate(args: argparse.Namespace, shape: dict, mode: str) -> dict:
-    """Per-micro-batch durations (s) for ``mode``, scaled to the PP = 1 runs, the tail and the link."""
+    """Per-pass durations (s) for ``mode`` from three PP = 1 runs and the benchmarks (module docstring)."""
     settings = [*args.overrides, f"hc_mode={mode}"]
     raw = _spawn("layers", 1, {"shape": shape, "hc_mode": mode, "repeats": args.repeats})[0]
-    micro_batches = shape["global_batch_size"] // shape["micro_batch_size"]
-    single = train(args.config, settings, 1, 1, args.train_iters, args.warmup)
-    double = train(args.config, [*settings, f"global_batch_size={2 * shape['global_batch_size']}"], 1, 1,
-                   args.train_iters, args.warmup)
-    per_micro_batch = (double["median"] - single["median"]) / micro_batches
-    benchmark = shape["num_layers"] * (raw["forward"] + raw["backward"]) + raw["head_forward"] + raw["head_backward"] + raw["embedding"]
-    scale = per_micro_batch / benchmark
-    calibration = {key: value * scale for key, value in raw.items()}
-    calibration.update(benchmark=raw, scale=scale, pp1=[single, double], hop_bytes=hop_bytes(shape, mode),
-                       tail=max(0.0, single["median"] - micro_batches * per_micro_batch))
+    layers, micro_batches = shape["num_layers"], shape["global_batch_size"] // shape["micro_batch_size"]
+    run = lambda *extra: train(args.config, [*settings, *extra], 1, 1, args.train_iters, args.warmup)  # noqa: E731
+    base = run()
+    double = run(f"global_batch_size={2 * shape['global_batch_size']}")
+    half = run(f"num_layers={layers // 2}")
+    per_micro_batch = (double["median"] - base["median"]) / micro_batches
+    per_layer = (base["median"] - half["median"]) / (micro_batches * (layers // 2))
+    forward_share = raw["forward"] / (raw["forward"] + raw["backward"])
+    head = raw["head_forward"] + raw["head_backward"] + raw["embedding"]
+    calibration = {
+        "forward": forward_share * per_layer,
+        "backward": (1 - forward_share) * per_layer,
+        "pass_overhead": max(0.0, per_micro_batch - layers * per_layer - head),
+        **{key: raw[key] for key in ("head_forward", "head_backward", "embedding")},
+        "tail": max(0.0, base["median"] - micro_batches * per_micro_batch),
+        "hop_bytes": hop_bytes(shape, mode),
+        "benchmark": raw,
+        "pp1_runs": {"base": base, "double_batch": double, "half_layers": half},
+    }
     calibration.update(p2p_link(calibration["hop_bytes"], 4 * args.repeats))
     return calibration
 
