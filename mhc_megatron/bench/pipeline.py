@@ -2,17 +2,17 @@
 
 Steps, for one training config and its overrides (e.g. ``configs/tiny-cpu.yaml micro_batch_size=2``):
 
-1. **Calibration**, with one thread per process (what torchrun gives each rank):
-   - three ``mhc-train`` runs at PP = 1 (median step times after warm-up): the config as it is
-     (``m`` micro-batches, ``L`` layers), with ``2 m`` micro-batches, and with ``L / 2`` layers. The
-     second minus the first over ``m`` is one micro-batch's time; the first minus the third over
-     ``m L / 2`` is one layer's forward + backward; what a micro-batch takes beyond its layers, the
-     output layer and the embedding is the schedule's own per-pass work (``pass_overhead``: the
-     forward-step wrapper, the loss, autograd's entry; each pipeline chunk pays it again); what the
-     step takes beyond its micro-batches is the per-step tail (optimizer, gradient norm);
-   - one process: the forward / backward split of a layer (a slice of ``L`` layers), and the output
-     layer + cross-entropy and the embedding (plain torch ops of the same shapes);
-   - gloo point-to-point latency (4-byte message) and bandwidth (one hop's bytes) between two local
+1. **Calibration**, in one process with one thread (what torchrun gives each rank), the model
+   built as ``mhc-train`` builds it at PP = 1 (megatron's DDP, optimizer and schedule), timed
+   round-robin so that a change of the machine's load shifts every timing alike (medians):
+   - the schedule (forward + backward) of the step's ``m`` micro-batches with ``L`` and with
+     ``L / 2`` layers, and the same forward-only: the depth difference gives one layer's forward
+     and backward; what a micro-batch takes beyond its layers, the output layer and the embedding
+     is the schedule's own per-pass work (``pass_overhead``: forward-step wrapper, loss, autograd's
+     entry; each pipeline chunk pays it again; the schedule is taken to have no per-step part);
+   - the optimizer step (the per-step tail);
+   - the output layer + cross-entropy and the embedding (plain torch ops of the same shapes);
+   - gloo point-to-point latency (4-byte message) and bandwidth (16 MiB message) between two local
      processes, fastest of the repeats (other users' load only ever slows it).
 2. **Runs**: ``torchrun --nproc-per-node P -m mhc_megatron.train`` at each PP (and VPP), median
    ``step_time_s`` after the warm-up steps.
@@ -62,27 +62,10 @@ def shape_of(config: str, overrides: list[str]) -> dict:
     return values
 
 
-def _layer_times(shape: dict, hc_mode: str, repeats: int) -> dict:
-    """Seconds per micro-batch: one layer's forward and backward, the output layer + loss, the embedding."""
-    from mhc_megatron.bench.memory import SliceShape, _build_decoder
-
+def _head_times(shape: dict, repeats: int) -> dict:
+    """Seconds per micro-batch of the output layer + cross-entropy (forward, backward) and of the
+    embedding (forward + backward), as plain torch ops of the model's shapes."""
     s, b, c = shape["seq_length"], shape["micro_batch_size"], shape["hidden_size"]
-    slice_shape = SliceShape(layers=shape["num_layers"], hidden=c, ffn=shape.get("ffn_hidden_size") or 4 * c,
-                             heads=shape["num_attention_heads"], seq=s, micro_batch=b,
-                             streams=shape.get("num_streams", 4), dtype=torch.float32)
-    model = _build_decoder(slice_shape, hc_mode, None, torch.device("cpu"))
-    hidden = torch.randn(s, b, c, requires_grad=True)
-    rotary = model.rotary_pos_emb(s)
-    forward, backward = [], []
-    for _ in range(repeats + 1):
-        started = time.perf_counter()
-        output = model.decoder(hidden_states=hidden, attention_mask=None, rotary_pos_emb=rotary)
-        middle = time.perf_counter()
-        output.float().square().mean().backward()
-        forward.append(middle - started)
-        backward.append(time.perf_counter() - middle)
-        model.zero_grad(set_to_none=True)
-    layers = shape["num_layers"]
     weight = torch.randn(VOCAB, c, requires_grad=True)
     table = torch.nn.Embedding(VOCAB, c)
     tokens = torch.randint(0, VOCAB, (b, s))
@@ -98,14 +81,71 @@ def _layer_times(shape: dict, hc_mode: str, repeats: int) -> dict:
         started = time.perf_counter()
         table(tokens).sum().backward()
         embedding.append(time.perf_counter() - started)
-    median = lambda values: statistics.median(values[1:])  # noqa: E731 - the first pass warms up
-    return {"forward": median(forward) / layers, "backward": median(backward) / layers,
-            "head_forward": median(head_forward), "head_backward": median(head_backward),
-            "embedding": median(embedding)}
+    return {"head_forward": statistics.median(head_forward[1:]), "head_backward": statistics.median(head_backward[1:]),
+            "embedding": statistics.median(embedding[1:])}
+
+
+class _SinglePipeline:
+    """The config's model at PP = 1 in this process, built as mhc-train builds it (megatron's DDP and
+    optimizer), with timers for its schedule and its optimizer step."""
+
+    def __init__(self, config: str, overrides: list[str], micro_batches: int) -> None:
+        from mhc_megatron.megatron.step import MicroBatch, wrap_with_ddp
+        from mhc_megatron.training import RunConfig
+        from mhc_megatron.training.builders import build_model, build_training_optimizer
+        from megatron.core.distributed import finalize_model_grads
+
+        run = RunConfig.load(config, [*overrides, "pipeline_model_parallel_size=1"])
+        self.config = run.transformer_config()
+        self.config.finalize_model_grads_func = finalize_model_grads
+        args = run.training
+        self.model = wrap_with_ddp(build_model(run, self.config, VOCAB), self.config, args.use_distributed_optimizer)
+        self.config.no_sync_func = self.model[0].no_sync
+        self.optimizer, _ = build_training_optimizer(run, self.config, self.model)
+        tokens = torch.randint(0, VOCAB, (args.micro_batch_size, args.seq_length))
+        batch = MicroBatch(tokens, torch.roll(tokens, -1, 1), torch.ones_like(tokens, dtype=torch.float32))
+        self.batches = [batch] * micro_batches
+
+    def schedule(self, micro_batches: int, forward_only: bool = False) -> float:
+        from mhc_megatron.megatron.step import run_schedule
+
+        self.model[0].zero_grad_buffer()
+        started = time.perf_counter()
+        run_schedule(self.model, self.config, self.batches[:micro_batches], forward_only=forward_only)
+        return time.perf_counter() - started
+
+    def optimizer_step(self) -> float:
+        started = time.perf_counter()
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        return time.perf_counter() - started
+
+
+def _single_pipeline_times(payload: dict) -> dict:
+    """Median seconds, measured round-robin (so that a change of load shifts all alike): the
+    schedule (forward + backward) of ``m`` micro-batches with all and with half the layers, the
+    same forward-only, and the optimizer step."""
+    config, overrides, layers, m = payload["config"], payload["overrides"], payload["layers"], payload["micro_batches"]
+    full = _SinglePipeline(config, overrides, m)
+    half = _SinglePipeline(config, [*overrides, f"num_layers={layers // 2}"], m)
+    timers = {
+        "schedule": lambda: full.schedule(m),
+        "schedule_half": lambda: half.schedule(m),
+        "forward": lambda: full.schedule(m, forward_only=True),
+        "forward_half": lambda: half.schedule(m, forward_only=True),
+        "optimizer": lambda: (full.schedule(1), full.optimizer_step())[1],
+    }
+    times = {name: [] for name in timers}
+    for repeat in range(payload["repeats"] + 1):
+        for name, timer in timers.items():
+            value = timer()
+            if repeat:  # the first round warms up
+                times[name].append(value)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def _worker(kind: str, rank: int, world: int, port: int, payload: dict, queue) -> None:
-    """A child process: one gloo endpoint of the p2p test, or one copy of the layer benchmark."""
+    """A child process: one gloo endpoint of the p2p test, or the PP = 1 timings."""
     torch.set_num_threads(1)
     if kind == "p2p":
         torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -132,7 +172,7 @@ def _worker(kind: str, rank: int, world: int, port: int, payload: dict, queue) -
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port + 1 + rank), RANK="0", WORLD_SIZE="1")
         initialize_parallel()
         try:
-            queue.put(_layer_times(payload["shape"], payload["hc_mode"], payload["repeats"]))
+            queue.put({**_single_pipeline_times(payload), **_head_times(payload["shape"], payload["repeats"])})
         finally:
             destroy_parallel()
 
@@ -152,11 +192,11 @@ def _spawn(kind: str, world: int, payload: dict) -> list:
     return results
 
 
-def p2p_link(hop_bytes: int, repeats: int) -> dict:
-    """gloo one-way latency (s, 4-byte message) and bandwidth (bytes/s, from a ``hop_bytes`` message),
-    each the fastest of ``repeats`` round trips."""
-    times = _spawn("p2p", 2, {"sizes": [4, hop_bytes], "repeats": repeats})[0]
-    return {"latency": times[4], "bandwidth": hop_bytes / max(times[hop_bytes] - times[4], 1e-9)}
+def p2p_link(repeats: int, size: int = 1 << 24) -> dict:
+    """gloo one-way latency (s, 4-byte message) and bandwidth (bytes/s, from a ``size`` message),
+    each from the fastest of ``repeats`` round trips."""
+    times = _spawn("p2p", 2, {"sizes": [4, size], "repeats": repeats})[0]
+    return {"latency": times[4], "bandwidth": size / (times[size] - times[4])}
 
 
 def train(config: str, overrides: list[str], pp: int, vpp: int, iters: int, warmup: int) -> dict:
@@ -205,29 +245,25 @@ def hop_bytes(shape: dict, hc_mode: str) -> int:
 
 
 def calibrate(args: argparse.Namespace, shape: dict, mode: str) -> dict:
-    """Per-pass durations (s) for ``mode`` from three PP = 1 runs and the benchmarks (module docstring)."""
-    settings = [*args.overrides, f"hc_mode={mode}"]
-    raw = _spawn("layers", 1, {"shape": shape, "hc_mode": mode, "repeats": args.repeats})[0]
-    layers, micro_batches = shape["num_layers"], shape["global_batch_size"] // shape["micro_batch_size"]
-    run = lambda *extra: train(args.config, [*settings, *extra], 1, 1, args.train_iters, args.warmup)  # noqa: E731
-    base = run()
-    double = run(f"global_batch_size={2 * shape['global_batch_size']}")
-    half = run(f"num_layers={layers // 2}")
-    per_micro_batch = (double["median"] - base["median"]) / micro_batches
-    per_layer = (base["median"] - half["median"]) / (micro_batches * (layers // 2))
-    forward_share = raw["forward"] / (raw["forward"] + raw["backward"])
-    head = raw["head_forward"] + raw["head_backward"] + raw["embedding"]
+    """Per-pass durations (s) for ``mode`` from the PP = 1 timings (see the module docstring)."""
+    layers, m = shape["num_layers"], shape["global_batch_size"] // shape["micro_batch_size"]
+    payload = {"config": args.config, "overrides": [*args.overrides, f"hc_mode={mode}"], "layers": layers,
+               "micro_batches": m, "repeats": args.repeats, "shape": shape}
+    t = _spawn("single", 1, payload)[0]
+    half_layers = m * (layers - layers // 2)
+    per_layer = (t["schedule"] - t["schedule_half"]) / half_layers
+    forward = (t["forward"] - t["forward_half"]) / half_layers
+    head = t["head_forward"] + t["head_backward"] + t["embedding"]
     calibration = {
-        "forward": forward_share * per_layer,
-        "backward": (1 - forward_share) * per_layer,
-        "pass_overhead": max(0.0, per_micro_batch - layers * per_layer - head),
-        **{key: raw[key] for key in ("head_forward", "head_backward", "embedding")},
-        "tail": max(0.0, base["median"] - micro_batches * per_micro_batch),
+        "forward": forward,
+        "backward": per_layer - forward,
+        "pass_overhead": max(0.0, t["schedule"] / m - layers * per_layer - head),
+        **{key: t[key] for key in ("head_forward", "head_backward", "embedding")},
+        "tail": t["optimizer"],
         "hop_bytes": hop_bytes(shape, mode),
-        "benchmark": raw,
-        "pp1_runs": {"base": base, "double_batch": double, "half_layers": half},
+        "timings": t,
     }
-    calibration.update(p2p_link(calibration["hop_bytes"], 4 * args.repeats))
+    calibration.update(p2p_link(4 * args.repeats))
     return calibration
 
 
