@@ -49,6 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-iters", type=int, default=14)
     parser.add_argument("--warmup", type=int, default=4, help="steps left out of the median")
     parser.add_argument("--repeats", type=int, default=5, help="timed passes of the calibration benchmarks")
+    parser.add_argument("--rounds", type=int, default=2, help="runs of each layout, at different moments, pooled")
     parser.add_argument("--json", default="mhc-bench-pipeline.json")
 
 
@@ -277,16 +278,21 @@ def run(args: argparse.Namespace) -> None:
     for mode in args.modes:
         mode_shape = {**shape, "hc_mode": mode}
         calibration = calibrate(args, mode_shape, mode)
+        runs = {layout: [] for layout in layouts}
+        for _ in range(args.rounds):  # rounds at different moments, pooled
+            for pp, vpp in layouts:
+                load = os.getloadavg()[0]
+                runs[(pp, vpp)].append({**train(args.config, [*args.overrides, f"hc_mode={mode}"], pp, vpp,
+                                                args.train_iters, args.warmup), "load_average": load})
         rows = []
-        for pp, vpp in layouts:
-            load_before = os.getloadavg()[0]
-            measured = train(args.config, [*args.overrides, f"hc_mode={mode}"], pp, vpp, args.train_iters, args.warmup)
+        for (pp, vpp), measured in runs.items():
+            median = statistics.median(step for r in measured for step in r["steps"][args.warmup:])
             predicted = predict(calibration, mode_shape, pp, vpp, cores)
-            rows.append({"pp": pp, "vpp": vpp, "measured": measured["median"], "predicted": predicted,
-                         "error": predicted / measured["median"] - 1, "load_average": load_before,
-                         "steps": measured["steps"], "command": measured["command"]})
-            print(f"{mode:8} PP {pp} VPP {vpp}: measured {measured['median'] * 1e3:7.1f} ms, predicted "
-                  f"{predicted * 1e3:7.1f} ms ({100 * rows[-1]['error']:+.1f} %), load {load_before:.1f}", flush=True)
+            loads = [r["load_average"] for r in measured]
+            rows.append({"pp": pp, "vpp": vpp, "measured": median, "predicted": predicted,
+                         "error": predicted / median - 1, "runs": measured})
+            print(f"{mode:8} PP {pp} VPP {vpp}: measured {median * 1e3:7.1f} ms, predicted {predicted * 1e3:7.1f} ms "
+                  f"({100 * rows[-1]['error']:+.1f} %), load {', '.join(f'{x:.1f}' for x in loads)}", flush=True)
         report["modes"][mode] = {"calibration": calibration, "runs": rows}
     with open(args.json, "w") as out:
         json.dump(report, out, indent=2)
