@@ -16,8 +16,10 @@ Steps, for one training config and its overrides (e.g. ``configs/tiny-cpu.yaml m
      processes, fastest of the repeats (other users' load only ever slows it).
 2. **Runs**: ``torchrun --nproc-per-node P -m mhc_megatron.train`` at each PP (and VPP), median
    ``step_time_s`` after the warm-up steps.
-3. **Prediction**: the simulator (blocking transfers in megatron's order, the P ranks sharing this
-   machine's cores by processor sharing) with those durations, against the measured median.
+3. **Prediction**: the simulator (blocking transfers in megatron's order, the P ranks sharing the
+   machine by processor sharing over the *effective cores* measured for P ranks: P processes each
+   running one stage's work alone and side by side, in turn) with those durations, against the
+   measured median.
 """
 
 from __future__ import annotations
@@ -173,9 +175,36 @@ def _worker(kind: str, rank: int, world: int, port: int, payload: dict, queue) -
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port + 1 + rank), RANK="0", WORLD_SIZE="1")
         initialize_parallel()
         try:
-            queue.put({**_single_pipeline_times(payload), **_head_times(payload["shape"], payload["repeats"])})
+            if kind == "stage":
+                queue.put(_stage_time(payload))
+            else:
+                queue.put({**_single_pipeline_times(payload), **_head_times(payload["shape"], payload["repeats"])})
         finally:
             destroy_parallel()
+
+
+def _stage_time(payload: dict) -> float:
+    """Median seconds of one stage's work (the schedule of a model of ``layers`` layers over the
+    step's micro-batches)."""
+    stage = _SinglePipeline(payload["config"], [*payload["overrides"], f"num_layers={payload['layers']}"],
+                            payload["micro_batches"])
+    times = [stage.schedule(payload["micro_batches"]) for _ in range(payload["repeats"] + 1)]
+    return statistics.median(times[1:])
+
+
+def effective_cores(args: argparse.Namespace, shape: dict, mode: str, processes: int) -> float:
+    """How many of this machine's cores ``processes`` single-threaded ranks get together: each
+    runs one stage's work (``L / processes`` layers), alone and then all at once, twice in turn;
+    ``processes`` x (time alone / time side by side), at most ``processes``. It folds in what
+    processor sharing leaves out: context switches, shared caches, other users' load at the time."""
+    payload = {"config": args.config, "overrides": [*args.overrides, f"hc_mode={mode}"],
+               "layers": max(1, shape["num_layers"] // processes),
+               "micro_batches": shape["global_batch_size"] // shape["micro_batch_size"], "repeats": args.repeats}
+    alone, together = [], []
+    for _ in range(2):
+        alone += _spawn("stage", 1, payload)
+        together += _spawn("stage", processes, payload)
+    return min(float(processes), processes * statistics.median(alone) / statistics.median(together))
 
 
 def _spawn(kind: str, world: int, payload: dict) -> list:
@@ -278,6 +307,7 @@ def run(args: argparse.Namespace) -> None:
     for mode in args.modes:
         mode_shape = {**shape, "hc_mode": mode}
         calibration = calibrate(args, mode_shape, mode)
+        calibration["effective_cores"] = {pp: effective_cores(args, mode_shape, mode, pp) for pp in sorted({pp for pp, _ in layouts})}
         runs = {layout: [] for layout in layouts}
         for _ in range(args.rounds):  # rounds at different moments, pooled
             for pp, vpp in layouts:
@@ -287,12 +317,13 @@ def run(args: argparse.Namespace) -> None:
         rows = []
         for (pp, vpp), measured in runs.items():
             median = statistics.median(step for r in measured for step in r["steps"][args.warmup:])
-            predicted = predict(calibration, mode_shape, pp, vpp, cores)
+            predicted = predict(calibration, mode_shape, pp, vpp, calibration["effective_cores"][pp])
             loads = [r["load_average"] for r in measured]
             rows.append({"pp": pp, "vpp": vpp, "measured": median, "predicted": predicted,
                          "error": predicted / median - 1, "runs": measured})
             print(f"{mode:8} PP {pp} VPP {vpp}: measured {median * 1e3:7.1f} ms, predicted {predicted * 1e3:7.1f} ms "
-                  f"({100 * rows[-1]['error']:+.1f} %), load {', '.join(f'{x:.1f}' for x in loads)}", flush=True)
+                  f"({100 * rows[-1]['error']:+.1f} %), effective cores {calibration['effective_cores'][pp]:.2f}, "
+                  f"load {', '.join(f'{x:.1f}' for x in loads)}", flush=True)
         report["modes"][mode] = {"calibration": calibration, "runs": rows}
     with open(args.json, "w") as out:
         json.dump(report, out, indent=2)
