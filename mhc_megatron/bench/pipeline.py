@@ -33,6 +33,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from queue import Empty
 
 import torch
 import yaml
@@ -216,7 +217,15 @@ def _spawn(kind: str, world: int, payload: dict) -> list:
     processes = [context.Process(target=_worker, args=(kind, rank, world, port, payload, queue)) for rank in range(world)]
     for process in processes:
         process.start()
-    results = [queue.get() for _ in range(1 if kind == "p2p" else world)]
+    results = []
+    while len(results) < (1 if kind == "p2p" else world):
+        try:
+            results.append(queue.get(timeout=5))
+        except Empty:
+            if any(process.exitcode not in (None, 0) for process in processes):
+                for process in processes:
+                    process.kill()
+                raise RuntimeError(f"a {kind} benchmark process failed (its traceback is above)") from None
     for process in processes:
         process.join()
     return results
