@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 from dataclasses import fields, replace
 
-from mhc_megatron.plan import costs
 from mhc_megatron.plan.evaluate import Evaluation, evaluate
 from mhc_megatron.plan.hardware import GB, TFLOPS, ClusterSpec, cluster
 from mhc_megatron.plan.model import HC_MODES, RECOMPUTE, Layout, ModelSpec, model_from_yaml
