@@ -1,13 +1,13 @@
 """``mhc-bench``: benchmarks of this package, one subcommand each (``mhc-bench kernels --help``,
-``mhc-bench memory --help``, ``mhc-bench exchange --help``)."""
+``mhc-bench memory --help``, ``mhc-bench exchange --help``, ``mhc-bench pipeline --help``)."""
 
 from __future__ import annotations
 
 import argparse
 
-from mhc_megatron.bench import exchange, kernels, memory
+from mhc_megatron.bench import exchange, kernels, memory, pipeline
 
-SUBCOMMANDS = {"kernels": kernels, "memory": memory, "exchange": exchange}
+SUBCOMMANDS = {"kernels": kernels, "memory": memory, "exchange": exchange, "pipeline": pipeline}
 
 
 def main(argv: list[str] | None = None) -> None:
