@@ -12,8 +12,11 @@ Per layer and micro-batch (``T = s b`` tokens, ``e`` bytes per element, ``C`` hi
   writes ``(n+1) C`` (the fused post_res: ``(n+1) C`` in, ``n C`` out). Backward moves twice the
   forward. Plus the ``phi`` projection (``2 n C (n^2 + 2n)`` FLOPs per token) as a matrix product.
   Sinkhorn's 20 iterations on n x n per token are left out (a few hundred FLOPs, on chip).
-- **Recompute**: ``block`` replays mappings + post_res (``(3n+1) C`` elements) in backward for the
-  sub-layers that do not start a block; ``full`` replays the whole layer's forward in backward.
+- **Recompute**: ``block`` rebuilds one sub-layer at a time in backward (docs/memory.md): its state
+  by replaying post_res from the block start (``k (k-1) / 2`` post_res per block of ``k``, each
+  ``(2n+1) C`` elements), its layer input by ``pre`` (``(n+1) C``), and copies the rebuilt tensors
+  into their storages (``2 n C`` per freed state, ``2 C`` per input); ``full`` replays the whole
+  layer's forward in backward.
 - **Tensor parallel** (sequence parallel): 2 all-gathers + 2 reduce-scatters of ``T C e`` per layer
   and pass, each moving ``(tp-1)/tp`` of it per GPU over NVLink. **Expert parallel**: dispatch and
   combine all-to-alls of ``T topk C e (ep-1)/ep`` per GPU and pass, over NVLink while ``tp ep`` fits
@@ -89,6 +92,17 @@ def kept_state_fraction(model: ModelSpec, layout: Layout, layers: int) -> float:
     return math.ceil(sublayers / block_size(model, layers)) / sublayers
 
 
+def block_replay_elements_per_layer(model: ModelSpec, layers: int) -> float:
+    """Elements block recompute moves per token in backward, averaged over a chunk's ``layers``."""
+    n, c = model.num_streams, model.hidden_size
+    sublayers, size = 2 * layers, block_size(model, layers)
+    blocks = [min(size, sublayers - start) for start in range(0, sublayers, size)]
+    replays = sum(k * (k - 1) // 2 for k in blocks)
+    freed_states = sublayers - len(blocks)
+    elements = replays * (2 * n + 1) * c + sublayers * (n + 1) * c + freed_states * 2 * n * c + sublayers * 2 * c
+    return elements / layers
+
+
 def gemm_flops_per_token(model: ModelSpec) -> float:
     """Forward FLOPs per token of one layer's matrix products (no connection)."""
     c, s = model.hidden_size, model.seq_length
@@ -148,8 +162,8 @@ def layer_time(model: ModelSpec, layout: Layout, cluster: ClusterSpec, layers_pe
     if layout.recompute == "full":
         recompute = gemm + connection
     elif model.hc_mode == "mhc" and layout.recompute == "block":
-        replayed = 1 - kept_state_fraction(model, layout, layers_per_chunk)
-        recompute = 2 * replayed * sharded * (3 * n + 1) * c * e / cluster.memory_bandwidth
+        elements = block_replay_elements_per_layer(model, layers_per_chunk)
+        recompute = sharded * elements * e / cluster.memory_bandwidth
     comm = 0.0
     if layout.tp > 1:
         comm += 4 * (layout.tp - 1) / layout.tp * tokens * c * e / cluster.device.intra_node_bandwidth
@@ -254,8 +268,11 @@ def activation_bytes_per_token_layer(model: ModelSpec, layout: Layout, layers_pe
         mlp = k * model.ffn * e
     total = 2 * (3 * c * e + FLOAT32) + 6 * c * e + mlp
     if model.hc_mode != "residual":
-        kept = kept_state_fraction(model, layout, layers_per_chunk)
-        total += 2 * (kept * n * c * e + c * e + (2 * n * n + 4 * n + 1) * FLOAT32)
+        coefficients = (2 * n * n + 4 * n + 1) * FLOAT32
+        if model.hc_mode == "mhc" and layout.recompute == "block":  # block starts only; inputs rebuilt
+            total += 2 * (kept_state_fraction(model, layout, layers_per_chunk) * n * c * e + coefficients)
+        else:  # every input state and output
+            total += 2 * (n * c * e + c * e + coefficients)
     return total / layout.tp
 
 
