@@ -125,6 +125,8 @@ class BlockRecompute:
         recompute the two from ``state`` without autograd (see ``_SubLayer``)."""
         if not torch.is_grad_enabled():
             return  # nothing is kept for backward (evaluation, or a forward megatron recomputes)
+        if position == 0:
+            self._open = None  # a new forward pass (one that was cut short left no block to link to)
         offset = position % self.block_size
         starts_block = offset == 0 or self._open is None  # a block start, or the first sub-layer tracked
         previous = None if starts_block else self._open

@@ -46,3 +46,45 @@ def test_block_recompute_gives_the_gradients_of_none(tmp_path, nproc, args):
             assert all(record[f"block-{size}"]["freed_inputs"] > 0 for size in BLOCK_SIZES)
             assert record["block-1"]["freed_states"] == 0
             assert record["block-100"]["freed_states"] > 0
+
+
+def _toy_pass(weights, x, tracker=None, cut_at=None):
+    """Four toy sub-layers with the hyper-connection's data flow: u = read(x) = 2 x, f = w u (keeps u
+    for w's gradient), x' = advance(x) = x / 2 + f (keeps nothing)."""
+    import torch
+
+    for position, weight in enumerate(weights):
+        if position == cut_at:
+            return None
+        layer_input = x * 2.0
+        output = weight * layer_input
+        next_state = x * 0.5 + output
+        if tracker is not None:
+            tracker.after_sublayer(
+                position, x, layer_input, next_state,
+                read=lambda state: state * 2.0,
+                advance=lambda state, output=output: state * 0.5 + output,
+            )
+        x = next_state
+    return x
+
+
+def test_tracker_rebuilds_exact_values_after_a_cut_forward_pass():
+    import torch
+
+    from mhc_megatron.megatron.recompute import BlockRecompute
+
+    def gradients(tracker, cut_first):
+        weights = [torch.full((3,), 1.0 + i / 10, dtype=torch.float64, requires_grad=True) for i in range(4)]
+        x = torch.linspace(-1, 1, 6, dtype=torch.float64).reshape(2, 3).requires_grad_()
+        if cut_first:  # a pass that stops half-way leaves an open block behind
+            _toy_pass(weights, x * 1.0, tracker, cut_at=3)
+        _toy_pass(weights, x * 1.0, tracker).square().sum().backward()
+        return [w.grad for w in weights] + [x.grad]
+
+    reference = gradients(None, cut_first=False)
+    tracker = BlockRecompute(sublayers=4, block_size=3)
+    for got, want in zip(gradients(tracker, cut_first=True), reference):
+        assert torch.equal(got, want)
+    # blocks {0, 1, 2} and {3}: states 1 and 2 and every input rebuilt once, nothing of the cut pass
+    assert tracker.rebuilt_inputs == 4 and tracker.rebuilt_states == 2
