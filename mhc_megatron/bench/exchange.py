@@ -2,15 +2,17 @@
 
 For each schedule (``1f1b``: megatron's 1F1B vs ``schedules.forward_backward_pipelining_overlapped``,
 also with ``--extra-warmup`` forwards ahead; ``interleaved``: megatron's interleaved schedule, VPP = 2,
-without and with its ``overlap_p2p_comm``)
+without and with its ``overlap_p2p_comm``; the overlapped variants with the exchange posted from the
+caller's thread and, on gloo, from the communication thread of ``p2p_thread.py``)
 it starts 2 processes (``torch.multiprocessing``, gloo on CPU, NCCL on GPUs), builds one model per
 variant from the same initial weights, and trains them on the same batches, the variants in turn
 step by step (their order alternating, so that a change of load shifts both alike). Per step and
 rank it records the step time, the time blocked in pipeline exchanges (``p2p_timing.py``: the
 exchange calls and the waits on their handles, bubble included) and, of that, the exposed transfer
-(blocked after both sides of the awaited messages had posted), and reports their medians after
-``--warmup`` steps, the overlapped/blocking ratios, and whether the losses and gradient norms of the
-variants are identical at every step.
+(blocked after both sides of the awaited messages had posted); per step, the transfer time on the
+schedule's critical path (``p2p_timing.critical_path``: the communication that lengthened the step).
+It reports their medians after ``--warmup`` steps, the overlapped/blocking ratios, and whether the
+losses and gradient norms of the variants are identical at every step.
 
 The default shape makes the exchange as large a share of the step as a CPU allows: few, narrow layers
 (little computation per token, a short sequence) and many tokens per micro-batch, so that each
@@ -34,13 +36,15 @@ from pathlib import Path
 import torch
 
 SCHEDULES = {"1f1b": None, "interleaved": 2}  # virtual pipeline size
+MEASURES = ("step_s", "p2p_s", "exposed_s", "path_s", "critical_s")
 
 
-def _variants(args, schedule: str) -> dict[str, tuple[bool, int]]:
-    """name -> (overlap_p2p_comm, pipeline_extra_warmup): blocking first, then the overlapped ones."""
-    variants = {"blocking": (False, 0), "overlapped": (True, 0)}
+def _variants(args, schedule: str) -> dict[str, tuple[bool, int, bool]]:
+    """name -> (overlap_p2p_comm, pipeline_extra_warmup, pipeline_exchange_thread): blocking first,
+    then the overlapped ones (posting from the caller's thread, then from the communication thread)."""
+    variants = {"blocking": (False, 0, False), "overlapped, no thread": (True, 0, False), "overlapped": (True, 0, True)}
     if schedule == "1f1b" and args.extra_warmup:
-        variants[f"overlapped, {args.extra_warmup} ahead"] = (True, args.extra_warmup)
+        variants[f"overlapped, {args.extra_warmup} ahead"] = (True, args.extra_warmup, True)
     return variants
 PIPELINE = 2
 
@@ -67,7 +71,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", default="mhc-bench-exchange.json", help="where to write the results")
 
 
-def _config(args, virtual: int | None, overlap: bool, extra: int):
+def _config(args, virtual: int | None, overlap: bool, extra: int, thread: bool):
     from mhc_megatron.megatron import MhcTransformerConfig
 
     dtype = getattr(torch, args.dtype)
@@ -76,7 +80,7 @@ def _config(args, virtual: int | None, overlap: bool, extra: int):
         num_attention_heads=args.heads, hc_mode=args.hc_mode, num_streams=args.streams,
         pipeline_model_parallel_size=PIPELINE, virtual_pipeline_model_parallel_size=virtual,
         overlap_p2p_comm=overlap, batch_p2p_comm=not overlap and torch.cuda.is_available(),
-        pipeline_extra_warmup=extra,
+        pipeline_extra_warmup=extra, pipeline_exchange_thread=thread,
         normalization="RMSNorm", add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0,
         use_cpu_initialization=not torch.cuda.is_available(), params_dtype=dtype, pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,
@@ -97,7 +101,7 @@ def _worker(rank: int, args, schedule: str, out_dir: str) -> None:
     from megatron.core import parallel_state
 
     from mhc_megatron.megatron import build_model_chunks, destroy_parallel, initialize_parallel
-    from mhc_megatron.megatron.p2p_timing import P2PTimer, exposed_transfer_seconds
+    from mhc_megatron.megatron.p2p_timing import P2PTimer, critical_path, exposed_transfer_seconds, gather_timelines
     from mhc_megatron.megatron.step import build_optimizer, train_step, wrap_with_ddp
     from mhc_megatron.training.builders import training_device
 
@@ -109,8 +113,8 @@ def _worker(rank: int, args, schedule: str, out_dir: str) -> None:
     device = training_device()
     models, initial = {}, None
     variants = _variants(args, schedule)
-    for name, (overlap, extra) in variants.items():
-        config = _config(args, virtual, overlap, extra)
+    for name, (overlap, extra, thread) in variants.items():
+        config = _config(args, virtual, overlap, extra, thread)
         chunks = build_model_chunks(config, args.vocab, args.seq, backend="local")
         if initial is None:
             initial = [copy.deepcopy(chunk.state_dict()) for chunk in chunks]
@@ -133,7 +137,11 @@ def _worker(rank: int, args, schedule: str, out_dir: str) -> None:
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             step_s = time.perf_counter() - started
-            records[name].append({"step_s": step_s, "p2p_s": timer.seconds, "exposed_s": exposed_transfer_seconds(timer),
+            timelines = gather_timelines(timer)
+            path = critical_path(timelines)
+            records[name].append({"step_s": step_s, "p2p_s": timer.seconds,
+                                  "exposed_s": exposed_transfer_seconds(timelines, torch.distributed.get_rank()),
+                                  "path_s": path.seconds, "critical_s": path.transfer_seconds,
                                   "loss": loss, "grad_norm": float(grad_norm)})
     stage = parallel_state.get_pipeline_model_parallel_rank()
     Path(out_dir, f"rank{stage}.json").write_text(json.dumps(records))
@@ -146,9 +154,9 @@ def _summarise(per_rank: dict[int, dict], warmup: int) -> dict:
         row = {}
         for name, steps in records.items():
             measured = steps[warmup:]
-            row[name] = {key: statistics.median(s[key] for s in measured) for key in ("step_s", "p2p_s", "exposed_s")}
+            row[name] = {key: statistics.median(s[key] for s in measured) for key in MEASURES}
         for name in records:
-            for key in ("step_s", "p2p_s", "exposed_s"):
+            for key in MEASURES:
                 row[name][key.replace("_s", "_ratio")] = row[name][key] / max(row["blocking"][key], 1e-12)
         summary["ranks"][rank] = row
     summary["identical"] = all(
@@ -199,12 +207,13 @@ def _print_table(args, results: dict) -> None:
           f"seq {args.seq}, micro-batch {args.micro_batch} x {args.micro_batches}, {args.dtype}; "
           f"{megabytes:.1f} MiB per exchange; medians of {args.steps} steps after {args.warmup}")
     print("ms per step (median); p2p: blocked in exchanges; exposed: of that, after both sides had posted; "
-          "ratios to blocking")
-    print(f"{'schedule':12} {'rank':>4} {'variant':22} | {'step':>7} {'p2p':>7} {'exposed':>7} | {'step':>6} {'p2p':>6} "
-          f"{'exposed':>7} | identical | load (1/5/15 min)")
+          "critical: transfer on the step's critical path (the same on every rank); ratios to blocking")
+    print(f"{'schedule':12} {'rank':>4} {'variant':22} | {'step':>7} {'p2p':>7} {'exposed':>7} {'critical':>8} | "
+          f"{'step':>6} {'p2p':>6} {'exposed':>7} {'critical':>8} | identical | load (1/5/15 min)")
     for schedule, summary in results.items():
         for rank, row in summary["ranks"].items():
             for name, r in row.items():
                 print(f"{schedule:12} {rank:>4} {name:22} | {1000 * r['step_s']:7.1f} {1000 * r['p2p_s']:7.1f} "
-                      f"{1000 * r['exposed_s']:7.1f} | {r['step_ratio']:6.3f} {r['p2p_ratio']:6.3f} {r['exposed_ratio']:7.3f} "
+                      f"{1000 * r['exposed_s']:7.1f} {1000 * r['critical_s']:8.1f} | {r['step_ratio']:6.3f} "
+                      f"{r['p2p_ratio']:6.3f} {r['exposed_ratio']:7.3f} {r['critical_ratio']:8.3f} "
                       f"| {str(summary['identical']):9} | {summary['load_before']} -> {summary['load_after']}")

@@ -44,6 +44,9 @@ class MhcTransformerConfig(TransformerConfig):
         pipeline_extra_warmup: with ``overlap_p2p_comm`` and no virtual pipeline, warm-up forwards
             that every stage but the last runs ahead of 1F1B's, so that the exchange can hide behind
             them (``schedules.py``); each holds one more micro-batch of activations. 0: plain 1F1B.
+        pipeline_exchange_thread: with ``overlap_p2p_comm`` over gloo (CPU), post the exchange from a
+            communication thread, so that gloo's copy into the socket does not stall the stage
+            (``p2p_thread.py``); no effect with NCCL, whose sends are asynchronous already.
         mhc_post_res_high_priority_stream: run the MLP sub-layer's post/residual mixing on a
             high-priority CUDA stream (paper, section 4.3), so that it is scheduled ahead of other
             work queued on the device; CUDA only.
@@ -66,6 +69,7 @@ class MhcTransformerConfig(TransformerConfig):
     mhc_recompute_block: int | None = None
     mhc_post_res_high_priority_stream: bool = False
     pipeline_extra_warmup: int = 0
+    pipeline_exchange_thread: bool = True
 
     def __post_init__(self) -> None:
         self._validate_hyper_connection_fields()
@@ -125,6 +129,10 @@ class MhcTransformerConfig(TransformerConfig):
             extra == 0 or (self.overlap_p2p_comm and self.virtual_pipeline_model_parallel_size is None),
             f"pipeline_extra_warmup={extra} applies to the overlapped 1F1B schedule only: it needs "
             "overlap_p2p_comm=True and no virtual pipeline",
+        )
+        _require(
+            isinstance(self.pipeline_exchange_thread, bool),
+            f"pipeline_exchange_thread must be true or false, got {self.pipeline_exchange_thread!r}",
         )
         _require(
             not self.overlap_p2p_comm_warmup_flush,

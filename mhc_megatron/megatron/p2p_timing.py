@@ -15,10 +15,20 @@ message is stamped when each side posts it (the k-th send on a channel matches t
 interval, only the part after both sides of all its messages were posted: the transfer the rank
 waited for. The stamps use ``time.perf_counter`` (the monotonic clock, shared by the processes of
 one machine), so this split is meaningful only with all pipeline ranks on one host.
+
+What a rank waits for is not necessarily what the step waits for: a stage that is faster than its
+neighbour waits for the neighbour's computation and then for the transfer, but that transfer delays
+nothing if the stage is idle anyway. ``critical_path`` follows the step's critical path backwards
+from the rank that ended its part of the schedule last (the end of its last computation, before the
+gradients are finalised): along one rank's timeline while that rank was computing or waiting for a
+transfer both sides had posted, and across to the neighbour where the rank waited for the neighbour
+to post. The transfers on that path are the pipeline communication that lengthened the step.
 """
 
 from __future__ import annotations
 
+import bisect
+import dataclasses
 import time
 
 import torch
@@ -38,6 +48,8 @@ class P2PTimer:
         self.reset()
 
     def reset(self) -> None:
+        self.started = time.perf_counter()
+        self.ended: float | None = None  # the end of this rank's last computation in the schedule
         self.seconds = 0.0
         self.calls = 0
         self.waits = 0
@@ -63,21 +75,108 @@ class P2PTimer:
     def blocked(self, start: float, end: float, messages: tuple) -> None:
         self.intervals.append((start, end, messages))
 
+    def ending(self, finalize):
+        """``finalize`` (the schedule's ``finalize_model_grads_func``) that first stamps ``ended``."""
 
-def exposed_transfer_seconds(timer: P2PTimer, group=None) -> float:
-    """Of this rank's blocked time, the part spent after both sides of the awaited messages were
-    posted (a collective over ``group``, default all ranks: every rank must call it)."""
+        def stamped(*args, **kwargs):
+            self.ended = time.perf_counter()
+            return finalize(*args, **kwargs)
+
+        return stamped
+
+
+@dataclasses.dataclass(frozen=True)
+class Timeline:
+    """One rank's record of one schedule run: ``started`` and ``ended`` (the end of its last
+    computation), its blocked ``intervals`` ``(start, end, message keys)`` and ``posts`` (message
+    key -> when this rank posted its side). A message key is ``(sender, receiver, toward next, k)``."""
+
+    rank: int
+    started: float
+    ended: float
+    intervals: list
+    posts: dict
+
+
+@dataclasses.dataclass(frozen=True)
+class CriticalPath:
+    """The step's critical path through a pipeline schedule: its length in ``seconds``, of which
+    ``transfer_seconds`` were transfers that nothing on the path computed over, and the number of
+    ``hops`` between ranks."""
+
+    seconds: float
+    transfer_seconds: float
+    hops: int
+
+
+def gather_timelines(timer: P2PTimer, group=None) -> list[Timeline]:
+    """Every rank's ``Timeline`` of the run ``timer`` recorded since ``reset`` (a collective over
+    ``group``, default all ranks: every rank must call it)."""
+    mine = Timeline(
+        rank=torch.distributed.get_rank(), started=timer.started,
+        ended=timer.ended if timer.ended is not None else time.perf_counter(),
+        intervals=list(timer.intervals), posts=dict(timer.posts),
+    )
     everyone: list = [None] * torch.distributed.get_world_size(group)
-    torch.distributed.all_gather_object(everyone, timer.posts, group=group)
-    posted: dict[tuple, list[float]] = {}
-    for posts in everyone:
-        for key, when in posts.items():
-            posted.setdefault(key, []).append(when)
+    torch.distributed.all_gather_object(everyone, mine, group=group)
+    return everyone
+
+
+def _last_posts(timelines: list[Timeline]) -> dict[tuple, tuple[float, int]]:
+    """message key -> (when its last side was posted, by which rank), for messages both sides posted."""
+    sides: dict[tuple, dict[int, float]] = {}
+    for timeline in timelines:
+        for key, when in timeline.posts.items():
+            sides.setdefault(key, {})[timeline.rank] = when
+    return {
+        key: max((when, rank) for rank, when in posted.items())
+        for key, posted in sides.items()
+        if set(posted) == {key[0], key[1]}
+    }
+
+
+def exposed_transfer_seconds(timelines: list[Timeline], rank: int) -> float:
+    """Of ``rank``'s blocked time, the part spent after both sides of the awaited messages were posted."""
+    ready = _last_posts(timelines)
+    (timeline,) = [t for t in timelines if t.rank == rank]
     exposed = 0.0
-    for start, end, messages in timer.intervals:
-        ready = [max(posted[key]) for key in messages if len(posted.get(key, ())) == 2]
-        exposed += max(0.0, end - max([start, *ready]))
+    for start, end, messages in timeline.intervals:
+        posted = [ready[key][0] for key in messages if key in ready]
+        exposed += max(0.0, end - max([start, *posted]))
     return exposed
+
+
+def critical_path(timelines: list[Timeline]) -> CriticalPath:
+    """Walk the critical path back from the rank that ended last (see the module docstring).
+
+    In a blocked interval the path takes, of the messages both sides had posted before it ended,
+    the one posted last (an interval with none only posted receives or sends: overhead, no
+    transfer). If the other side posted it after the interval began, this rank was waiting for the
+    neighbour: the transfer after that post is on the path, which continues on the neighbour from
+    the moment it posted. Otherwise the rank waited for a transfer already under way: the rest of the
+    wait is on the path (what an instant transfer would have saved), which continues on this rank
+    before the interval."""
+    ready = _last_posts(timelines)
+    by_rank = {t.rank: sorted(t.intervals, key=lambda interval: interval[1]) for t in timelines}
+    starts = {t.rank: t.started for t in timelines}
+    last = max(timelines, key=lambda t: t.ended)
+    rank, index = last.rank, len(by_rank[last.rank]) - 1
+    transfer, hops = 0.0, 0
+    while index >= 0 and by_rank[rank][index][0] >= starts[rank]:
+        start, end, messages = by_rank[rank][index]
+        posts = [ready[key] for key in messages if key in ready and ready[key][0] <= end]
+        if not posts:
+            index -= 1
+            continue
+        posted, poster = max(posts)
+        if poster != rank and posted > start:
+            transfer += max(0.0, end - posted)
+            ends = [interval[1] for interval in by_rank[poster]]
+            rank, index, hops = poster, bisect.bisect_right(ends, posted) - 1, hops + 1
+        else:
+            transfer += end - max(start, posted)
+            index -= 1
+    return CriticalPath(seconds=last.ended - starts[rank], transfer_seconds=transfer, hops=hops)
 
 
 class _TimedRequest:

@@ -18,7 +18,8 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from mhc_megatron.megatron.config import MhcTransformerConfig
-from mhc_megatron.megatron.p2p_timing import P2PTimer, TimedP2PCommunicator
+from mhc_megatron.megatron.p2p_thread import pipeline_communicator
+from mhc_megatron.megatron.p2p_timing import P2PTimer
 from mhc_megatron.megatron.pipeline import stream_micro_batch_size
 from mhc_megatron.megatron.schedules import default_pg_collection, forward_backward_pipelining_overlapped
 
@@ -90,24 +91,31 @@ def run_schedule(
 ) -> list:
     """Run the pipeline schedule of ``forward_backward_function(config)`` over ``micro_batches``,
     with one data iterator per model chunk and the stream-sized pipeline buffers. ``p2p_timer``, if
-    given, adds up the time this rank spends blocked in stage-to-stage exchanges (``p2p_timing.py``).
+    given, records the time this rank spends blocked in stage-to-stage exchanges and when its last
+    computation of the schedule ended (``p2p_timing.py``). Unless ``schedule_kwargs`` names a
+    ``p2p_communicator``, the exchange goes through ``p2p_thread.pipeline_communicator``.
     ``schedule_kwargs`` (``forward_only``, ``collect_non_loss_data``, ...) go to the schedule."""
     iterators = [iter(micro_batches) for _ in model_chunks]
     micro_batch_size, seq_length = micro_batches[0].tokens.shape
-    if p2p_timer is not None and parallel_state.get_pipeline_model_parallel_world_size() > 1:
-        schedule_kwargs["p2p_communicator"] = TimedP2PCommunicator(
-            parallel_state.get_pipeline_model_parallel_group(), config, p2p_timer
+    finalize = config.finalize_model_grads_func
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1 and "p2p_communicator" not in schedule_kwargs:
+        communicator = pipeline_communicator(parallel_state.get_pipeline_model_parallel_group(), config, p2p_timer)
+        if communicator is not None:
+            schedule_kwargs.update(p2p_communicator=communicator, pg_collection=default_pg_collection())
+        if p2p_timer is not None and finalize is not None:
+            config.finalize_model_grads_func = p2p_timer.ending(finalize)
+    try:
+        return forward_backward_function(config)(
+            forward_step_func=forward_step_func,
+            data_iterator=iterators if len(iterators) > 1 else iterators[0],
+            model=model_chunks if len(model_chunks) > 1 else model_chunks[0],
+            num_microbatches=len(micro_batches),
+            seq_length=seq_length,
+            micro_batch_size=stream_micro_batch_size(config, micro_batch_size),
+            **schedule_kwargs,
         )
-        schedule_kwargs["pg_collection"] = default_pg_collection()
-    return forward_backward_function(config)(
-        forward_step_func=forward_step_func,
-        data_iterator=iterators if len(iterators) > 1 else iterators[0],
-        model=model_chunks if len(model_chunks) > 1 else model_chunks[0],
-        num_microbatches=len(micro_batches),
-        seq_length=seq_length,
-        micro_batch_size=stream_micro_batch_size(config, micro_batch_size),
-        **schedule_kwargs,
-    )
+    finally:
+        config.finalize_model_grads_func = finalize
 
 
 def train_step(

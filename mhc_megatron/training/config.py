@@ -34,7 +34,7 @@ _DERIVED_MODEL_FIELDS = {"params_dtype", "pipeline_dtype", "autocast_dtype"}
 SUMMARY_MODEL_FIELDS = (
     "hc_mode", "num_streams", "sinkhorn_iters", "hc_alpha_init", "hc_eps", "hc_expand", "hc_collapse",
     "mhc_recompute", "mhc_recompute_block", "overlap_p2p_comm", "pipeline_extra_warmup",
-    "mhc_post_res_high_priority_stream",
+    "pipeline_exchange_thread", "mhc_post_res_high_priority_stream",
     "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_moe_experts", "bf16",
     "tensor_model_parallel_size", "pipeline_model_parallel_size", "virtual_pipeline_model_parallel_size",
     "expert_model_parallel_size", "context_parallel_size", "sequence_parallel", "recompute_granularity",

@@ -40,6 +40,7 @@ def test_batched_p2p_is_off_on_cpu():
      r"mhc_recompute_block \(L_r\) must be an int >= 1 or None \(the default size\), got 0"),
     ({"mhc_recompute": "block", "mhc_recompute_block": 1.5}, r"mhc_recompute_block \(L_r\) must be an int >= 1"),
     ({"mhc_recompute": "block", "hc_mode": "residual"}, "hc_mode='residual' has none"),
+    ({"pipeline_exchange_thread": "yes"}, "pipeline_exchange_thread must be true or false, got 'yes'"),
 ])
 def test_bad_config_raises(fields, words):
     with pytest.raises(ValueError, match=words):

@@ -18,9 +18,11 @@ def test_exchange_bench_runs_and_the_variants_agree(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     results = json.loads(out.read_text())["results"]
     assert set(results) == {"1f1b", "interleaved"}
-    assert set(results["1f1b"]["ranks"]["0"]) == {"blocking", "overlapped", "overlapped, 1 ahead"}
+    assert set(results["1f1b"]["ranks"]["0"]) == {"blocking", "overlapped, no thread", "overlapped", "overlapped, 1 ahead"}
+    assert set(results["interleaved"]["ranks"]["0"]) == {"blocking", "overlapped, no thread", "overlapped"}
     for summary in results.values():
         assert summary["identical"]
         for row in summary["ranks"].values():
             for variant in row.values():
                 assert variant["step_s"] > 0 and 0 <= variant["exposed_s"] <= variant["p2p_s"] < variant["step_s"]
+                assert 0 <= variant["critical_s"] < variant["path_s"] <= variant["step_s"]

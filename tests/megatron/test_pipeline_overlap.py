@@ -2,7 +2,8 @@
 
 Each case trains the same initial weights for 2 Adam steps with the blocking and the overlapped
 schedule (1F1B: ``schedules.forward_backward_pipelining_overlapped``, also with 2 extra warm-up
-forwards; interleaved: megatron's own ``overlap_p2p_comm``), for mHC (n = 4) and the residual
+forwards; interleaved: megatron's own ``overlap_p2p_comm``; the exchange posted by the communication
+thread, and at 1F1B PP = 2 also by the schedule's thread), for mHC (n = 4) and the residual
 model, and requires on every rank bitwise equal losses, gradient norms, forward-only losses and
 parameters after the steps.
 """
@@ -21,7 +22,7 @@ from mhc_megatron.megatron.schedules import check_overlapped_schedule_supported
 
 AHEAD = ["--variants", "blocking", "overlapped", "overlapped+ahead"]  # 1F1B: also 2 forwards ahead
 LAYOUTS = {
-    "1F1B PP=2": (2, ["--pp", "2", *AHEAD], "forward_backward_pipelining_overlapped"),
+    "1F1B PP=2": (2, ["--pp", "2", *AHEAD, "overlapped-unthreaded"], "forward_backward_pipelining_overlapped"),
     "1F1B PP=4": (4, ["--pp", "4", *AHEAD], "forward_backward_pipelining_overlapped"),
     "interleaved PP=2 x VPP=2": (2, ["--pp", "2", "--vpp", "2"], "forward_backward_pipelining_with_interleaving"),
     "interleaved PP=4 x VPP=2": (4, ["--pp", "4", "--vpp", "2"], "forward_backward_pipelining_with_interleaving"),
