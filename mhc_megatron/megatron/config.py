@@ -44,6 +44,10 @@ class MhcTransformerConfig(TransformerConfig):
         pipeline_extra_warmup: with ``overlap_p2p_comm`` and no virtual pipeline, warm-up forwards
             that every stage but the last runs ahead of 1F1B's, so that the exchange can hide behind
             them (``schedules.py``); each holds one more micro-batch of activations. 0: plain 1F1B.
+        pipeline_bf16_transfer: in a float32 run, send the stream state and its gradient between
+            pipeline stages in bf16 (half the bytes; ``pipeline_dtype`` must be ``torch.bfloat16``):
+            the last layer of a sending chunk rounds its output to bf16, the first layer of a
+            receiving chunk casts it back. Off by default; docs/pipeline.md has its loss curves.
         pipeline_exchange_thread: with ``overlap_p2p_comm`` over gloo (CPU), post the exchange from a
             communication thread, so that gloo's copy into the socket does not stall the stage
             (``p2p_thread.py``); no effect with NCCL, whose sends are asynchronous already.
@@ -55,7 +59,7 @@ class MhcTransformerConfig(TransformerConfig):
     receives with computation, in the interleaved schedule (megatron's) and in 1F1B
     (``schedules.forward_backward_pipelining_overlapped``); it needs ``batch_p2p_comm=False``. The
     stream state crosses stages in ``pipeline_dtype``, which must be the training dtype (bf16 when
-    ``bf16``).
+    ``bf16``), or bf16 in a float32 run with ``pipeline_bf16_transfer``.
     """
 
     hc_mode: str = "mhc"
@@ -69,6 +73,7 @@ class MhcTransformerConfig(TransformerConfig):
     mhc_recompute_block: int | None = None
     mhc_post_res_high_priority_stream: bool = False
     pipeline_extra_warmup: int = 0
+    pipeline_bf16_transfer: bool = False
     pipeline_exchange_thread: bool = True
 
     def __post_init__(self) -> None:
@@ -140,6 +145,22 @@ class MhcTransformerConfig(TransformerConfig):
             "(evaluation) pass at pipeline_model_parallel_size=4 with a virtual pipeline leaves stages waiting "
             "for a message that no stage sends; overlap_p2p_comm=True alone overlaps the steady phase",
         )
+        _require(
+            isinstance(self.pipeline_bf16_transfer, bool),
+            f"pipeline_bf16_transfer must be true or false, got {self.pipeline_bf16_transfer!r}",
+        )
+        if self.pipeline_bf16_transfer:
+            _require(
+                not (self.bf16 or self.fp16) and self.params_dtype == torch.float32,
+                "pipeline_bf16_transfer=True rounds a float32 run's stage-to-stage transfer to bf16; this run "
+                f"trains in {'bf16' if self.bf16 else 'fp16' if self.fp16 else self.params_dtype}, whose transfer "
+                "is in its own dtype already",
+            )
+            _require(
+                self.pipeline_dtype == torch.bfloat16,
+                "pipeline_bf16_transfer=True receives the stream state in bf16 buffers, so pipeline_dtype must be "
+                f"torch.bfloat16, got {self.pipeline_dtype}",
+            )
         _require(
             not (self.bf16 and self.pipeline_model_parallel_size > 1 and not self.fp32_residual_connection)
             or self.pipeline_dtype in (None, torch.bfloat16),

@@ -19,7 +19,8 @@ last layer collapses them to ``[s, b, C]`` before the block's final norm. The fi
 other pipeline chunk receives the stream state through megatron's pipeline buffer, allocated as
 ``[s, b*n, C]`` when the schedule is given ``micro_batch_size * n`` (see
 ``mhc_megatron.megatron.pipeline``); it views it back as ``[s, b, n*C]``, and the last layer of a
-chunk that sends to another stage hands its streams out in that buffer shape.
+chunk that sends to another stage hands its streams out in that buffer shape. With
+``pipeline_bf16_transfer`` these two layers also round the transfer to bf16 and cast it back.
 """
 
 from __future__ import annotations
@@ -116,6 +117,8 @@ class HyperConnectionTransformerLayer(TransformerLayer):
         self.post_res_stream = high_priority_stream() if config.mhc_post_res_high_priority_stream else None
 
     def _stream_state(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.receives_pipeline_buffer and self.config.pipeline_bf16_transfer:
+            hidden_states = hidden_states.to(self.config.params_dtype)
         if self.num_streams == 1:
             return hidden_states
         s, b, width = hidden_states.shape
@@ -168,6 +171,8 @@ class HyperConnectionTransformerLayer(TransformerLayer):
         elif self.sends_pipeline_buffer and self.num_streams > 1:
             s, b, _ = streams.shape
             streams = streams.view(s, b * self.num_streams, self.config.hidden_size)
+        if self.sends_pipeline_buffer and self.config.pipeline_bf16_transfer:
+            streams = streams.to(torch.bfloat16)
         output = make_viewless_tensor(inp=streams, requires_grad=streams.requires_grad, keep_graph=True)
         return output, context
 

@@ -34,7 +34,7 @@ _DERIVED_MODEL_FIELDS = {"params_dtype", "pipeline_dtype", "autocast_dtype"}
 SUMMARY_MODEL_FIELDS = (
     "hc_mode", "num_streams", "sinkhorn_iters", "hc_alpha_init", "hc_eps", "hc_expand", "hc_collapse",
     "mhc_recompute", "mhc_recompute_block", "overlap_p2p_comm", "pipeline_extra_warmup",
-    "pipeline_exchange_thread", "mhc_post_res_high_priority_stream",
+    "pipeline_exchange_thread", "pipeline_bf16_transfer", "mhc_post_res_high_priority_stream",
     "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_moe_experts", "bf16",
     "tensor_model_parallel_size", "pipeline_model_parallel_size", "virtual_pipeline_model_parallel_size",
     "expert_model_parallel_size", "context_parallel_size", "sequence_parallel", "recompute_granularity",
@@ -166,7 +166,8 @@ class RunConfig:
         return cls.from_mapping(values, where=str(path) if path is not None else "the overrides")
 
     def transformer_config(self) -> MhcTransformerConfig:
-        """``MhcTransformerConfig`` of the model: dtypes from ``bf16``, CPU initialisation without CUDA,
+        """``MhcTransformerConfig`` of the model: dtypes from ``bf16`` (the pipeline's also from
+        ``pipeline_bf16_transfer``), CPU initialisation without CUDA,
         ``transformer_impl`` Transformer Engine when importable (else ``local``) unless set."""
         model = dict(self.model)
         model.setdefault("transformer_impl", resolve_backend("auto"))
@@ -176,7 +177,8 @@ class RunConfig:
         model.setdefault("use_cpu_initialization", not torch.cuda.is_available())
         if self.training.swiglu:
             model.update(gated_linear_unit=True, activation_func=torch.nn.functional.silu, bias_activation_fusion=False)
-        return MhcTransformerConfig(**model, params_dtype=dtype, pipeline_dtype=dtype)
+        transfer = torch.bfloat16 if model.get("pipeline_bf16_transfer") else dtype
+        return MhcTransformerConfig(**model, params_dtype=dtype, pipeline_dtype=transfer)
 
     def to_mapping(self) -> dict[str, Any]:
         """Every training setting, plus the model fields the config sets and ``SUMMARY_MODEL_FIELDS``,

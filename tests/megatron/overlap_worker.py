@@ -4,7 +4,8 @@ For each ``--hc-modes`` entry, builds a tiny GPT under the given pipeline layout
 same initial weights for a few Adam steps once per schedule variant (``blocking``:
 ``overlap_p2p_comm`` off; ``overlapped``: on, posted by the communication thread of ``p2p_thread.py``;
 ``overlapped+ahead``, 1F1B only: also 2 extra warm-up forwards; ``overlapped-unthreaded``: posted by
-the schedule's own thread), recording per variant the losses, the gradient norms, the losses of a forward-only pass,
+the schedule's own thread; ``bf16-transfer``: blocking, the float32 run's transfer rounded to bf16),
+recording per variant the losses, the gradient norms, the losses of a forward-only pass,
 the dtype and shape of every tensor that pass exchanged, and a SHA-256 of this rank's parameters
 after the steps. Every rank writes ``<out>.rank<R>.json``: ``{hc_mode: {variant: record}}``.
 """
@@ -43,6 +44,7 @@ VARIANTS = {
     "overlapped": dict(overlap_p2p_comm=True),
     "overlapped+ahead": dict(overlap_p2p_comm=True, pipeline_extra_warmup=2),  # 1F1B only
     "overlapped-unthreaded": dict(overlap_p2p_comm=True, pipeline_exchange_thread=False),
+    "bf16-transfer": dict(pipeline_bf16_transfer=True, pipeline_dtype=torch.bfloat16),  # float32 runs only
 }
 
 

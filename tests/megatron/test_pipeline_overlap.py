@@ -63,6 +63,34 @@ def test_bf16_training_exchanges_bf16_streams(tmp_path):
     check_runs(tmp_path, nproc, args, schedule, "torch.bfloat16")
 
 
+def test_bf16_transfer_of_a_float32_run(tmp_path):
+    """``pipeline_bf16_transfer``: the stream state and its gradient cross stages in bf16, and the
+    float32 run's losses move by the rounding only (close to the float32 transfer, not equal)."""
+    run_workers("overlap_worker.py", 2, "--pp", "2", "--variants", "blocking", "bf16-transfer",
+                "--out", str(tmp_path / "run"))
+    for rank in range(2):
+        record = json.loads((tmp_path / f"run.rank{rank}.json").read_text())
+        for hc_mode, streams in (("mhc", STREAMS), ("residual", 1)):
+            exact, rounded = record[hc_mode]["blocking"], record[hc_mode]["bf16-transfer"]
+            assert rounded["exchanged"] == [["torch.bfloat16", [SEQ, MICRO_BATCH * streams, HIDDEN]]]
+            assert exact["exchanged"] == [["torch.float32", [SEQ, MICRO_BATCH * streams, HIDDEN]]]
+            assert rounded["parameters"] != exact["parameters"], f"rank {rank}, {hc_mode}: nothing was rounded"
+            assert rounded["grad_norms"] == pytest.approx(exact["grad_norms"], rel=2e-2)
+            if exact["last_stage"]:
+                assert rounded["losses"] == pytest.approx(exact["losses"], rel=2e-3)
+                assert rounded["eval_losses"] == pytest.approx(exact["eval_losses"], rel=2e-3)
+
+
+@pytest.mark.parametrize("fields, words", [
+    (dict(bf16=True, pipeline_dtype=torch.bfloat16), "this run trains in bf16"),
+    (dict(pipeline_dtype=torch.float32), "pipeline_dtype must be torch.bfloat16, got torch.float32"),
+])
+def test_bf16_transfer_needs_a_float32_run_and_bf16_buffers(fields, words):
+    with pytest.raises(ValueError, match=words):
+        MhcTransformerConfig(num_layers=2, hidden_size=16, num_attention_heads=2, pipeline_model_parallel_size=2,
+                             pipeline_bf16_transfer=True, **fields)
+
+
 def test_bf16_needs_a_bf16_pipeline_dtype():
     with pytest.raises(ValueError, match="pipeline_dtype must be torch.bfloat16"):
         MhcTransformerConfig(num_layers=2, hidden_size=16, num_attention_heads=2, bf16=True,
