@@ -22,6 +22,7 @@ It carries the exchange of fixed-shape tensors posted one by one (megatron's ``_
 from __future__ import annotations
 
 import functools
+import os
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
@@ -32,10 +33,15 @@ from mhc_megatron.megatron.p2p_timing import P2PTimer, TimedP2PCommunicator
 _UNSUPPORTED = ("batch_p2p_comm", "use_ring_exchange_p2p", "variable_seq_lengths", "mtp_standalone")
 
 
-@functools.cache
 def _posting_thread() -> ThreadPoolExecutor:
-    """The process's one communication thread (posts run in submission order)."""
-    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="mhc-p2p")
+    """This process's one communication thread (posts run in submission order); a forked child
+    gets its own, since threads do not survive a fork."""
+    return _thread_of_process(os.getpid())
+
+
+@functools.cache
+def _thread_of_process(pid: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"mhc-p2p-{pid}")
 
 
 class _PostedRequest:
