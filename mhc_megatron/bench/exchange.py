@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import datetime
 import json
 import os
@@ -35,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+PIPELINE = 2
 SCHEDULES = {"1f1b": None, "interleaved": 2}  # virtual pipeline size
 MEASURES = ("step_s", "p2p_s", "exposed_s", "path_s", "critical_s")
 
@@ -46,7 +46,6 @@ def _variants(args, schedule: str) -> dict[str, tuple[bool, int, bool]]:
     if schedule == "1f1b" and args.extra_warmup:
         variants[f"overlapped, {args.extra_warmup} ahead"] = (True, args.extra_warmup, True)
     return variants
-PIPELINE = 2
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -28,7 +28,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator, _p2p_ops
 
-from mhc_megatron.megatron.p2p_timing import P2PTimer, TimedP2PCommunicator
+from mhc_megatron.megatron.p2p_timing import P2PTimer, TimedP2PCommunicator, requested
 
 _UNSUPPORTED = ("batch_p2p_comm", "use_ring_exchange_p2p", "variable_seq_lengths", "mtp_standalone")
 
@@ -85,10 +85,8 @@ class ThreadedP2PCommunicator(P2PCommunicator):
             tensor_send_next=tensor_send_next, tensor_recv_next=tensor_recv_next, group=self.pp_group,
             prev_pipeline_rank=self.prev_rank, next_pipeline_rank=self.next_rank,
         )
-        names = [name for name, present in (
-            ("send_next", tensor_send_next is not None), ("recv_prev", recv_prev),
-            ("send_prev", tensor_send_prev is not None), ("recv_next", recv_next),
-        ) if present]
+        names = requested(dict(tensor_send_next=tensor_send_next, tensor_send_prev=tensor_send_prev,
+                               recv_prev=recv_prev, recv_next=recv_next))
         requests = {name: _PostedRequest(posted, name) for name in names}
         if wait_on_reqs:
             for request in requests.values():

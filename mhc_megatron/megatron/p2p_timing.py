@@ -40,6 +40,19 @@ _REQUESTS = {
 }
 
 
+def requested(exchange: dict) -> list[str]:
+    """The request keys that megatron's exchange returns for the arguments ``exchange`` of
+    ``P2PCommunicator._communicate`` (``tensor_send_next``, ``tensor_send_prev``, ``recv_prev``,
+    ``recv_next``), in ``_REQUESTS`` order."""
+    present = {
+        "send_next": exchange.get("tensor_send_next") is not None,
+        "recv_prev": bool(exchange.get("recv_prev")),
+        "send_prev": exchange.get("tensor_send_prev") is not None,
+        "recv_next": bool(exchange.get("recv_next")),
+    }
+    return [name for name in _REQUESTS if present[name]]
+
+
 class P2PTimer:
     """Blocked time in pipeline exchanges since ``reset``: ``seconds`` in all, ``calls`` and
     ``waits`` counted, and the intervals and message stamps behind ``exposed_transfer_seconds``."""
@@ -207,19 +220,13 @@ class TimedP2PCommunicator(P2PCommunicator):
         self.rank = torch.distributed.get_rank()
 
     def _stamp(self, kwargs: dict, when: float) -> dict[str, tuple]:
-        present = {
-            "send_next": kwargs.get("tensor_send_next") is not None,
-            "send_prev": kwargs.get("tensor_send_prev") is not None,
-            "recv_prev": bool(kwargs.get("recv_prev")),
-            "recv_next": bool(kwargs.get("recv_next")),
-        }
         messages = {}
-        for name, (sends, forward) in _REQUESTS.items():
-            if present[name]:
-                peer = self.next_rank if forward else self.prev_rank
-                # a channel is named by its sender, its receiver and the sender's direction
-                channel = (self.rank, peer, forward) if sends else (peer, self.rank, not forward)
-                messages[name] = self.timer.post(channel, when)
+        for name in requested(kwargs):
+            sends, forward = _REQUESTS[name]
+            peer = self.next_rank if forward else self.prev_rank
+            # a channel is named by its sender, its receiver and the sender's direction
+            channel = (self.rank, peer, forward) if sends else (peer, self.rank, not forward)
+            messages[name] = self.timer.post(channel, when)
         return messages
 
     def _communicate(self, **kwargs):
