@@ -5,21 +5,19 @@ Steps, for one training config and its overrides (e.g. ``configs/tiny-cpu.yaml m
 1. **Calibration**, in one process with one thread (what torchrun gives each rank), the model
    built as ``mhc-train`` builds it at PP = 1 (megatron's DDP, optimizer and schedule), timed
    round-robin so that a change of the machine's load shifts every timing alike (medians):
-   - the schedule (forward + backward) of the step's ``m`` micro-batches with ``L`` and with
-     ``L / 2`` layers, and the same forward-only: the depth difference gives one layer's forward
-     and backward; what a micro-batch takes beyond its layers, the output layer and the embedding
-     is the schedule's own per-pass work (``pass_overhead``: forward-step wrapper, loss, autograd's
-     entry; each pipeline chunk pays it again; the schedule is taken to have no per-step part);
-   - the optimizer step (the per-step tail);
-   - the output layer + cross-entropy and the embedding (plain torch ops of the same shapes);
+   - the schedule of the step's ``m`` micro-batches, with every part of every pass stamped inside
+     it (``part_timing.PartTimer``): each layer's forward and backward, the embedding, the head
+     (final norm, output layer, loss) and the forward step's prologue, which every pipeline chunk
+     pays again; what the schedule spends beyond its passes is kept as ``schedule_overhead``;
+   - the optimizer step (the per-step tail; the stages step their own parameters side by side);
    - gloo point-to-point latency (4-byte message) and bandwidth (16 MiB message) between two local
      processes, fastest of the repeats (other users' load only ever slows it).
 2. **Runs**: ``torchrun --nproc-per-node P -m mhc_megatron.train`` at each PP (and VPP), median
    ``step_time_s`` after the warm-up steps.
 3. **Prediction**: the simulator (blocking transfers in megatron's order, the P ranks sharing the
    machine by processor sharing over the *effective cores* measured for P ranks: P processes each
-   running one stage's work alone and side by side, in turn) with those durations, against the
-   measured median.
+   running one stage's passes, with an exchange with its neighbours after each, alone and side by
+   side, in turn) with those durations, against the measured median.
 """
 
 from __future__ import annotations
@@ -42,6 +40,9 @@ from mhc_megatron.plan.schedule import Task, build
 from mhc_megatron.plan.simulator import Costs, simulate
 
 VOCAB = 512  # byte-level tokenizer, padded to 128
+# what the simulator takes from part_timing.PartTimer.parts
+PARTS = ("layer_forward", "layer_backward", "prologue", "embedding_forward", "embedding_backward",
+         "head_forward", "head_backward")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -66,29 +67,6 @@ def shape_of(config: str, overrides: list[str]) -> dict:
     return values
 
 
-def _head_times(shape: dict, repeats: int) -> dict:
-    """Seconds per micro-batch of the output layer + cross-entropy (forward, backward) and of the
-    embedding (forward + backward), as plain torch ops of the model's shapes."""
-    s, b, c = shape["seq_length"], shape["micro_batch_size"], shape["hidden_size"]
-    weight = torch.randn(VOCAB, c, requires_grad=True)
-    table = torch.nn.Embedding(VOCAB, c)
-    tokens = torch.randint(0, VOCAB, (b, s))
-    head_forward, head_backward, embedding = [], [], []
-    for _ in range(repeats + 1):
-        x = torch.randn(s * b, c, requires_grad=True)
-        started = time.perf_counter()
-        loss = torch.nn.functional.cross_entropy(x @ weight.t(), tokens.reshape(-1))
-        middle = time.perf_counter()
-        loss.backward()
-        head_forward.append(middle - started)
-        head_backward.append(time.perf_counter() - middle)
-        started = time.perf_counter()
-        table(tokens).sum().backward()
-        embedding.append(time.perf_counter() - started)
-    return {"head_forward": statistics.median(head_forward[1:]), "head_backward": statistics.median(head_backward[1:]),
-            "embedding": statistics.median(embedding[1:])}
-
-
 class _SinglePipeline:
     """The config's model at PP = 1 in this process, built as mhc-train builds it (megatron's DDP and
     optimizer), with timers for its schedule and its optimizer step."""
@@ -110,12 +88,12 @@ class _SinglePipeline:
         batch = MicroBatch(tokens, torch.roll(tokens, -1, 1), torch.ones_like(tokens, dtype=torch.float32))
         self.batches = [batch] * micro_batches
 
-    def schedule(self, micro_batches: int, forward_only: bool = False) -> float:
+    def schedule(self, micro_batches: int) -> float:
         from mhc_megatron.megatron.step import run_schedule
 
         self.model[0].zero_grad_buffer()
         started = time.perf_counter()
-        run_schedule(self.model, self.config, self.batches[:micro_batches], forward_only=forward_only)
+        run_schedule(self.model, self.config, self.batches[:micro_batches])
         return time.perf_counter() - started
 
     def optimizer_step(self) -> float:
@@ -127,29 +105,28 @@ class _SinglePipeline:
 
 def _single_pipeline_times(payload: dict) -> dict:
     """Median seconds, measured round-robin (so that a change of load shifts all alike): the
-    schedule (forward + backward) of ``m`` micro-batches with all and with half the layers, the
-    same forward-only, and the optimizer step."""
-    config, overrides, layers, m = payload["config"], payload["overrides"], payload["layers"], payload["micro_batches"]
-    full = _SinglePipeline(config, overrides, m)
-    half = _SinglePipeline(config, [*overrides, f"num_layers={layers // 2}"], m)
-    timers = {
-        "schedule": lambda: full.schedule(m),
-        "schedule_half": lambda: half.schedule(m),
-        "forward": lambda: full.schedule(m, forward_only=True),
-        "forward_half": lambda: half.schedule(m, forward_only=True),
-        "optimizer": lambda: (full.schedule(1), full.optimizer_step())[1],
-    }
-    times = {name: [] for name in timers}
+    schedule of ``m`` micro-batches, the parts of its passes (``PartTimer.parts``), and the
+    optimizer step."""
+    from mhc_megatron.bench.part_timing import PartTimer
+
+    m = payload["micro_batches"]
+    full = _SinglePipeline(payload["config"], payload["overrides"], m)
+    timer = PartTimer(full.model[0].module)
+    schedule, optimizer = [], []
     for repeat in range(payload["repeats"] + 1):
-        for name, timer in timers.items():
-            value = timer()
-            if repeat:  # the first round warms up
-                times[name].append(value)
-    return {name: statistics.median(values) for name, values in times.items()}
+        if repeat == 1:  # the first round warms up
+            timer.passes.clear()
+        with timer.recording():
+            schedule.append(full.schedule(m))
+        optimizer.append((full.schedule(1), full.optimizer_step())[1])
+    passes = [s["backward_end"] - s["forward_start"] - (s["backward_start"] - s["forward_end"]) for s in timer.passes]
+    return {"schedule": statistics.median(schedule[1:]), "optimizer": statistics.median(optimizer[1:]),
+            "pass": statistics.median(passes), **timer.parts()}
 
 
 def _worker(kind: str, rank: int, world: int, port: int, payload: dict, queue) -> None:
-    """A child process: one gloo endpoint of the p2p test, or the PP = 1 timings."""
+    """A child process: one gloo endpoint of the p2p test, one stage of the effective-cores probe,
+    or the PP = 1 timings."""
     torch.set_num_threads(1)
     if kind == "p2p":
         torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -176,31 +153,51 @@ def _worker(kind: str, rank: int, world: int, port: int, payload: dict, queue) -
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port + 1 + rank), RANK="0", WORLD_SIZE="1")
         initialize_parallel()
         try:
-            if kind == "stage":
-                queue.put(_stage_time(payload))
+            if kind == "stage":  # a one-process megatron world each, and a gloo group of the stages
+                store = torch.distributed.TCPStore("127.0.0.1", port, world, rank == 0)
+                neighbours = torch.distributed.ProcessGroupGloo(store, rank, world)
+                queue.put(_stage_time(payload, neighbours, rank, world))
             else:
-                queue.put({**_single_pipeline_times(payload), **_head_times(payload["shape"], payload["repeats"])})
+                queue.put(_single_pipeline_times(payload))
         finally:
             destroy_parallel()
 
 
-def _stage_time(payload: dict) -> float:
-    """Median seconds of one stage's work (the schedule of a model of ``layers`` layers over the
-    step's micro-batches)."""
-    stage = _SinglePipeline(payload["config"], [*payload["overrides"], f"num_layers={payload['layers']}"],
-                            payload["micro_batches"])
-    times = [stage.schedule(payload["micro_batches"]) for _ in range(payload["repeats"] + 1)]
+def _stage_time(payload: dict, neighbours, rank: int, world: int) -> float:
+    """Median seconds of one stage's work over the step's micro-batches: each a pass (forward and
+    backward) of a model of ``layers`` layers followed, when ``world`` > 1, by a blocking exchange
+    of the hop's message with each neighbouring process over the gloo group ``neighbours``, as a
+    pipeline rank meets its neighbours after every pass."""
+    stage = _SinglePipeline(payload["config"], [*payload["overrides"], f"num_layers={payload['layers']}"], 1)
+    outgoing = torch.zeros(payload["hop_bytes"] // 4)
+    incoming = torch.empty_like(outgoing)
+    peers = [peer for peer in (rank - 1, rank + 1) if 0 <= peer < world]
+
+    def micro_batches() -> float:
+        started = time.perf_counter()
+        for _ in range(payload["micro_batches"]):
+            stage.schedule(1)
+            exchanges = [work for peer in peers
+                         for work in (neighbours.send([outgoing], peer, 0), neighbours.recv([incoming], peer, 0))]
+            for work in exchanges:
+                work.wait()
+        return time.perf_counter() - started
+
+    times = [micro_batches() for _ in range(payload["repeats"] + 1)]
     return statistics.median(times[1:])
 
 
 def effective_cores(args: argparse.Namespace, shape: dict, mode: str, processes: int) -> float:
-    """How many of this machine's cores ``processes`` single-threaded ranks get together: each
-    runs one stage's work (``L / processes`` layers), alone and then all at once, twice in turn;
-    ``processes`` x (time alone / time side by side), at most ``processes``. It folds in what
-    processor sharing leaves out: context switches, shared caches, other users' load at the time."""
+    """How many of this machine's cores ``processes`` single-threaded pipeline ranks get together:
+    each runs one stage's work (``L / processes`` layers, a pass per micro-batch, an exchange of the
+    hop's message with its neighbours after each pass), alone (no exchanges) and then all at once,
+    twice in turn; ``processes`` x (time alone / time side by side), at most ``processes``. It folds
+    in what processor sharing leaves out: context switches, shared caches, a rank that waits for a
+    neighbour the operating system has not scheduled, other users' load at the time."""
     payload = {"config": args.config, "overrides": [*args.overrides, f"hc_mode={mode}"],
                "layers": max(1, shape["num_layers"] // processes),
-               "micro_batches": shape["global_batch_size"] // shape["micro_batch_size"], "repeats": args.repeats}
+               "micro_batches": shape["global_batch_size"] // shape["micro_batch_size"], "repeats": args.repeats,
+               "hop_bytes": hop_bytes(shape, mode)}
     alone, together = [], []
     for _ in range(2):
         alone += _spawn("stage", 1, payload)
@@ -241,8 +238,10 @@ def p2p_link(repeats: int, size: int = 1 << 24) -> dict:
 def train(config: str, overrides: list[str], pp: int, vpp: int, iters: int, warmup: int) -> dict:
     """One ``mhc-train`` run under torchrun; median step time (s) after ``warmup`` steps."""
     with tempfile.TemporaryDirectory() as run_dir:
+        # metrics.jsonl has every step; a log interval beyond the run keeps the Amax-gain recording
+        # (extra work the calibration does not time) out of the timed steps
         settings = [*overrides, f"pipeline_model_parallel_size={pp}", f"train_iters={iters}", "eval_interval=100000",
-                    "lr_warmup_iters=1", "log_interval=1", f"run_dir={run_dir}", "save=null", "load=null"]
+                    "lr_warmup_iters=1", f"log_interval={iters + 1}", f"run_dir={run_dir}", "save=null", "load=null"]
         if vpp > 1:
             settings.append(f"virtual_pipeline_model_parallel_size={vpp}")
         torchrun = str(Path(sys.executable).with_name("torchrun"))
@@ -254,28 +253,34 @@ def train(config: str, overrides: list[str], pp: int, vpp: int, iters: int, warm
 
 
 def predict(calibration: dict, shape: dict, pp: int, vpp: int, cores: float | None) -> float:
-    """The simulator's step time (s) for a PP x VPP run from the calibration's measured durations:
-    chunk passes of ``layers / (pp vpp)`` layers plus the per-pass overhead (half in forward, half in
-    backward), the embedding on the first chunk (a third in forward), the output layer + loss on the
-    last chunk, hops of ``n s b C`` float32 values at the measured gloo latency and bandwidth,
-    blocking (megatron on CPU), the measured per-step tail."""
-    layers = shape["num_layers"] // (pp * vpp)
+    """The simulator's step time (s) for a PP x VPP run from the calibration's measured durations.
+
+    A pass of chunk ``g`` (global layers ``g k .. g k + k - 1``, ``k = layers / (pp vpp)``) costs
+    its layers' measured forward (backward), the forward prologue, and on the first chunk the
+    embedding, on the last the head (``part_timing``). Hops carry ``n s b C`` float32 values at the
+    measured gloo latency and bandwidth, blocking (megatron on CPU). The tail is the whole model's
+    optimizer step spread over the ``pp`` stages, which step their own parameters side by side on
+    ``min(pp, cores)`` processors (``cores=None``: one per stage)."""
+    per_chunk = shape["num_layers"] // (pp * vpp)
     micro_batches = shape["global_batch_size"] // shape["micro_batch_size"]
     plan = build(pp, vpp, micro_batches)
     last = plan.total_chunks - 1
 
     def compute(task: Task, stage: int) -> float:
-        overhead = calibration["pass_overhead"] / 2
+        layers = slice(task.chunk * per_chunk, (task.chunk + 1) * per_chunk)
         if task.kind == "F":
-            return (layers * calibration["forward"] + overhead + (calibration["head_forward"] if task.chunk == last else 0.0)
-                    + (calibration["embedding"] / 3 if task.chunk == 0 else 0.0))
-        return (layers * calibration["backward"] + overhead + (calibration["head_backward"] if task.chunk == last else 0.0)
-                + (2 * calibration["embedding"] / 3 if task.chunk == 0 else 0.0))
+            return (sum(calibration["layer_forward"][layers]) + calibration["prologue"]
+                    + (calibration["embedding_forward"] if task.chunk == 0 else 0.0)
+                    + (calibration["head_forward"] if task.chunk == last else 0.0))
+        return (sum(calibration["layer_backward"][layers])
+                + (calibration["embedding_backward"] if task.chunk == 0 else 0.0)
+                + (calibration["head_backward"] if task.chunk == last else 0.0))
 
     def transfer(task: Task, src: int, dst: int) -> float:
         return calibration["latency"] + calibration["hop_bytes"] / calibration["bandwidth"]
 
-    return simulate(plan, Costs(compute, transfer, calibration["tail"]), overlap=False, shared_cores=cores).step_time
+    tail = calibration["tail"] / min(pp, cores or pp)
+    return simulate(plan, Costs(compute, transfer, tail), overlap=False, shared_cores=cores).step_time
 
 
 def hop_bytes(shape: dict, hc_mode: str) -> int:
@@ -285,22 +290,16 @@ def hop_bytes(shape: dict, hc_mode: str) -> int:
 
 def calibrate(args: argparse.Namespace, shape: dict, mode: str) -> dict:
     """Per-pass durations (s) for ``mode`` from the PP = 1 timings (see the module docstring)."""
-    layers, m = shape["num_layers"], shape["global_batch_size"] // shape["micro_batch_size"]
-    payload = {"config": args.config, "overrides": [*args.overrides, f"hc_mode={mode}"], "layers": layers,
-               "micro_batches": m, "repeats": args.repeats, "shape": shape}
+    m = shape["global_batch_size"] // shape["micro_batch_size"]
+    payload = {"config": args.config, "overrides": [*args.overrides, f"hc_mode={mode}"],
+               "micro_batches": m, "repeats": args.repeats}
     t = _spawn("single", 1, payload)[0]
-    half_layers = m * (layers - layers // 2)
-    per_layer = (t["schedule"] - t["schedule_half"]) / half_layers
-    forward = (t["forward"] - t["forward_half"]) / half_layers
-    head = t["head_forward"] + t["head_backward"] + t["embedding"]
     calibration = {
-        "forward": forward,
-        "backward": per_layer - forward,
-        "pass_overhead": max(0.0, t["schedule"] / m - layers * per_layer - head),
-        **{key: t[key] for key in ("head_forward", "head_backward", "embedding")},
+        **{key: t[key] for key in PARTS},
+        "schedule_overhead": t["schedule"] / m - t["pass"],
         "tail": t["optimizer"],
         "hop_bytes": hop_bytes(shape, mode),
-        "timings": t,
+        "timings": {"schedule": t["schedule"], "pass": t["pass"], "optimizer": t["optimizer"]},
     }
     calibration.update(p2p_link(4 * args.repeats))
     return calibration
