@@ -260,7 +260,9 @@ def predict(calibration: dict, shape: dict, pp: int, vpp: int, cores: float | No
     embedding, on the last the head (``part_timing``). Hops carry ``n s b C`` float32 values at the
     measured gloo latency and bandwidth, blocking (megatron on CPU). The tail is the whole model's
     optimizer step spread over the ``pp`` stages, which step their own parameters side by side on
-    ``min(pp, cores)`` processors (``cores=None``: one per stage)."""
+    ``min(pp, cores)`` processors (``cores=None``: one per stage). The schedule's own work beyond
+    its passes (``schedule_overhead``, at most 2 % of a pass at PP = 1 in docs/planner.md) is left
+    out."""
     per_chunk = shape["num_layers"] // (pp * vpp)
     micro_batches = shape["global_batch_size"] // shape["micro_batch_size"]
     plan = build(pp, vpp, micro_batches)
