@@ -102,6 +102,11 @@ class PartTimer:
         finally:
             schedules.forward_step, schedules.backward_step = forward_step, backward_step
 
+    @staticmethod
+    def durations(stamps: dict) -> tuple[float, float]:
+        """Seconds of one recorded pass's forward step and backward step."""
+        return stamps["forward_end"] - stamps["forward_start"], stamps["backward_end"] - stamps["backward_start"]
+
     def pass_parts(self, stamps: dict) -> dict:
         """The parts (s) of one recorded pass: ``prologue``, ``embedding_forward``,
         ``embedding_backward``, ``head_forward``, ``head_backward`` and ``("layer_forward", k)``,

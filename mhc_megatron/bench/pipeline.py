@@ -119,7 +119,7 @@ def _single_pipeline_times(payload: dict) -> dict:
         with timer.recording():
             schedule.append(full.schedule(m))
         optimizer.append((full.schedule(1), full.optimizer_step())[1])
-    passes = [s["backward_end"] - s["forward_start"] - (s["backward_start"] - s["forward_end"]) for s in timer.passes]
+    passes = [sum(timer.durations(stamps)) for stamps in timer.passes]
     return {"schedule": statistics.median(schedule[1:]), "optimizer": statistics.median(optimizer[1:]),
             "pass": statistics.median(passes), **timer.parts()}
 

@@ -29,8 +29,7 @@ def main() -> None:
         report[mode] = {
             "passes": [
                 {"parts": {str(key): value for key, value in timer.pass_parts(stamps).items()},
-                 "forward": stamps["forward_end"] - stamps["forward_start"],
-                 "backward": stamps["backward_end"] - stamps["backward_start"]}
+                 **dict(zip(("forward", "backward"), timer.durations(stamps)))}
                 for stamps in timer.passes
             ],
             "medians": timer.parts(),
