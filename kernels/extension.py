@@ -1,4 +1,4 @@
-"""What setup.py builds: the mHC kernels as the extension ``mhc_megatron._C``.
+"""What setup.py builds: the mHC kernels as ``mhc_megatron._C`` plus one CPU library per level.
 
 ``MHC_BUILD`` decides:
   auto  (default) CUDA + CPU when torch is a CUDA build and nvcc is found (CUDA_HOME), else CPU only;
@@ -7,17 +7,44 @@
   none  nothing: the package runs on the PyTorch reference operators.
 ``MAX_JOBS`` limits parallel compile jobs (torch's BuildExtension reads it); ``TORCH_CUDA_ARCH_LIST``
 overrides the default CUDA arch list ``9.0a`` (H100).
+
+The CPU kernels (mhc_cpu_*.cpp, cpu_level.cpp) are compiled once per instruction-set level into
+``mhc_megatron._cpu_<level>``, and ``_C`` (cpu_dispatch.cpp) loads the one it picks at run time
+(``MHC_CPU_ISA`` forces one). Nothing is built for the build machine's own CPU (no
+``-march=native``), so a virtual environment built on one machine runs on any other of the same
+architecture.
 """
 
 from __future__ import annotations
 
 import os
+import platform
 import shutil
 
 CHOICES = ("auto", "cpu", "cuda", "none")
-SOURCES = ["kernels/registration.cpp", "kernels/mhc_cpu.cpp"]
+SOURCES = ["kernels/registration.cpp", "kernels/cpu_dispatch.cpp"]
+CPU_KERNEL_SOURCES = [f"kernels/{name}.cpp" for name in ("mhc_cpu_mappings", "mhc_cpu_pre", "mhc_cpu_post_res", "cpu_level")]
 CUDA_SOURCES = ["kernels/mhc_cuda.cu"]
 DEFAULT_CUDA_ARCHS = "9.0a"
+
+# Instruction-set levels of the CPU kernels and their compiler flags; the CPU features each needs
+# at run time are checked in cpu_dispatch.cpp. Other architectures get the portable level only.
+X86_CPU_LEVELS = {
+    "scalar": [],
+    "avx2": ["-mavx2", "-mfma"],
+    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx2", "-mfma"],
+}
+OPTIMIZE = ["-O3", "-g0"]  # no debug info: it triples the compile time of the unrolled kernels
+# Each level library exports only its table: no inline function compiled for a higher level can
+# stand in for another library's copy.
+HIDDEN = ["-fvisibility=hidden", "-fvisibility-inlines-hidden"]
+
+
+def cpu_levels() -> dict[str, list[str]]:
+    """The CPU kernel levels built on this architecture, with their flags."""
+    if platform.machine().lower() in ("x86_64", "amd64", "i686", "i386"):
+        return X86_CPU_LEVELS
+    return {"scalar": []}
 
 
 def _set_cuda_home() -> None:
@@ -51,16 +78,35 @@ def extension_modules() -> tuple[list, dict]:
             f"MHC_BUILD=cuda needs a CUDA build of torch and nvcc; got torch.version.cuda="
             f"{torch.version.cuda!r}, CUDA_HOME={CUDA_HOME!r}"
         )
-    cxx = ["-O3", "-march=native", "-fopenmp"]
     if choice == "cpu" or not cuda_ready:
-        module = CppExtension("mhc_megatron._C", SOURCES, extra_compile_args={"cxx": cxx},
-                              extra_link_args=["-fopenmp"])
+        dispatcher = CppExtension("mhc_megatron._C", SOURCES, libraries=["dl"], extra_compile_args={"cxx": OPTIMIZE})
     else:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
-        module = CUDAExtension(
+        dispatcher = CUDAExtension(
             "mhc_megatron._C", SOURCES + CUDA_SOURCES,
-            define_macros=[("MHC_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]},
+            define_macros=[("MHC_WITH_CUDA", "1")], libraries=["dl"],
+            extra_compile_args={"cxx": OPTIMIZE, "nvcc": OPTIMIZE},
+        )
+    levels = [
+        CppExtension(
+            f"mhc_megatron._cpu_{level}", CPU_KERNEL_SOURCES,
+            define_macros=[("MHC_CPU_LEVEL", level)],
+            extra_compile_args={"cxx": OPTIMIZE + HIDDEN + ["-fopenmp"] + flags},
             extra_link_args=["-fopenmp"],
         )
-    return [module], {"build_ext": BuildExtension}
+        for level, flags in cpu_levels().items()
+    ]
+
+    class BuildKernels(BuildExtension):
+        """torch's BuildExtension, with a temporary folder per library: the level libraries compile
+        the same source with other flags, and must not share its object file."""
+
+        def build_extension(self, ext):
+            shared = self.build_temp
+            self.build_temp = os.path.join(shared, ext.name)
+            try:
+                super().build_extension(ext)
+            finally:
+                self.build_temp = shared
+
+    return [dispatcher, *levels], {"build_ext": BuildKernels}

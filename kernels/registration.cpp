@@ -1,6 +1,8 @@
 // The op schemas of the mHC kernels under the `mhc_megatron` namespace, and the Python module
-// mhc_megatron._C whose import registers them. CPU implementations: mhc_cpu.cpp; CUDA: mhc_cuda.cu;
-// autograd and fake (meta) implementations: mhc_megatron/ops/fused.py.
+// mhc_megatron._C whose import registers them. CPU implementations: mhc_cpu_*.cpp, one library per
+// instruction-set level, chosen at run time by cpu_dispatch.cpp (which also defines the ops
+// cpu_isa, set_cpu_isa, cpu_isa_levels); CUDA: mhc_cuda.cu; autograd and fake (meta)
+// implementations: mhc_megatron/ops/fused.py.
 //
 // Shapes: T tokens, n streams, C hidden, K = n*n + 2n mapping columns; coefficients (h_*, phi,
 // alpha, bias, saved) in float32, float64 for float64 streams. `saved` is [T, K + 1]: the

@@ -7,6 +7,11 @@ kernels. This module registers, when the extension is present:
 * fake (meta) implementations, so ``torch.compile`` traces the ops without a graph break;
 * autograd: each ``*_fwd`` op is differentiated by its ``*_bwd`` op.
 
+The CPU kernels exist once per instruction-set level (``CPU_ISA_LEVELS``: ``scalar``, the
+portable baseline; ``avx2``, with FMA; ``avx512``); the extension picks one when a CPU op first
+runs: ``MHC_CPU_ISA`` if set, else the highest this CPU runs. ``cpu_isa``, ``set_cpu_isa`` and
+``use_cpu_isa`` read and change it, ``cpu_isa_levels`` lists the levels this CPU runs.
+
 The functions below take arguments already validated by the public operators and return what the
 reference returns (same shapes, dtypes and conventions): they make inputs contiguous and cast
 coefficients to the coefficient dtype. Stream tensors keep their shape ``[..., n, C]`` (the ops
@@ -17,9 +22,18 @@ fresh tensor instead of in place.
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
+
 import torch
 
-from mhc_megatron.ops.checks import coefficient_dtype
+from mhc_megatron.ops.checks import check_choice, coefficient_dtype
+
+CPU_ISA_LEVELS = ("scalar", "avx2", "avx512")
+CPU_ISA_VARIABLE = "MHC_CPU_ISA"
+if os.environ.get(CPU_ISA_VARIABLE, "auto") != "auto":
+    check_choice(CPU_ISA_VARIABLE, os.environ[CPU_ISA_VARIABLE], CPU_ISA_LEVELS + ("auto",))
 
 try:
     from mhc_megatron import _C
@@ -39,6 +53,42 @@ def unavailable_reason(device: torch.device) -> str | None:
     if device.type not in ("cpu", "cuda"):
         return f"no kernels for device type {device.type!r}"
     return None
+
+
+def _require_extension() -> None:
+    if _C is None:
+        raise RuntimeError(unavailable_reason(torch.device("cpu")))
+
+
+def cpu_isa() -> str:
+    """The instruction-set level the CPU kernels run at (chosen on first use if not yet)."""
+    _require_extension()
+    return torch.ops.mhc_megatron.cpu_isa()
+
+
+def cpu_isa_levels() -> list[str]:
+    """The levels of ``CPU_ISA_LEVELS`` that this CPU can run, lowest first."""
+    _require_extension()
+    return list(torch.ops.mhc_megatron.cpu_isa_levels())
+
+
+def set_cpu_isa(level: str) -> None:
+    """Run the CPU kernels at ``level`` (one of ``CPU_ISA_LEVELS``, or ``auto``: the highest this
+    CPU runs); a level this CPU cannot run raises ``ValueError``."""
+    check_choice("level", level, CPU_ISA_LEVELS + ("auto",))
+    _require_extension()
+    torch.ops.mhc_megatron.set_cpu_isa(level)
+
+
+@contextlib.contextmanager
+def use_cpu_isa(level: str) -> Iterator[None]:
+    """``set_cpu_isa(level)`` for the duration of a ``with`` block."""
+    saved = cpu_isa()
+    set_cpu_isa(level)
+    try:
+        yield
+    finally:
+        set_cpu_isa(saved)
 
 
 def _coefficients(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -1,0 +1,102 @@
+// Vector helpers of the CPU kernels (mhc_cpu_*.cpp): 64-byte GCC vector types, blocked loops with
+// a bounds-checked tail, loads and stores that convert between the stream and accumulation
+// types, and huge-page advice for fresh outputs.
+//
+// The kernels are compiled once per instruction-set level (MHC_CPU_LEVEL: scalar, avx2, avx512;
+// flags in kernels/extension.py) into a library of its own that exports only the table of
+// cpu_kernels.h; cpu_dispatch.cpp picks the level at run time. A 64-byte vector is one register
+// under AVX-512, two under AVX2 and four SSE registers at the portable level: the same lanes and
+// the same order of operations at every level, except that AVX2 and AVX-512 contract a * b + c
+// into one fused multiply-add.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#include "mhc_math.h"
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
+namespace mhc {
+namespace cpu {
+
+// One 64-byte (AVX-512) vector of A, a GCC vector type: arrays of them indexed by compile-time
+// constants stay in registers, which plain arrays of A do not reliably do.
+template <typename A>
+struct VecOf {
+  typedef A type __attribute__((vector_size(64)));
+};
+template <typename A>
+using Vec = typename VecOf<A>::type;
+template <typename A>
+constexpr int kVec = 64 / sizeof(A);
+
+inline int64_t round_up(int64_t value, int64_t multiple) { return (value + multiple - 1) / multiple * multiple; }
+
+// Runs body(c0, len, full) over [0, size) in blocks of W values: full blocks (len == W) pass
+// std::true_type, the last partial block std::false_type, so that the loads and stores of full
+// blocks compile without bounds checks (load_vec, store_vec).
+template <int W, typename F>
+void for_blocks(int64_t size, F&& body) {
+  int64_t c0 = 0;
+  for (; c0 + W <= size; c0 += W) body(c0, W, std::true_type{});
+  if (c0 < size) body(c0, static_cast<int>(size - c0), std::false_type{});
+}
+
+// kVec values from src as A (kFull), or the first len of them (none if len <= 0) and zeros.
+template <typename A, bool kFull, typename S>
+Vec<A> load_vec(const S* src, int len) {
+  Vec<A> v = {};
+  if constexpr (kFull && std::is_same_v<S, A>) {
+    std::memcpy(&v, src, sizeof(v));
+  } else {
+    for (int l = 0; l < (kFull ? kVec<A> : std::min(len, kVec<A>)); ++l) v[l] = static_cast<A>(src[l]);
+  }
+  return v;
+}
+
+// The kVec values of v (kFull), or the first len of them (none if len <= 0), to dst as S.
+template <typename A, bool kFull, typename S>
+void store_vec(const Vec<A>& v, int len, S* dst) {
+  if constexpr (kFull && std::is_same_v<S, A>) {
+    std::memcpy(dst, &v, sizeof(v));
+  } else {
+    for (int l = 0; l < (kFull ? kVec<A> : std::min(len, kVec<A>)); ++l) dst[l] = static_cast<S>(v[l]);
+  }
+}
+
+// The sum of the lanes of v, in lane order.
+template <typename A>
+A sum_lanes(const Vec<A>& v) {
+  A total = 0;
+  for (int l = 0; l < kVec<A>; ++l) total += v[l];
+  return total;
+}
+
+// Outputs come from at::empty, untouched: on Linux, ask for transparent huge pages on the 2 MiB
+// aligned part of each before the kernel first writes it. Faulting a 64 MiB output in 4 KiB pages
+// costs ~30 ms on the development VM, several times the kernel that fills it (docs/performance.md);
+// with huge pages, ~4 ms. Does nothing for small tensors or where the kernel ignores the advice.
+inline void prefer_huge_pages(const at::Tensor& t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
+  const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t last = (begin + t.nbytes()) & ~(kHuge - 1);
+  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+#endif
+}
+
+// pre and post_res stream rows of C values one vector at a time (the last one may be partial); the
+// per-stream vectors of a token stay in registers for n known at compile time (NT > 0).
+template <int NT>
+constexpr int kStreamSlots = NT > 0 ? NT : kMaxStreams;
+
+}  // namespace cpu
+}  // namespace mhc
