@@ -69,3 +69,20 @@ def per_token(function, *tensors, token_dims: int):
             for k in range(len(results[0]))
         )
     return torch.tensor(results, dtype=torch.float64).reshape(*lead, *torch.tensor(results[0]).shape)
+
+
+def op_outputs(op: str, inputs) -> tuple:
+    """The float64 outputs of ``op`` (``sinkhorn``, ``mappings``, ``pre``, ``post_res``) for the
+    arguments the public operator takes, tokens on the first dimension, one token at a time."""
+    if op == "sinkhorn":
+        logits, iters = inputs
+        return (per_token(lambda m: sinkhorn_matrix(m, iters), logits, token_dims=1),)
+    if op == "mappings":
+        x, phi, alpha, bias, iters, eps = inputs
+        args = (phi.tolist(), alpha.tolist(), bias.tolist(), iters, eps)
+        return per_token(lambda token: mappings_token(token, *args), x, token_dims=1)
+    if op == "pre":
+        return (per_token(pre_token, *inputs, token_dims=1),)
+    if op == "post_res":
+        return (per_token(post_res_token, *inputs, token_dims=1),)
+    raise ValueError(f"op must be one of 'sinkhorn', 'mappings', 'pre', 'post_res', got {op!r}")

@@ -1,35 +1,62 @@
-"""The fused C++/CUDA operators against the PyTorch reference: forward and every input gradient.
+"""The fused C++/CUDA operators against the float64 references: forward and every input gradient.
 
-Each test runs on "cpu" and on "cuda"; a device whose kernels are not available skips with the
-reason (extension not built, built without CUDA, no GPU). Tolerances:
-* float64: fused vs reference within 1e-10 (relative to the largest magnitude of each result);
+Each test runs on every target: the CPU kernels at each instruction-set level (``scalar``, ``avx2``,
+``avx512``; a level this CPU cannot run skips, naming the CPU's levels) and CUDA (skips without a
+GPU). Missing kernels fail the test, unless ``MHC_BUILD`` asked for none (``none``, or ``cpu`` for
+CUDA), when it skips saying so. Sizes reach every code path of the kernels: token counts fill
+several register blocks and SIMD groups and leave a ragged tail, hidden sizes leave partial
+vectors, n covers the compile-time paths (1, 2, 4, 8, 16) and the run-time one (3), and the
+weight-gradient reduction of mappings runs over several token chunks. Tolerances:
+* float64: within 1e-10 of the reference, relative to the largest magnitude of each result;
 * float32, bfloat16 (flash-attention's rule): the fused error against the float64 reference is at
   most 2x the error of the reference op run in the same dtype, plus a floor of a few units of the
   last place (``FLOOR``) for results where both errors are pure rounding.
 """
 
+import functools
 import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+import loop_reference
+from fused_kernels import require_fused
 from mhc_megatron.modules import HyperConnection
 from mhc_megatron.ops import backends, fused, mhc_mappings, mhc_post_res, mhc_pre, num_mapping_columns, sinkhorn
 
-DEVICES = ["cpu", "cuda"]
+TARGETS = [f"cpu-{level}" for level in fused.CPU_ISA_LEVELS] + ["cuda"]
 STREAMS = [1, 2, 3, 4, 8, 16]
 FLOAT64_TOLERANCE = 1e-10
 FLOOR = {torch.float32: 2e-6, torch.bfloat16: 2e-3}
 OPS = {"sinkhorn": sinkhorn, "mappings": mhc_mappings, "pre": mhc_pre, "post_res": mhc_post_res}
+# 29 tokens: 3 full blocks of 8 (the float64 SIMD groups of Sinkhorn, the projection blocks of
+# mappings), 7 of 4 (its dx blocks) and a ragged tail; hidden 13: a full float64 vector of 8 and a
+# partial one, and n*13 values per token leave partial dx and dphi blocks for every n.
+VALUE_TOKENS, HIDDEN = 29, 13
+# 600 tokens: the dphi reduction of mappings runs over 3 token chunks (256 tokens each at most).
+CHUNKED_TOKENS = 600
 
 
-def require_fused(device: str) -> torch.device:
-    if device == "cuda" and not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
-    reason = fused.unavailable_reason(torch.device(device))
-    if reason is not None:
-        pytest.skip(f"fused kernels unavailable on {device}: {reason}")
-    return torch.device(device)
+@pytest.fixture(params=TARGETS)
+def target(request):
+    """The device of the target; for a CPU level, that level is active during the test."""
+    name = request.param
+    if name == "cuda":
+        yield require_fused("cuda")
+        return
+    device = require_fused("cpu")
+    level = name.removeprefix("cpu-")
+    runnable = fused.cpu_isa_levels()
+    if level not in runnable:
+        pytest.skip(f"this CPU does not run {level} (it runs: {', '.join(runnable)})")
+    with fused.use_cpu_isa(level):
+        yield device
 
 
 def make_inputs(op: str, n: int, hidden: int, tokens: int, logit_scale: float = 1.0, seed: int = 0):
@@ -73,60 +100,77 @@ def relative_error(got, want) -> float:
                for g, w in zip(got, want))
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@functools.lru_cache(maxsize=None)
+def loop_reference_outputs(op: str, n: int) -> tuple:
+    """The loop reference's float64 outputs for ``make_inputs(op, n, HIDDEN, VALUE_TOKENS)``,
+    computed once and shared by every target."""
+    return loop_reference.op_outputs(op, make_inputs(op, n, hidden=HIDDEN, tokens=VALUE_TOKENS))
+
+
 @pytest.mark.parametrize("n", STREAMS)
 @pytest.mark.parametrize("op", list(OPS))
-def test_float64_matches_reference(op, n, device):
-    device = require_fused(device)
-    inputs = make_inputs(op, n, hidden=7, tokens=5)
+def test_float64_values_match_the_loop_reference(op, n, target):
+    """Forward values against the independent loop reference (plain Python floats, one token at a time)."""
+    inputs = [t.to(target) if isinstance(t, torch.Tensor) else t
+              for t in make_inputs(op, n, hidden=HIDDEN, tokens=VALUE_TOKENS)]
+    with backends.use_backend("fused"):
+        got = OPS[op](*inputs)
+    got = got if isinstance(got, tuple) else (got,)
+    want = loop_reference_outputs(op, n)
+    assert [g.shape for g in got] == [w.shape for w in want]
+    assert relative_error([g.cpu() for g in got], want) <= FLOAT64_TOLERANCE
+
+
+@pytest.mark.parametrize("n", STREAMS)
+@pytest.mark.parametrize("op", list(OPS))
+def test_float64_values_and_gradients_match_the_reference_over_several_chunks(op, n, target):
+    """Outputs and every input gradient against the PyTorch reference in float64, at a token count
+    that splits the weight-gradient reduction into several chunks."""
+    inputs = make_inputs(op, n, hidden=HIDDEN, tokens=CHUNKED_TOKENS)
     want = run(op, inputs, "reference", torch.device("cpu"), torch.float64)
-    got = run(op, inputs, "fused", device, torch.float64)
+    got = run(op, inputs, "fused", target, torch.float64)
     assert [g.dtype for g in got] == [w.dtype for w in want]
     assert [g.shape for g in got] == [w.shape for w in want]
     assert relative_error(got, want) <= FLOAT64_TOLERANCE
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("lead", [(), (2, 3)])
 @pytest.mark.parametrize("op", ["mappings", "pre", "post_res"])
-def test_streams_with_any_leading_dimensions(op, lead, device):
+def test_streams_with_any_leading_dimensions(op, lead, target):
     """x [n, C] or [s, b, n, C] reaches the kernels as it is (no reshape); results as the reference."""
-    device = require_fused(device)
     inputs = make_inputs(op, n=3, hidden=5, tokens=math.prod(lead))
     if op == "mappings":
         inputs[0] = inputs[0].reshape(*lead, 3, 5)
     else:  # every input is per token: x, then f / h_pre / h_post / h_res
         inputs = [t.reshape(*lead, *t.shape[1:]) for t in inputs]
     want = run(op, inputs, "reference", torch.device("cpu"), torch.float64)
-    got = run(op, inputs, "fused", device, torch.float64)
+    got = run(op, inputs, "fused", target, torch.float64)
     assert [g.shape for g in got] == [w.shape for w in want]
     assert relative_error(got, want) <= FLOAT64_TOLERANCE
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("op", list(OPS))
-def test_low_precision_within_twice_the_reference_error(op, dtype, device):
-    device = require_fused(device)
+def test_low_precision_within_twice_the_reference_error(op, dtype, target):
+    """40 tokens: two float32 SIMD groups of 16 matrices and a ragged tail; hidden 129: 8 full
+    float32 vectors and one value."""
     rounded = [t.to(dtype).double() if isinstance(t, torch.Tensor) else t
                for t in make_inputs(op, n=4, hidden=129, tokens=40)]
     gold = run(op, rounded, "reference", torch.device("cpu"), torch.float64)
-    reference_error = relative_error(run(op, rounded, "reference", device, dtype), gold)
-    fused_error = relative_error(run(op, rounded, "fused", device, dtype), gold)
+    reference_error = relative_error(run(op, rounded, "reference", target, dtype), gold)
+    fused_error = relative_error(run(op, rounded, "fused", target, dtype), gold)
     assert fused_error <= 2 * reference_error + FLOOR[dtype], (
         f"{op} {dtype}: fused {fused_error:.3g} vs reference {reference_error:.3g}"
     )
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("op", ["sinkhorn", "mappings"])
-def test_large_logits_stay_finite_and_match(op, dtype, device):
+def test_large_logits_stay_finite_and_match(op, dtype, target):
     """Logits spread by ~100s: exp underflows for whole columns; the log domain must hold."""
-    device = require_fused(device)
     inputs = make_inputs(op, n=4, hidden=16, tokens=8, logit_scale=300.0)
     want = run(op, inputs, "reference", torch.device("cpu"), torch.float64)
-    got = run(op, inputs, "fused", device, dtype)
+    got = run(op, inputs, "fused", target, dtype)
     assert all(torch.isfinite(g).all() for g in got)
     assert relative_error(got, want) <= (FLOAT64_TOLERANCE if dtype == torch.float64 else 1e-4)
 
@@ -147,12 +191,10 @@ def sinkhorn_logits(op: str, inputs) -> torch.Tensor:
     return (alpha[2] * u[:, 2 * n:] + bias[2 * n:]).reshape(-1, n, n)
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("op", ["sinkhorn", "mappings"])
-def test_scale_and_log_domain_matrices_side_by_side(op, dtype, device):
+def test_scale_and_log_domain_matrices_side_by_side(op, dtype, target):
     """Spreads on both sides of the scale-domain limit in one batch (one SIMD group on the CPU)."""
-    device = require_fused(device)
     limit = SCALE_DOMAIN_SPREAD[dtype]
     inputs = make_inputs(op, n=4, hidden=16, tokens=37, logit_scale=limit / 5)
     if op == "sinkhorn":  # per-token scales from well inside the scale domain to far past it
@@ -161,31 +203,40 @@ def test_scale_and_log_domain_matrices_side_by_side(op, dtype, device):
     spread = logits.amax((-2, -1)) - logits.amin((-2, -1))
     assert (spread <= limit).any() and (spread > limit).any()
     want = run(op, inputs, "reference", torch.device("cpu"), torch.float64)
-    got = run(op, inputs, "fused", device, dtype)
+    got = run(op, inputs, "fused", target, dtype)
     assert all(torch.isfinite(g).all() for g in got)
     assert relative_error(got, want) <= (FLOAT64_TOLERANCE if dtype == torch.float64 else 1e-4)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.fixture
+def restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("op", list(OPS))
-def test_backward_is_bit_identical_run_to_run(op, device):
-    """No float atomics, weight gradients reduced in a fixed order: same bits every run."""
-    device = require_fused(device)
+def test_backward_is_bit_identical_run_to_run_and_at_any_thread_count(op, target, restore_threads):
+    """No float atomics, weight gradients reduced in a fixed order that depends on the shapes only:
+    the same bits every run, with 1 thread and with 2 (CPU)."""
     inputs = make_inputs(op, n=4, hidden=96, tokens=700)  # several token chunks of the dphi reduction
-    first = run(op, inputs, "fused", device, torch.float32)
-    second = run(op, inputs, "fused", device, torch.float32)
-    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    thread_counts = [1, 2] if target.type == "cpu" else [torch.get_num_threads()]
+    runs = []
+    for threads in thread_counts:
+        torch.set_num_threads(threads)
+        runs += [run(op, inputs, "fused", target, torch.float32) for _ in range(2)]
+    assert all(torch.equal(a, b) for other in runs[1:] for a, b in zip(runs[0], other))
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
 def test_compiled_module_with_fused_ops_matches_eager_reference(device):
     """torch.compile(fullgraph=True) traces the fused ops (fake + autograd registrations) into its graph."""
     from torch._inductor.compile_fx import compile_fx
 
-    device = require_fused(device)
+    target = require_fused(device)
     torch.manual_seed(0)
-    module = HyperConnection(hidden_size=12, num_streams=4, mode="mhc", alpha_init=0.5).to(device)
-    streams = torch.randn(3, 2, 4 * 12, device=device)
+    module = HyperConnection(hidden_size=12, num_streams=4, mode="mhc", alpha_init=0.5).to(target)
+    streams = torch.randn(3, 2, 4 * 12, device=target)
     graphs = []
 
     def recording_inductor(graph_module, example_inputs):
@@ -203,6 +254,103 @@ def test_compiled_module_with_fused_ops_matches_eager_reference(device):
     assert any("mhc_megatron.mappings_fwd" in code and "mhc_megatron.post_res_fwd" in code for code in graphs)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=2e-5, rtol=2e-5)
+
+
+# ---------------------------------------------------------------- choosing the CPU level
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as the kernel reports them in /proc/cpuinfo (Linux)."""
+    text = Path("/proc/cpuinfo").read_text()
+    return set(re.search(r"^flags\s*:(.*)$", text, re.MULTILINE).group(1).split())
+
+
+def expected_levels(flags: set[str]) -> list[str]:
+    levels = ["scalar"]
+    if {"avx2", "fma"} <= flags:
+        levels.append("avx2")
+        if {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= flags:
+            levels.append("avx512")
+    return levels
+
+
+def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
+    """``code`` in a fresh interpreter (the level is chosen once per process), without MHC_CPU_ISA
+    unless given."""
+    environment = {key: value for key, value in os.environ.items() if key != fused.CPU_ISA_VARIABLE}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**environment, **env})
+
+
+SHOW_LEVEL = """
+import torch
+from mhc_megatron.ops import backends, fused, mhc_pre
+x, h = torch.randn(5, 2, 7), torch.rand(5, 2)
+with backends.use_backend("fused"):
+    assert torch.allclose(mhc_pre(x, h), (h.unsqueeze(-1) * x).sum(-2))
+print(fused.cpu_isa())
+print(" ".join(sorted({line.split()[-1] for line in open("/proc/self/maps") if "/_cpu_" in line})))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/cpuinfo")
+def test_the_levels_this_cpu_runs_follow_its_feature_flags():
+    require_fused("cpu")
+    if os.uname().machine != "x86_64":
+        assert fused.cpu_isa_levels() == ["scalar"]
+    else:
+        assert fused.cpu_isa_levels() == expected_levels(cpu_flags())
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_the_highest_level_by_default_and_only_the_chosen_level_is_loaded():
+    """A forced lower level never loads a higher level's library: what a machine with fewer vector
+    extensions would run from the same build."""
+    require_fused("cpu")
+    levels = fused.cpu_isa_levels()
+    for forced in [None, *levels]:
+        result = run_python(SHOW_LEVEL, **({fused.CPU_ISA_VARIABLE: forced} if forced else {}))
+        assert result.returncode == 0, result.stderr[-3000:]
+        active, loaded = result.stdout.split("\n")[:2]
+        assert active == (forced or levels[-1])
+        assert [Path(path).name.split(".")[0] for path in loaded.split()] == [f"_cpu_{active}"]
+
+
+def test_bad_levels_are_refused_with_the_value_and_the_choices():
+    require_fused("cpu")
+    result = run_python("import mhc_megatron.ops", **{fused.CPU_ISA_VARIABLE: "avx9000"})
+    assert result.returncode != 0
+    assert "MHC_CPU_ISA must be one of 'scalar', 'avx2', 'avx512', 'auto', got 'avx9000'" in result.stderr
+    with pytest.raises(ValueError, match="level must be one of 'scalar', 'avx2', 'avx512', 'auto', got 'sse'"):
+        fused.set_cpu_isa("sse")
+    unrunnable = [level for level in fused.CPU_ISA_LEVELS if level not in fused.cpu_isa_levels()]
+    for level in unrunnable:  # only on a CPU without AVX2 or AVX-512
+        with pytest.raises(ValueError, match=f"level='{level}': this CPU cannot run it"):
+            fused.set_cpu_isa(level)
+
+
+# An AVX or AVX-512 mnemonic (all start with v, but the old verr/verw); AVX-512's own registers.
+AVX_INSTRUCTION = r":\s+v(?!er[rw]\b)[a-z0-9]+\s"
+AVX512_REGISTER = r"%zmm|%[xy]mm(1[6-9]|2\d|3[01])\b|%k[0-7]\b"
+
+
+@pytest.mark.parametrize("level, forbidden", [("scalar", AVX_INSTRUCTION), ("avx2", AVX512_REGISTER)])
+def test_lower_level_libraries_hold_no_wider_instructions(level, forbidden):
+    """Built for the level, not for the build machine: the scalar library holds no AVX instruction,
+    the AVX2 library no AVX-512 register (no -march=native anywhere)."""
+    require_fused("cpu")
+    objdump = shutil.which("objdump")
+    if objdump is None:
+        pytest.skip("objdump (binutils) not installed")
+    [library] = Path(fused._C.__file__).parent.glob(f"_cpu_{level}.*")
+    disassembly = subprocess.run([objdump, "-d", "--no-show-raw-insn", str(library)], capture_output=True,
+                                 text=True, check=True).stdout
+    assert "vfmadd" in disassembly or level == "scalar"
+    offending = [line for line in disassembly.splitlines() if re.search(forbidden, line)]
+    assert not offending, f"{library.name}: {len(offending)} instructions beyond {level}, e.g. {offending[:3]}"
+
+
+# ---------------------------------------------------------------- backends
 
 
 def test_without_the_extension_ops_fall_back_to_the_reference_with_one_notice(monkeypatch):

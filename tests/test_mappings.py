@@ -6,6 +6,9 @@ import torch
 from loop_reference import mappings_token, per_token
 from mhc_megatron.ops import mhc_mappings, num_mapping_columns
 
+# Every test runs on each backend of the operators (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("op_backend")
+
 
 def random_arguments(n, hidden, lead=(2, 3), dtype=torch.float64, seed=0):
     generator = torch.Generator().manual_seed(seed)

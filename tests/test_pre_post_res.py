@@ -6,6 +6,9 @@ import torch
 from loop_reference import per_token, post_res_token, pre_token
 from mhc_megatron.ops import mhc_post_res, mhc_pre, sinkhorn
 
+# Every test runs on each backend of the operators (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("op_backend")
+
 
 def streams_and_weights(n=4, hidden=6, lead=(3, 2), dtype=torch.float64):
     generator = torch.Generator().manual_seed(n * hidden)

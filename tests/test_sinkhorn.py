@@ -6,6 +6,9 @@ import torch
 from loop_reference import per_token, sinkhorn_matrix
 from mhc_megatron.ops import sinkhorn
 
+# Every test runs on each backend of the operators (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("op_backend")
+
 
 @pytest.mark.parametrize("n", [1, 2, 3, 4, 6])
 @pytest.mark.parametrize("iters", [0, 1, 5, 20])
