@@ -32,7 +32,7 @@ _DERIVED_MODEL_FIELDS = {"params_dtype", "pipeline_dtype", "autocast_dtype"}
 
 # Written to every resolved config, set or not: what a reader of a run directory asks first.
 SUMMARY_MODEL_FIELDS = (
-    "hc_mode", "num_streams", "sinkhorn_iters", "hc_alpha_init", "hc_eps", "hc_expand", "hc_collapse",
+    "hc_mode", "num_streams", "sinkhorn_iters", "hc_alpha_init", "hc_eps", "hc_collapse",
     "mhc_recompute", "mhc_recompute_block", "overlap_p2p_comm", "pipeline_extra_warmup",
     "pipeline_exchange_thread", "pipeline_bf16_transfer", "mhc_post_res_high_priority_stream",
     "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_moe_experts", "bf16",
@@ -40,6 +40,12 @@ SUMMARY_MODEL_FIELDS = (
     "expert_model_parallel_size", "context_parallel_size", "sequence_parallel", "recompute_granularity",
     "transformer_impl",
 )
+
+# Keys that configs once had, with what to do instead (a run directory's config.yaml may hold them).
+REMOVED_KEYS: dict[str, str] = {
+    "hc_expand": "the embedding is always copied into the n streams (the key's only value was 'copy'); "
+    "delete the key",
+}
 
 
 class _Loader(yaml.SafeLoader):
@@ -104,6 +110,8 @@ ALL_KEYS: dict[str, Any] = {**MODEL_KEYS, **TRAINING_KEYS}
 
 
 def _unknown_key_error(key: str, where: str) -> ValueError:
+    if key in REMOVED_KEYS:
+        return ValueError(f"config key {key!r} in {where} was removed: {REMOVED_KEYS[key]}")
     close = difflib.get_close_matches(key, ALL_KEYS, n=1, cutoff=0.6)
     hint = f"; did you mean {close[0]!r}?" if close else " (see docs/training.md for the keys)"
     return ValueError(f"unknown config key {key!r} in {where}{hint}")
