@@ -15,8 +15,6 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from mhc_megatron.megatron.recompute import RECOMPUTE_MODES
 from mhc_megatron.modules import COLLAPSE_MODES, HC_MODES
 
-EXPAND_MODES = ("copy",)
-
 
 def _require(condition: bool, message: str) -> None:
     if not condition:
@@ -34,7 +32,6 @@ class MhcTransformerConfig(TransformerConfig):
         sinkhorn_iters: Sinkhorn-Knopp iterations of ``mhc``.
         hc_alpha_init: initial value of the dynamic scales ``alpha``.
         hc_eps: epsilon of the hyper-connection RMS norms.
-        hc_expand: how the embedding becomes n streams on the first stage: ``copy``.
         hc_collapse: how the streams become one before the final norm: ``mean`` or ``weighted``.
         mhc_recompute: ``none`` or ``block``: keep the stream state only at the start of every
             ``mhc_recompute_block`` sub-layers of a pipeline chunk and rebuild the rest in backward
@@ -67,7 +64,6 @@ class MhcTransformerConfig(TransformerConfig):
     sinkhorn_iters: int = 20
     hc_alpha_init: float = 0.01
     hc_eps: float = 1e-6
-    hc_expand: str = "copy"
     hc_collapse: str = "mean"
     mhc_recompute: str = "none"
     mhc_recompute_block: int | None = None
@@ -95,7 +91,6 @@ class MhcTransformerConfig(TransformerConfig):
     def _validate_hyper_connection_fields(self) -> None:
         for name, allowed in (
             ("hc_mode", HC_MODES),
-            ("hc_expand", EXPAND_MODES),
             ("hc_collapse", COLLAPSE_MODES),
             ("mhc_recompute", RECOMPUTE_MODES),
         ):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 
 import torch
-from megatron.core import parallel_state, tensor_parallel
+from megatron.core import ModelParallelConfig, parallel_state, tensor_parallel
 
 
 def initialize_parallel(
@@ -19,8 +19,14 @@ def initialize_parallel(
     virtual_pipeline_model_parallel_size: int | None = None,
     expert_model_parallel_size: int = 1,
     seed: int = 1234,
+    *,
+    expert_tensor_parallel_size: int | None = None,
+    pipeline_model_parallel_comm_backend: str | None = None,
 ) -> None:
-    """Start ``torch.distributed`` (if needed), build megatron's process groups and seed the RNGs."""
+    """Start ``torch.distributed`` (if needed), build megatron's process groups and seed the RNGs.
+
+    The sizes and the pipeline's backend are ``parallel_state.initialize_model_parallel``'s;
+    ``parallel_layout(config)`` gives those of a model config."""
     on_gpu = torch.cuda.is_available()
     if not on_gpu:
         from mhc_megatron.megatron.cpu_compat import apply_cpu_compat
@@ -35,9 +41,25 @@ def initialize_parallel(
         pipeline_model_parallel_size=pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
         expert_model_parallel_size=expert_model_parallel_size,
+        expert_tensor_parallel_size=expert_tensor_parallel_size,
+        pipeline_model_parallel_comm_backend=pipeline_model_parallel_comm_backend,
     )
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def parallel_layout(config: ModelParallelConfig) -> dict:
+    """``initialize_parallel``'s keyword arguments for the process groups ``config`` is written for,
+    so that megatron's groups and the config agree (a size left out here would be the config's
+    alone)."""
+    return dict(
+        tensor_model_parallel_size=config.tensor_model_parallel_size,
+        pipeline_model_parallel_size=config.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=config.virtual_pipeline_model_parallel_size,
+        expert_model_parallel_size=config.expert_model_parallel_size,
+        expert_tensor_parallel_size=config.expert_tensor_parallel_size,
+        pipeline_model_parallel_comm_backend=config.pipeline_model_parallel_comm_backend,
+    )
 
 
 def destroy_parallel() -> None:

@@ -25,13 +25,11 @@ def training_device() -> torch.device:
 def check_layout(run: RunConfig, config: MhcTransformerConfig) -> int:
     """Data-parallel size of the launched world; errors name the sizes that do not fit."""
     world = torch.distributed.get_world_size()
-    model_parallel = (
-        config.tensor_model_parallel_size * config.pipeline_model_parallel_size * config.context_parallel_size
-    )
+    model_parallel = config.tensor_model_parallel_size * config.pipeline_model_parallel_size
     if world % model_parallel:
         raise ValueError(
-            f"{world} processes cannot hold tensor_model_parallel_size x pipeline_model_parallel_size x "
-            f"context_parallel_size = {model_parallel}: launch a multiple of it"
+            f"{world} processes cannot hold tensor_model_parallel_size x pipeline_model_parallel_size = "
+            f"{model_parallel}: launch a multiple of it"
         )
     data_parallel = world // model_parallel
     args = run.training

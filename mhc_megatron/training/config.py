@@ -32,14 +32,56 @@ _DERIVED_MODEL_FIELDS = {"params_dtype", "pipeline_dtype", "autocast_dtype"}
 
 # Written to every resolved config, set or not: what a reader of a run directory asks first.
 SUMMARY_MODEL_FIELDS = (
-    "hc_mode", "num_streams", "sinkhorn_iters", "hc_alpha_init", "hc_eps", "hc_expand", "hc_collapse",
+    "hc_mode", "num_streams", "sinkhorn_iters", "hc_alpha_init", "hc_eps", "hc_collapse",
     "mhc_recompute", "mhc_recompute_block", "overlap_p2p_comm", "pipeline_extra_warmup",
     "pipeline_exchange_thread", "pipeline_bf16_transfer", "mhc_post_res_high_priority_stream",
     "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_moe_experts", "bf16",
     "tensor_model_parallel_size", "pipeline_model_parallel_size", "virtual_pipeline_model_parallel_size",
-    "expert_model_parallel_size", "context_parallel_size", "sequence_parallel", "recompute_granularity",
-    "transformer_impl",
+    "expert_model_parallel_size", "sequence_parallel", "recompute_granularity", "transformer_impl",
 )
+
+_CONTEXT_PARALLEL = (
+    "megatron-core 0.19.2 runs context parallelism only inside Transformer Engine's attention (its local "
+    "DotProductAttention asserts context_parallel_size == 1), and mhc-train neither builds context-parallel "
+    "process groups nor splits its batches along the sequence"
+)
+_WEIGHT_SHARDING = (
+    "generalized tensor parallelism (weights sharded beyond tensor_model_parallel_size and gathered again "
+    "in every pass) needs its own process groups, which mhc-train does not build"
+)
+_UNREAD = (
+    "megatron-core 0.19.2 reads it nowhere (Megatron-LM's training script does, which mhc-train replaces), "
+    "so it would do nothing"
+)
+_UNREAD_MEGATRON_FIELDS = (
+    "apply_residual_connection_post_layernorm", "cuda_graph_use_single_mempool", "inference_rng_tracker",
+    "moe_deepep_num_sms", "moe_hybridep_num_sms", "moe_per_layer_logging", "moe_token_dropping",
+    "mtp_hybrid_override_pattern", "tp_comm_bootstrap_backend", "use_grouped_gemm_for_dense_mlp",
+    "use_inference_optimized_layers", "use_te_rng_tracker",
+)
+
+# Settable keys that mhc-train cannot honour, with the reason: any value but the field's default is
+# an error (tests/training/test_config_keys.py walks every key: each is consumed or refused here).
+REFUSED_KEYS: dict[str, str] = {
+    "fp16": "fp16 needs loss scaling, which mhc-train does not do; use bf16: true",
+    **dict.fromkeys(
+        ("context_parallel_size", "hierarchical_context_parallel_sizes", "hybrid_context_parallel",
+         "cp_comm_type", "max_seqlen_per_dp_cp_rank"),
+        _CONTEXT_PARALLEL,
+    ),
+    **dict.fromkeys(
+        ("tensor_parallel_num_weight_shards", "gtp_weight_remat_size", "expert_tensor_parallel_num_weight_shards",
+         "expert_gtp_weight_remat_size"),
+        _WEIGHT_SHARDING,
+    ),
+    **dict.fromkeys(_UNREAD_MEGATRON_FIELDS, _UNREAD),
+}
+
+# Keys that configs once had, with what to do instead (a run directory's config.yaml may hold them).
+REMOVED_KEYS: dict[str, str] = {
+    "hc_expand": "the embedding is always copied into the n streams (the key's only value was 'copy'); "
+    "delete the key",
+}
 
 
 class _Loader(yaml.SafeLoader):
@@ -104,9 +146,26 @@ ALL_KEYS: dict[str, Any] = {**MODEL_KEYS, **TRAINING_KEYS}
 
 
 def _unknown_key_error(key: str, where: str) -> ValueError:
+    if key in REMOVED_KEYS:
+        return ValueError(f"config key {key!r} in {where} was removed: {REMOVED_KEYS[key]}")
     close = difflib.get_close_matches(key, ALL_KEYS, n=1, cutoff=0.6)
     hint = f"; did you mean {close[0]!r}?" if close else " (see docs/training.md for the keys)"
     return ValueError(f"unknown config key {key!r} in {where}{hint}")
+
+
+def _field_default(key: str):
+    """The default of the model config field ``key``."""
+    (field_,) = (f for f in dataclasses.fields(MhcTransformerConfig) if f.name == key)
+    return field_.default_factory() if field_.default is dataclasses.MISSING else field_.default
+
+
+def _check_not_refused(key: str, value, where: str) -> None:
+    """A key of ``REFUSED_KEYS`` may only be set to its default."""
+    if key in REFUSED_KEYS and value != _field_default(key):
+        raise ValueError(
+            f"config key {key}={value!r} in {where} is refused: {REFUSED_KEYS[key]} "
+            f"(leave it at its default, {_field_default(key)!r})"
+        )
 
 
 def _typed(key: str, value, where: str):
@@ -140,7 +199,9 @@ class RunConfig:
         for key, value in values.items():
             if key not in ALL_KEYS:
                 raise _unknown_key_error(key, where)
-            (training if key in TRAINING_KEYS else model)[key] = _typed(key, value, where)
+            value = _typed(key, value, where)
+            _check_not_refused(key, value, where)
+            (training if key in TRAINING_KEYS else model)[key] = value
         return cls(TrainingArguments(**training), model)
 
     @classmethod
@@ -171,8 +232,6 @@ class RunConfig:
         ``transformer_impl`` Transformer Engine when importable (else ``local``) unless set."""
         model = dict(self.model)
         model.setdefault("transformer_impl", resolve_backend("auto"))
-        if model.get("fp16"):
-            raise ValueError("fp16 is not supported (it needs loss scaling); use bf16: true")
         dtype = torch.bfloat16 if model.get("bf16") else torch.float32
         model.setdefault("use_cpu_initialization", not torch.cuda.is_available())
         if self.training.swiglu:

@@ -20,7 +20,7 @@ from megatron.core import parallel_state, tensor_parallel
 
 from mhc_megatron.data import StepBatches, check_indexed_dataset
 from mhc_megatron.diagnostics import record_mappings
-from mhc_megatron.megatron import destroy_parallel, initialize_parallel
+from mhc_megatron.megatron import destroy_parallel, initialize_parallel, parallel_layout
 from mhc_megatron.megatron.config import MhcTransformerConfig
 from mhc_megatron.megatron.p2p_timing import P2PTimer
 from mhc_megatron.megatron.step import run_schedule, train_step, wrap_with_ddp
@@ -246,13 +246,7 @@ def train(run: RunConfig) -> TrainResult:
     _check_output_directories(args)
     if args.data_path is not None:
         check_indexed_dataset(args.data_path)
-    initialize_parallel(
-        config.tensor_model_parallel_size,
-        config.pipeline_model_parallel_size,
-        config.virtual_pipeline_model_parallel_size,
-        config.expert_model_parallel_size,
-        seed=args.seed,
-    )
+    initialize_parallel(**parallel_layout(config), seed=args.seed)
     try:
         return Trainer(run, config).run()
     finally:

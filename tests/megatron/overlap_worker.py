@@ -4,10 +4,14 @@ For each ``--hc-modes`` entry, builds a tiny GPT under the given pipeline layout
 same initial weights for a few Adam steps once per schedule variant (``blocking``:
 ``overlap_p2p_comm`` off; ``overlapped``: on, posted by the communication thread of ``p2p_thread.py``;
 ``overlapped+ahead``, 1F1B only: also 2 extra warm-up forwards; ``overlapped-unthreaded``: posted by
-the schedule's own thread; ``bf16-transfer``: blocking, the float32 run's transfer rounded to bf16),
-recording per variant the losses, the gradient norms, the losses of a forward-only pass,
-the dtype and shape of every tensor that pass exchanged, and a SHA-256 of this rank's parameters
-after the steps. Every rank writes ``<out>.rank<R>.json``: ``{hc_mode: {variant: record}}``.
+the schedule's own thread; ``bf16-transfer``: blocking, the float32 run's transfer rounded to bf16;
+``bf16-transfer+overlapped``: the same, overlapped), recording per variant the losses, the gradient
+norms, the losses of a forward-only pass, the dtype and shape of every tensor that pass exchanged,
+a SHA-256 of this rank's parameters after the steps, and the dtype and shape of every tensor
+exchanged by one more forward and backward pass (no optimizer step), by direction: ``forward``
+(the stream state) and ``backward`` (its gradient). Exchanges are recorded on the communicator the
+schedule would use (threaded or megatron's). Every rank writes ``<out>.rank<R>.json``:
+``{hc_mode: {variant: record}}``.
 """
 
 import argparse
@@ -20,6 +24,7 @@ import torch
 from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
 
 from mhc_megatron.megatron import MhcTransformerConfig, build_model_chunks, destroy_parallel, initialize_parallel
+from mhc_megatron.megatron.p2p_thread import pipeline_communicator
 from mhc_megatron.megatron.schedules import default_pg_collection
 from mhc_megatron.megatron.step import (
     MicroBatch, build_optimizer, forward_backward_function, run_schedule, train_step, wrap_with_ddp,
@@ -45,6 +50,7 @@ VARIANTS = {
     "overlapped+ahead": dict(overlap_p2p_comm=True, pipeline_extra_warmup=2),  # 1F1B only
     "overlapped-unthreaded": dict(overlap_p2p_comm=True, pipeline_exchange_thread=False),
     "bf16-transfer": dict(pipeline_bf16_transfer=True, pipeline_dtype=torch.bfloat16),  # float32 runs only
+    "bf16-transfer+overlapped": dict(pipeline_bf16_transfer=True, pipeline_dtype=torch.bfloat16, overlap_p2p_comm=True),
 }
 
 
@@ -80,18 +86,40 @@ def parameter_digest(chunks) -> str:
     return digest.hexdigest()
 
 
-class RecordingCommunicator(P2PCommunicator):
-    """Records the dtype and shape of every tensor sent and every buffer received."""
+def recording_communicator(config, log: dict) -> P2PCommunicator:
+    """The communicator ``run_schedule`` would use for ``config`` (threaded or megatron's), also
+    appending ``[dtype, shape]`` of every tensor it sends or receives to ``log["forward"]`` (sent to
+    the next stage, received from the previous) or ``log["backward"]`` (the other way: gradients)."""
+    from megatron.core import parallel_state
 
-    def __init__(self, pp_group, config, log: list) -> None:
-        super().__init__(pp_group=pp_group, config=config)
-        self.log = log
+    group = parallel_state.get_pipeline_model_parallel_group()
+    base = type(pipeline_communicator(group, config) or P2PCommunicator(group, config))
 
-    def _communicate(self, **kwargs):
-        received = super()._communicate(**kwargs)
-        sent = [kwargs.get("tensor_send_next"), kwargs.get("tensor_send_prev")]
-        self.log += [[str(t.dtype), list(t.shape)] for t in sent + list(received[:2]) if t is not None]
-        return received
+    class Recording(base):
+        def _communicate(self, **kwargs):
+            received = super()._communicate(**kwargs)
+            for direction, tensors in (("forward", (kwargs.get("tensor_send_next"), received[0])),
+                                       ("backward", (kwargs.get("tensor_send_prev"), received[1]))):
+                log[direction] += [[str(t.dtype), list(t.shape)] for t in tensors if t is not None]
+            return received
+
+    return Recording(group, config)
+
+
+def kinds(exchanged: list) -> list:
+    """The distinct ``[dtype, shape]`` of a log, sorted."""
+    return sorted({(dtype, tuple(shape)) for dtype, shape in exchanged})
+
+
+def exchanged_in_a_training_pass(model, config, batches) -> dict:
+    """``{"forward": kinds, "backward": kinds}`` of the tensors one forward and backward pass of the
+    schedule over ``batches`` exchanges (gradients accumulate; no optimizer step)."""
+    log = {"forward": [], "backward": []}
+    for chunk in model:
+        chunk.zero_grad_buffer()
+    run_schedule(model, config, batches, forward_only=False, p2p_communicator=recording_communicator(config, log),
+                 pg_collection=default_pg_collection())
+    return {direction: kinds(exchanged) for direction, exchanged in log.items()}
 
 
 def run_variant(base: MhcTransformerConfig, overrides: dict, initial: list[dict]) -> dict:
@@ -112,16 +140,17 @@ def run_variant(base: MhcTransformerConfig, overrides: dict, initial: list[dict]
         loss, grad_norm = train_step(model, optimizer, config, micro_batches(step, count))
         losses.append(loss)
         grad_norms.append(float(grad_norm))
-    exchanged = []
-    communicator = RecordingCommunicator(parallel_state.get_pipeline_model_parallel_group(), config, exchanged)
+    exchanged = {"forward": [], "backward": []}
     with torch.no_grad():
         outputs = run_schedule(model, config, micro_batches(STEPS, count), forward_only=True,
-                               p2p_communicator=communicator, pg_collection=default_pg_collection())
+                               p2p_communicator=recording_communicator(config, exchanged),
+                               pg_collection=default_pg_collection())
     eval_losses = [entry["lm loss"].item() for entry in outputs]
     return {
         "losses": losses, "grad_norms": grad_norms, "eval_losses": eval_losses,
         "parameters": parameter_digest(chunks),
-        "exchanged": sorted({(dtype, tuple(shape)) for dtype, shape in exchanged}),
+        "exchanged": kinds(exchanged["forward"] + exchanged["backward"]),
+        "exchanged_in_training": exchanged_in_a_training_pass(model, config, micro_batches(STEPS + 1, count)),
         "schedule": forward_backward_function(config).__name__,
         "last_stage": parallel_state.is_pipeline_last_stage(ignore_virtual=True),
     }

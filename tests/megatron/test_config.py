@@ -22,7 +22,6 @@ def test_batched_p2p_is_off_on_cpu():
 @pytest.mark.parametrize("fields, words", [
     ({"hc_mode": "dense"}, "hc_mode must be one of 'residual', 'hc', 'mhc', got 'dense'"),
     ({"hc_collapse": "sum"}, "hc_collapse must be one of 'mean', 'weighted', got 'sum'"),
-    ({"hc_expand": "zeros"}, "hc_expand must be one of 'copy', got 'zeros'"),
     ({"num_streams": 0}, "num_streams must be an int >= 1, got 0"),
     ({"num_streams": 2.5}, "num_streams must be an int >= 1, got 2.5"),
     ({"sinkhorn_iters": -1}, "sinkhorn_iters must be an int >= 0, got -1"),

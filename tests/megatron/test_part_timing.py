@@ -1,13 +1,16 @@
-"""``PartTimer`` (mhc_megatron/bench/part_timing.py): the parts of every pass of megatron's PP = 1
-schedule are stamped in order and add up to the pass."""
+"""``PartTimer`` (mhc_megatron/bench/part_timing.py): every pass of megatron's PP = 1 schedule is
+split into its parts, and a delay put into one layer, measured by the delay itself, shows up in that
+layer's part of the pass (forward, and backward) and in no other part."""
 
 import json
+import statistics
 
 import pytest
 
 from conftest import run_workers
 
 LAYERS = 3
+SLOW_LAYER, DELAY = 1, 0.2  # as in part_timing_worker.py
 
 
 @pytest.fixture(scope="module")
@@ -25,10 +28,25 @@ def test_every_pass_of_the_recorded_schedules_is_split_into_positive_parts(repor
         parts = recorded["parts"]
         assert len(parts) == 5 + 2 * LAYERS
         assert all(value > 0 for value in parts.values()), parts
-        forward = sum(v for k, v in parts.items() if "forward" in k or k == "prologue")
-        backward = sum(v for k, v in parts.items() if "backward" in k)
-        assert forward == pytest.approx(recorded["forward"], rel=1e-9)
-        assert backward == pytest.approx(recorded["backward"], rel=1e-9)
+
+
+@pytest.mark.parametrize("mode", ["residual", "mhc"])
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_a_delay_in_one_layer_lands_in_that_layers_part(report, mode, direction):
+    """With layer ``SLOW_LAYER`` sleeping in its ``direction`` only: each pass's sleep (measured
+    around ``time.sleep``) lies inside the stamped part of that layer and direction, and every other
+    part of the pass stays far below it (medians over the passes)."""
+    delayed = report[mode][f"{direction}_delay"]
+    slept = delayed["slept"]
+    assert len(slept) == len(delayed["passes"]) == 3
+    assert all(seconds >= DELAY for seconds in slept)
+    slow_part = str((f"layer_{direction}", SLOW_LAYER))
+    for recorded, seconds in zip(delayed["passes"], slept):
+        assert recorded["parts"][slow_part] >= seconds, (slow_part, recorded["parts"])
+    for name in delayed["passes"][0]["parts"]:
+        if name != slow_part:
+            median = statistics.median(recorded["parts"][name] for recorded in delayed["passes"])
+            assert median < DELAY / 2, f"{name} took {median:.3f} s: the {direction} delay of layer {SLOW_LAYER} leaked"
 
 
 @pytest.mark.parametrize("mode", ["residual", "mhc"])

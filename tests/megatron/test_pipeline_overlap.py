@@ -32,8 +32,14 @@ LAYOUTS = {
 SEQ, MICRO_BATCH, HIDDEN, STREAMS = 8, 2, 16, 4  # as in overlap_worker.py
 
 
+def stream_state(dtype: str, streams: int) -> list:
+    """The one kind of tensor a pipeline exchange may carry: the stream state [s, b*n, C] in ``dtype``."""
+    return [[dtype, [SEQ, MICRO_BATCH * streams, HIDDEN]]]
+
+
 def check_runs(tmp_path, nproc: int, args: list[str], schedule: str, dtype: str) -> None:
-    """Overlapped == blocking on every rank, bitwise; the exchange carries [s, b*n, C] in ``dtype``."""
+    """Overlapped == blocking on every rank, bitwise; the exchange carries [s, b*n, C] in ``dtype``,
+    in evaluation and in a training pass both ways (the stream state forward, its gradient backward)."""
     for rank in range(nproc):
         record = json.loads((tmp_path / f"run.rank{rank}.json").read_text())
         for hc_mode, streams in (("mhc", STREAMS), ("residual", 1)):
@@ -43,7 +49,10 @@ def check_runs(tmp_path, nproc: int, args: list[str], schedule: str, dtype: str)
             for name, overlapped in variants.items():
                 assert overlapped.pop("schedule") == schedule
                 assert overlapped == blocking, f"rank {rank}, {hc_mode}, {name}"
-            assert blocking["exchanged"] == [[dtype, [SEQ, MICRO_BATCH * streams, HIDDEN]]], f"rank {rank}, {hc_mode}"
+            assert blocking["exchanged"] == stream_state(dtype, streams), f"rank {rank}, {hc_mode}"
+            assert blocking["exchanged_in_training"] == {
+                "forward": stream_state(dtype, streams), "backward": stream_state(dtype, streams)
+            }, f"rank {rank}, {hc_mode}"
             if blocking["last_stage"]:
                 assert len(blocking["losses"]) == 2 and all(loss > 0 for loss in blocking["losses"])
                 assert len(blocking["eval_losses"]) == 2 * int(args[1])
@@ -64,16 +73,24 @@ def test_bf16_training_exchanges_bf16_streams(tmp_path):
 
 
 def test_bf16_transfer_of_a_float32_run(tmp_path):
-    """``pipeline_bf16_transfer``: the stream state and its gradient cross stages in bf16, and the
-    float32 run's losses move by the rounding only (close to the float32 transfer, not equal)."""
+    """``pipeline_bf16_transfer``: in a training pass the stream state crosses stages in bf16 and so
+    does its gradient on the way back (blocking and overlapped alike, bitwise equal), and the float32
+    run's losses move by the rounding only (close to the float32 transfer, not equal)."""
     run_workers("overlap_worker.py", 2, "--pp", "2", "--variants", "blocking", "bf16-transfer",
-                "--out", str(tmp_path / "run"))
+                "bf16-transfer+overlapped", "--out", str(tmp_path / "run"))
     for rank in range(2):
         record = json.loads((tmp_path / f"run.rank{rank}.json").read_text())
         for hc_mode, streams in (("mhc", STREAMS), ("residual", 1)):
             exact, rounded = record[hc_mode]["blocking"], record[hc_mode]["bf16-transfer"]
-            assert rounded["exchanged"] == [["torch.bfloat16", [SEQ, MICRO_BATCH * streams, HIDDEN]]]
-            assert exact["exchanged"] == [["torch.float32", [SEQ, MICRO_BATCH * streams, HIDDEN]]]
+            overlapped = record[hc_mode]["bf16-transfer+overlapped"]
+            for kind, dtype in ((exact, "torch.float32"), (rounded, "torch.bfloat16"), (overlapped, "torch.bfloat16")):
+                assert kind["exchanged_in_training"] == {
+                    "forward": stream_state(dtype, streams), "backward": stream_state(dtype, streams)
+                }, f"rank {rank}, {hc_mode}"
+                assert kind["exchanged"] == stream_state(dtype, streams)
+            assert overlapped.pop("schedule") == "forward_backward_pipelining_overlapped"
+            assert rounded.pop("schedule") == "forward_backward_pipelining_without_interleaving"
+            assert overlapped == rounded, f"rank {rank}, {hc_mode}"
             assert rounded["parameters"] != exact["parameters"], f"rank {rank}, {hc_mode}: nothing was rounded"
             assert rounded["grad_norms"] == pytest.approx(exact["grad_norms"], rel=2e-2)
             if exact["last_stage"]:

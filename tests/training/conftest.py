@@ -9,11 +9,13 @@ from pathlib import Path
 
 import pytest
 
-# A model small enough for a torchrun launch of a few seconds; 4 layers so PP = 2 splits it.
+# A model small enough for a torchrun launch of a few seconds; 4 layers so PP = 2 splits it. One
+# Sinkhorn iteration leaves mHC's backward Amax gain (the informative one: the forward gain is 1 by
+# construction) about 2 % above 1, where a wrong measurement shows; with 20 it is 1 to float32 rounding.
 TINY = [
     "num_layers=4", "hidden_size=32", "ffn_hidden_size=64", "num_attention_heads=4", "normalization=RMSNorm",
     "add_bias_linear=false", "hidden_dropout=0.0", "attention_dropout=0.0", "hc_mode=mhc", "num_streams=4",
-    "hc_alpha_init=0.3", "seq_length=32", "micro_batch_size=2", "global_batch_size=8", "lr=5e-3",
+    "hc_alpha_init=0.3", "sinkhorn_iters=1", "seq_length=32", "micro_batch_size=2", "global_batch_size=8", "lr=5e-3",
     "lr_warmup_iters=2", "log_interval=2", "tokenizer=byte-level",
 ]
 

@@ -55,6 +55,12 @@ def test_bad_settings_name_the_key(override, message):
         RunConfig.load(None, ["micro_batch_size=2", override]).transformer_config()
 
 
+def test_a_removed_key_says_what_to_do():
+    with pytest.raises(ValueError, match=r"config key 'hc_expand' in override 'hc_expand=copy' was removed: the "
+                                         r"embedding is always copied into the n streams .*; delete the key"):
+        RunConfig.load(None, ["hc_expand=copy"])
+
+
 def test_config_file_errors(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         RunConfig.load(tmp_path / "absent.yaml")

@@ -40,8 +40,11 @@ def test_two_processes_match_one(layout, single_process, initial_weights, datase
         assert two["loss"] == pytest.approx(one["loss"], rel=1e-5), (one, two)
         assert two["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-4), (one, two)
         assert two.get("eval_loss") == pytest.approx(one.get("eval_loss"), rel=1e-5)
-        assert two.get("amax_gain_forward") == pytest.approx(one.get("amax_gain_forward"), rel=1e-5)
+        # as the gradient norm: Adam turns the layouts' rounding differences into weight differences
+        # that the gain (2 % above 1 here, measured: 1.6e-5 apart at TP = 2) shows more than the loss
+        assert two.get("amax_gain_backward") == pytest.approx(one.get("amax_gain_backward"), rel=1e-4)
     assert single_process[-1]["loss"] < single_process[0]["loss"]
+    assert all(r["amax_gain_backward"] > 1.01 for r in single_process if "amax_gain_backward" in r)
 
 
 @pytest.mark.parametrize(
@@ -60,7 +63,7 @@ def test_resume_gives_the_uninterrupted_losses(nproc, optimizer, dataset, tmp_pa
     assert (save / "latest_checkpointed_iteration.txt").read_text() == "6\n"
     whole, parts = read_metrics(tmp_path / "whole"), read_metrics(tmp_path / "parts")
     assert [r["step"] for r in parts] == [1, 2, 3, 4, 5, 6]
-    for key in ("loss", "grad_norm", "lr", "eval_loss", "amax_gain_forward", "amax_gain_backward"):
+    for key in ("loss", "grad_norm", "lr", "eval_loss", "amax_gain_backward"):
         assert [r.get(key) for r in parts] == [r.get(key) for r in whole], key
 
 
