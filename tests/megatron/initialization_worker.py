@@ -92,8 +92,8 @@ def local_pieces(chunks) -> list[tuple[str, tuple, tuple, int, torch.Tensor]]:
             elif isinstance(item, dict):
                 stack.extend(item.values())
             elif isinstance(item, ShardedTensor):
-                data = item.data.detach().clone()
-                pieces.append((item.key, tuple(item.global_shape), tuple(item.global_offset), item.prepend_axis_num, data))
+                shape, offset = tuple(item.global_shape), tuple(item.global_offset)
+                pieces.append((item.key, shape, offset, item.prepend_axis_num, item.data.detach().clone()))
     return pieces
 
 
@@ -114,7 +114,7 @@ def assemble(pieces) -> tuple[dict[str, torch.Tensor], list[str]]:
             problems.append(f"{key}: the replica at offset {offset} differs")
         full[key][region] = data
         held[key][region] = True
-    problems += [f"{key}: {int((~mask).sum())} elements held by no rank" for key, mask in held.items() if not mask.all()]
+    problems += [f"{key}: {int((~held[key]).sum())} elements held by no rank" for key in held if not held[key].all()]
     return full, problems
 
 

@@ -91,7 +91,8 @@ def test_the_values_follow_megatrons_and_the_modules_inits(initial):
         elif key.endswith("alpha"):
             assert torch.equal(value, torch.full_like(value, 0.3)), key
     hc = initial["hc"]
-    static_pre = hc["decoder.layers.mlp_hyper_connection.static_pre"]  # [layer, n]: sub-layer 2 l + 1 reads stream (2 l + 1) mod n
+    # static_pre [layer, n]: the MLP sub-layer of layer l (sub-layer 2 l + 1) reads stream (2 l + 1) mod n
+    static_pre = hc["decoder.layers.mlp_hyper_connection.static_pre"]
     assert torch.equal(static_pre.argmax(dim=1), torch.tensor([1, 3, 1, 3]))
 
 
@@ -110,9 +111,12 @@ def test_a_shard_is_the_slice_of_the_full_draw(monkeypatch, ranges):
     assert torch.equal(draw(ranges), torch.cat([full[start:stop] for start, stop in ranges]))
 
 
+SHAPE = dict(num_layers=4, hidden_size=32, num_attention_heads=4)
+
+
 @pytest.fixture(scope="module")
 def config():
-    return MhcTransformerConfig(num_layers=4, hidden_size=32, num_attention_heads=4, init_method_std=0.01)
+    return MhcTransformerConfig(**SHAPE, init_method_std=0.01)
 
 
 @pytest.mark.parametrize("identity, rule", [
@@ -129,17 +133,18 @@ def test_megatron_rules_by_slot_and_name(config, identity, rule):
 
 
 def test_zero_centered_gamma_starts_norm_weights_at_zero():
-    config = MhcTransformerConfig(num_layers=4, hidden_size=32, num_attention_heads=4, layernorm_zero_centered_gamma=True)
+    config = MhcTransformerConfig(**SHAPE, layernorm_zero_centered_gamma=True)
     assert megatron_rule("decoder.final_layernorm.weight", config) == Constant(0.0)
 
 
 def test_a_parameter_without_a_rule_is_named(config):
-    with pytest.raises(ValueError, match="no initial-value rule for parameter 'decoder.layers.0.self_attention.linear_q_down_proj.weight'"):
-        megatron_rule("decoder.layers.0.self_attention.linear_q_down_proj.weight", config)
+    identity = "decoder.layers.0.self_attention.linear_q_down_proj.weight"
+    with pytest.raises(ValueError, match=f"no initial-value rule for parameter '{identity}'"):
+        megatron_rule(identity, config)
 
 
 def test_an_init_method_that_is_not_normal_is_refused():
-    config = MhcTransformerConfig(num_layers=4, hidden_size=32, num_attention_heads=4, init_method=torch.nn.init.xavier_uniform_)
+    config = MhcTransformerConfig(**SHAPE, init_method=torch.nn.init.xavier_uniform_)
     with pytest.raises(ValueError, match="config.init_method must be a normal init"):
         normal_of(config, "init_method")
 
