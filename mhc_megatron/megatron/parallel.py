@@ -12,6 +12,8 @@ import os
 import torch
 from megatron.core import ModelParallelConfig, parallel_state, tensor_parallel
 
+_run_seed: int | None = None
+
 
 def initialize_parallel(
     tensor_model_parallel_size: int = 1,
@@ -26,7 +28,10 @@ def initialize_parallel(
     """Start ``torch.distributed`` (if needed), build megatron's process groups and seed the RNGs.
 
     The sizes and the pipeline's backend are ``parallel_state.initialize_model_parallel``'s;
-    ``parallel_layout(config)`` gives those of a model config."""
+    ``parallel_layout(config)`` gives those of a model config. ``seed`` is also the run's seed that
+    the model builders draw the initial weights from (``run_seed``, ``initialization.py``).
+    """
+    global _run_seed
     on_gpu = torch.cuda.is_available()
     if not on_gpu:
         from mhc_megatron.megatron.cpu_compat import apply_cpu_compat
@@ -46,6 +51,14 @@ def initialize_parallel(
     )
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    _run_seed = seed
+
+
+def run_seed() -> int:
+    """The seed given to ``initialize_parallel`` in this process."""
+    if _run_seed is None:
+        raise RuntimeError("no run seed: call initialize_parallel(..., seed=...) before building the model")
+    return _run_seed
 
 
 def parallel_layout(config: ModelParallelConfig) -> dict:
@@ -64,6 +77,8 @@ def parallel_layout(config: ModelParallelConfig) -> dict:
 
 def destroy_parallel() -> None:
     """Tear down megatron's groups and the default process group (a process must call it to exit)."""
+    global _run_seed
+    _run_seed = None
     parallel_state.destroy_model_parallel()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

@@ -62,7 +62,7 @@ class HyperConnection(nn.Module):
             the dynamic part (0.01 at init).
         eps: of the RMS norms.
 
-    Parameters (``mhc``): ``phi [n*C, n*n + 2n]``, ``alpha [3]``, ``bias [n*n + 2n]`` (zeros, so
+    Parameters (``mhc``): ``phi [n*C, n*n + 2n]`` (normal, std ``phi_init_std``), ``alpha [3]``, ``bias [n*n + 2n]`` (zeros, so
     ``h_pre = 0.5``, ``h_post = 1``, ``h_res = J/n`` up to the alpha terms). With streams expanded
     by copy and a scale-invariant pre-norm in the sub-layer, this initialisation makes the layer the
     plain pre-norm residual layer (exactly so when ``alpha = 0``).
@@ -98,8 +98,8 @@ class HyperConnection(nn.Module):
         alpha = torch.full((3,), float(alpha_init))
         if mode == "mhc":
             width = n * hidden_size
-            std = 1.0 / math.sqrt(width) if phi_init_std is None else phi_init_std
-            self.phi = nn.Parameter(torch.randn(width, num_mapping_columns(n)) * std)
+            self.phi_init_std = 1.0 / math.sqrt(width) if phi_init_std is None else phi_init_std
+            self.phi = nn.Parameter(torch.randn(width, num_mapping_columns(n)) * self.phi_init_std)
             self.alpha = nn.Parameter(alpha)
             self.bias = nn.Parameter(torch.zeros(num_mapping_columns(n)))
         else:

@@ -77,7 +77,8 @@ class StreamCollapse(nn.Module):
         self.eps = eps
         if mode == "weighted":
             width = num_streams * hidden_size
-            self.phi = nn.Parameter(torch.randn(width, num_streams) / math.sqrt(width))
+            self.phi_init_std = 1.0 / math.sqrt(width)
+            self.phi = nn.Parameter(torch.randn(width, num_streams) * self.phi_init_std)
             self.alpha = nn.Parameter(torch.tensor(float(alpha_init)))
             self.bias = nn.Parameter(torch.zeros(num_streams))
 

@@ -29,6 +29,8 @@ class TrainingArguments:
             ``mhc-preprocess``); unset: the default corpus, built once under ``data_dir``.
         split: megatron's ``"train,valid,test"`` document weights.
         tokenizer: ``byte-level`` or the path of a local HuggingFace tokenizer directory.
+        seed: the initial weights (the same model under every parallel layout), the datasets'
+            sample order and the dropout masks.
     Optimizer and schedule (megatron-core's Adam and ``OptimizerParamScheduler``):
         lr, min_lr, lr_warmup_iters, lr_decay_iters (default ``train_iters``), lr_decay_style,
         weight_decay, adam_beta1, adam_beta2, adam_eps, clip_grad, use_distributed_optimizer.

@@ -90,13 +90,15 @@ def build_data(run: RunConfig, config: MhcTransformerConfig, data_parallel: int)
 
 
 def build_model(run: RunConfig, config: MhcTransformerConfig, vocab_size: int) -> list[torch.nn.Module]:
-    """This rank's GPT chunks, on the GPU when there is one, wrapped in ``Float16Module`` for bf16."""
+    """This rank's GPT chunks, on the GPU when there is one, wrapped in ``Float16Module`` for bf16.
+    Their initial weights depend on the run's ``seed`` only, not on the layout."""
     args = run.training
     chunks = build_model_chunks(
         config,
         vocab_size,
         args.max_position_embeddings or args.seq_length,
         backend=config.transformer_impl,
+        seed=args.seed,
         position_embedding_type=args.position_embedding_type,
         share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
     )

@@ -7,23 +7,22 @@ from .conftest import TINY, read_metrics, run_train
 
 @pytest.fixture(scope="module")
 def initial_weights(dataset, tmp_path_factory):
-    """The initial weights of the tiny model, saved by a zero-step run: every layout starts from
-    them (``finetune``), since a pipeline stage draws its layers' initial values in another order."""
+    """The initial weights of the tiny model (the default seed, one process), saved by a zero-step run."""
     save = tmp_path_factory.mktemp("init") / "checkpoints"
     run_train(*TINY, f"data_path={dataset}", "train_iters=0", "lr_warmup_iters=0", f"save={save}", f"run_dir={save.parent / 'run'}")
     return save
 
 
-def train_from(initial_weights, dataset, run_dir, *overrides, nproc=1):
-    run_train(*TINY, f"data_path={dataset}", f"load={initial_weights}", "finetune=true", "train_iters=4",
-              "eval_interval=2", "eval_iters=1", f"data_dir={run_dir / 'data'}", f"run_dir={run_dir}", *overrides,
-              nproc=nproc)
+def train(dataset, run_dir, *overrides, nproc=1):
+    run_train(*TINY, f"data_path={dataset}", "train_iters=4", "eval_interval=2", "eval_iters=1",
+              f"data_dir={run_dir / 'data'}", f"run_dir={run_dir}", *overrides, nproc=nproc)
     return read_metrics(run_dir)
 
 
 @pytest.fixture(scope="module")
 def single_process(initial_weights, dataset, tmp_path_factory):
-    return train_from(initial_weights, dataset, tmp_path_factory.mktemp("single"))
+    """One process, starting from the saved initial weights (``finetune``)."""
+    return train(dataset, tmp_path_factory.mktemp("single"), f"load={initial_weights}", "finetune=true")
 
 
 @pytest.mark.parametrize(
@@ -32,8 +31,9 @@ def single_process(initial_weights, dataset, tmp_path_factory):
      ["pipeline_model_parallel_size=2", "overlap_p2p_comm=true"]],
     ids=["tp2", "pp2", "pp2-overlapped"],
 )
-def test_two_processes_match_one(layout, single_process, initial_weights, dataset, tmp_path):
-    parallel = train_from(initial_weights, dataset, tmp_path, *layout, nproc=2)
+def test_two_processes_match_one(layout, single_process, dataset, tmp_path):
+    """Each layout starts from the seed alone: the same initial model as the saved one."""
+    parallel = train(dataset, tmp_path, *layout, nproc=2)
     assert [r["step"] for r in parallel] == [1, 2, 3, 4]
     assert all(("p2p_blocked_s" in r) == ("pipeline_model_parallel_size=2" in layout) for r in parallel)
     for one, two in zip(single_process, parallel):
