@@ -17,6 +17,7 @@ architecture.
 
 from __future__ import annotations
 
+import copy
 import os
 import platform
 import shutil
@@ -85,7 +86,7 @@ def extension_modules() -> tuple[list, dict]:
         dispatcher = CUDAExtension(
             "mhc_megatron._C", SOURCES + CUDA_SOURCES,
             define_macros=[("MHC_WITH_CUDA", "1")], libraries=["dl"],
-            extra_compile_args={"cxx": OPTIMIZE, "nvcc": OPTIMIZE},
+            extra_compile_args={"cxx": OPTIMIZE, "nvcc": ["-O3"]},
         )
     levels = [
         CppExtension(
@@ -98,15 +99,17 @@ def extension_modules() -> tuple[list, dict]:
     ]
 
     class BuildKernels(BuildExtension):
-        """torch's BuildExtension, with a temporary folder per library: the level libraries compile
-        the same source with other flags, and must not share its object file."""
+        """torch's BuildExtension, building the libraries side by side (threads, each running its
+        own ninja), each in a temporary folder of its own: the level libraries compile the same
+        sources with other flags and must not share their object files."""
+
+        def finalize_options(self):
+            super().finalize_options()
+            self.parallel = self.parallel or len(self.extensions)
 
         def build_extension(self, ext):
-            shared = self.build_temp
-            self.build_temp = os.path.join(shared, ext.name)
-            try:
-                super().build_extension(ext)
-            finally:
-                self.build_temp = shared
+            builder = copy.copy(self)  # the threads must not share build_temp
+            builder.build_temp = os.path.join(self.build_temp, ext.name)
+            BuildExtension.build_extension(builder, ext)
 
     return [dispatcher, *levels], {"build_ext": BuildKernels}
