@@ -70,9 +70,13 @@ def test_the_step_high_water_marks_hold_at_least_what_autograd_saved(report):
     for variant, numbers in report["results"].items():
         high_water = numbers["step_high_water_bytes_per_token_layer"]
         assert high_water["cpu_allocator"] >= saved(numbers, "max_sampled")["measured"] - input_bytes, variant
+        assert numbers["parameter_gradient_bytes_per_token_layer"] > 0
+    if not all("resident_set" in numbers["step_high_water_bytes_per_token_layer"] for numbers in report["results"].values()):
+        pytest.skip(f"no resident-set figure: {report['methods']['resident_set']}")
+    for variant, numbers in report["results"].items():
+        high_water = numbers["step_high_water_bytes_per_token_layer"]
         assert high_water["resident_set"] >= 0.9 * high_water["cpu_allocator"], variant
         assert high_water["resident_set"] == max(high_water["resident_set_per_step"]), variant
-        assert numbers["parameter_gradient_bytes_per_token_layer"] > 0
 
 
 def test_times_are_compared_round_by_round(report):
