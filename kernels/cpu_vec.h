@@ -1,13 +1,14 @@
-// Vector helpers of the CPU kernels (mhc_cpu_*.cpp): 64-byte GCC vector types, blocked loops with
+// Vector helpers of the CPU kernels (mhc_cpu_*.cpp): GCC vector types, blocked loops with
 // a bounds-checked tail, loads and stores that convert between the stream and accumulation
 // types, and huge-page advice for fresh outputs.
 //
 // The kernels are compiled once per instruction-set level (MHC_CPU_LEVEL: scalar, avx2, avx512;
 // flags in kernels/extension.py) into a library of its own that exports only the table of
-// cpu_kernels.h; cpu_dispatch.cpp picks the level at run time. A 64-byte vector is one register
-// under AVX-512, two under AVX2 and four SSE registers at the portable level: the same lanes and
-// the same order of operations at every level, except that AVX2 and AVX-512 contract a * b + c
-// into one fused multiply-add.
+// cpu_kernels.h; cpu_dispatch.cpp picks the level at run time. A vector is one register of the
+// level (64 bytes under AVX-512, 32 under AVX2, 16 at the portable level), so the number of lanes,
+// the SIMD groups of Sinkhorn and the order in which lanes are summed differ between levels (each
+// level is deterministic and tested against float64 on its own); AVX2 and AVX-512 also contract
+// a * b + c into one fused multiply-add.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -26,16 +27,27 @@
 namespace mhc {
 namespace cpu {
 
-// One 64-byte (AVX-512) vector of A, a GCC vector type: arrays of them indexed by compile-time
-// constants stay in registers, which plain arrays of A do not reliably do.
+// The bytes of one hardware vector register at the level being compiled: a GCC vector type wider
+// than the hardware's is split into pieces that the compiler shuffles through the stack, which made
+// the mappings kernels 8-15x slower at the AVX2 and portable levels when Vec was 64 bytes there.
+#if defined(__AVX512F__)
+constexpr int kVectorBytes = 64;
+#elif defined(__AVX2__)
+constexpr int kVectorBytes = 32;
+#else
+constexpr int kVectorBytes = 16;  // SSE2 (x86-64's baseline), NEON
+#endif
+
+// One hardware vector of A, a GCC vector type: arrays of them indexed by compile-time constants stay
+// in registers, which plain arrays of A do not reliably do.
 template <typename A>
 struct VecOf {
-  typedef A type __attribute__((vector_size(64)));
+  typedef A type __attribute__((vector_size(kVectorBytes)));
 };
 template <typename A>
 using Vec = typename VecOf<A>::type;
 template <typename A>
-constexpr int kVec = 64 / sizeof(A);
+constexpr int kVec = kVectorBytes / sizeof(A);
 
 inline int64_t round_up(int64_t value, int64_t multiple) { return (value + multiple - 1) / multiple * multiple; }
 

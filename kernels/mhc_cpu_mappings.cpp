@@ -1,6 +1,6 @@
 // CPU kernels of sinkhorn and mappings (C++, parallel over tokens with at::parallel_for, which is
 // OpenMP in torch's builds). The per-token math comes from mhc_math.h; this file only tiles the
-// loops so the compiler vectorises them (blocks of whole 64-byte vectors, cpu_vec.h, accumulators
+// loops so the compiler vectorises them (blocks of whole hardware vectors, cpu_vec.h, accumulators
 // kept in registers, partial sums reduced in a fixed order, so results do not depend on the number
 // of threads). Compiled once per instruction-set level (cpu_vec.h).
 #include <ATen/Parallel.h>
@@ -18,7 +18,7 @@ namespace cpu {
 // ---------------------------------------------------------------- sinkhorn
 
 // Sinkhorn of up to kMatrices matrices at once: those in the scale domain as SIMD lanes (one
-// 64-byte vector of A per entry), the others one at a time in the log domain. Work space of one
+// vector of A per entry), the others one at a time in the log domain. Work space of one
 // thread; logits, grad, p: n*n*kMatrices values, sums: sinkhorn_scratch_size * kMatrices.
 template <typename A>
 struct SinkhornGroup {

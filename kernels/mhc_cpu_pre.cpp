@@ -1,5 +1,5 @@
 // CPU kernels of pre, one pass over the streams of each token (C++, parallel over tokens with
-// at::parallel_for). Blocks of whole 64-byte vectors (cpu_vec.h), per-stream values in registers
+// at::parallel_for). Blocks of whole hardware vectors (cpu_vec.h), per-stream values in registers
 // for n known at compile time. Compiled once per instruction-set level (cpu_vec.h).
 #include <ATen/Parallel.h>
 

@@ -35,9 +35,10 @@ STREAMS = [1, 2, 3, 4, 8, 16]
 FLOAT64_TOLERANCE = 1e-10
 FLOOR = {torch.float32: 2e-6, torch.bfloat16: 2e-3}
 OPS = {"sinkhorn": sinkhorn, "mappings": mhc_mappings, "pre": mhc_pre, "post_res": mhc_post_res}
-# 29 tokens: 3 full blocks of 8 (the float64 SIMD groups of Sinkhorn, the projection blocks of
-# mappings), 7 of 4 (its dx blocks) and a ragged tail; hidden 13: a full float64 vector of 8 and a
-# partial one, and n*13 values per token leave partial dx and dphi blocks for every n.
+# 29 tokens: 3 full projection blocks of 8 tokens (mappings), 7 dx blocks of 4, and 3 to 14 float64
+# SIMD groups of Sinkhorn (8, 4 or 2 lanes by level), each with a ragged tail; hidden 13: one to six
+# full float64 vectors and a partial one, and n*13 values per token leave partial dx and dphi blocks
+# for every n.
 VALUE_TOKENS, HIDDEN = 29, 13
 # 600 tokens: the dphi reduction of mappings runs over 3 token chunks (256 tokens each at most).
 CHUNKED_TOKENS = 600
@@ -152,8 +153,9 @@ def test_streams_with_any_leading_dimensions(op, lead, target):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("op", list(OPS))
 def test_low_precision_within_twice_the_reference_error(op, dtype, target):
-    """40 tokens: two float32 SIMD groups of 16 matrices and a ragged tail; hidden 129: 8 full
-    float32 vectors and one value."""
+    """40 tokens: several float32 SIMD groups (16, 8 or 4 lanes by level) and a ragged tail (at
+    AVX-512, two projection blocks of 8 in each 16-token block of mappings); hidden 129: full float32
+    vectors and one value."""
     rounded = [t.to(dtype).double() if isinstance(t, torch.Tensor) else t
                for t in make_inputs(op, n=4, hidden=129, tokens=40)]
     gold = run(op, rounded, "reference", torch.device("cpu"), torch.float64)

@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import torch
 
-from mhc_megatron.ops import backends, mhc_mappings, mhc_post_res, mhc_pre, num_mapping_columns, sinkhorn
+from mhc_megatron.ops import backends, fused, mhc_mappings, mhc_post_res, mhc_pre, num_mapping_columns, sinkhorn
 
 OPS = ("sinkhorn", "mappings", "pre", "post_res", "hc")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
@@ -138,6 +138,24 @@ def measure(op: str, backend: str, args, device: torch.device, dtype: torch.dtyp
             "bytes_forward": bytes_fwd, "bytes_backward": bytes_bwd}
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo), else what the platform module knows."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def cpu_description() -> str:
+    """The CPU, the threads torch uses and the instruction-set level of the fused CPU kernels."""
+    level = fused.cpu_isa() if fused.unavailable_reason(torch.device("cpu")) is None else "not built"
+    return f"{cpu_model()}, {torch.get_num_threads()} threads, fused CPU kernels: {level}"
+
+
 def run(args: argparse.Namespace) -> None:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tokens, hidden, streams, dtype_name = DEFAULTS[device.type]
@@ -148,7 +166,7 @@ def run(args: argparse.Namespace) -> None:
     dtype = DTYPES[args.dtype]
     timer = Timer(device, args.warmup, args.repeats)
     copy_gbps = copy_bandwidth(device, timer)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or 'cpu'}, {torch.get_num_threads()} threads"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_description()
     print(f"mhc-bench kernels: {name}; tokens {args.tokens}, C {args.hidden}, n {args.streams}, {args.dtype}; "
           f"copy bandwidth {copy_gbps:.1f} GB/s")
     print(f"{'op':9} {'backend':9} {'fwd ms':>9} {'bwd ms':>9} {'fwd+bwd':>9} {'GB/s':>7} {'of copy':>7}")
