@@ -3,14 +3,14 @@
 For each schedule (``1f1b``: megatron's 1F1B vs ``schedules.forward_backward_pipelining_overlapped``,
 also with ``--extra-warmup`` forwards ahead; ``interleaved``: megatron's interleaved schedule, VPP = 2,
 without and with its ``overlap_p2p_comm``; the overlapped variants with the exchange posted from the
-caller's thread and, on gloo, from the communication thread of ``p2p_thread.py``)
-it starts 2 processes (``torch.multiprocessing``, gloo on CPU, NCCL on GPUs), builds one model per
+caller's thread and, on gloo, from the communication thread of ``exchange_thread.py``) it starts 2
+processes (``torch.multiprocessing``, gloo on CPU, NCCL on GPUs), builds one model per
 variant from the same initial weights, and trains them on the same batches, the variants in turn
 step by step (their order alternating, so that a change of load shifts both alike). Per step and
-rank it records the step time, the time blocked in pipeline exchanges (``p2p_timing.py``: the
+rank it records the step time, the time blocked in pipeline exchanges (``exchange_timing.py``: the
 exchange calls and the waits on their handles, bubble included) and, of that, the exposed transfer
 (blocked after both sides of the awaited messages had posted); per step, the transfer time on the
-schedule's critical path (``p2p_timing.critical_path``: the communication that lengthened the step).
+schedule's critical path (``exchange_timing.critical_path``: the communication that lengthened the step).
 It reports their medians after ``--warmup`` steps, the overlapped/blocking ratios, and whether the
 losses and gradient norms of the variants are identical at every step.
 
@@ -87,7 +87,7 @@ def _config(args, virtual: int | None, overlap: bool, extra: int, thread: bool):
 
 
 def _batches(args, step: int, device):
-    from mhc_megatron.megatron.step import MicroBatch
+    from mhc_megatron.megatron.pipeline.step import MicroBatch
 
     generator = torch.Generator().manual_seed(10_000 + step)
     rows = torch.randint(0, args.vocab, (args.micro_batches * args.micro_batch, args.seq + 1), generator=generator)
@@ -100,8 +100,13 @@ def _worker(rank: int, args, schedule: str, out_dir: str) -> None:
     from megatron.core import parallel_state
 
     from mhc_megatron.megatron import build_model_chunks, destroy_parallel, initialize_parallel
-    from mhc_megatron.megatron.p2p_timing import P2PTimer, critical_path, exposed_transfer_seconds, gather_timelines
-    from mhc_megatron.megatron.step import build_optimizer, train_step, wrap_with_ddp
+    from mhc_megatron.megatron.pipeline.exchange_timing import (
+        P2PTimer,
+        critical_path,
+        exposed_transfer_seconds,
+        gather_timelines,
+    )
+    from mhc_megatron.megatron.pipeline.step import build_optimizer, train_step, wrap_with_ddp
     from mhc_megatron.training.builders import training_device
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(args.port), RANK=str(rank),

@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mhc_megatron.megatron.recompute import default_block_size
+from mhc_megatron.megatron.model.recompute import default_block_size
 
 FLOAT32 = 4
 

@@ -72,7 +72,7 @@ class _SinglePipeline:
     optimizer), with timers for its schedule and its optimizer step."""
 
     def __init__(self, config: str, overrides: list[str], micro_batches: int) -> None:
-        from mhc_megatron.megatron.step import MicroBatch, wrap_with_ddp
+        from mhc_megatron.megatron.pipeline.step import MicroBatch, wrap_with_ddp
         from mhc_megatron.training import RunConfig
         from mhc_megatron.training.builders import build_model, build_training_optimizer
         from megatron.core.distributed import finalize_model_grads
@@ -89,7 +89,7 @@ class _SinglePipeline:
         self.batches = [batch] * micro_batches
 
     def schedule(self, micro_batches: int) -> float:
-        from mhc_megatron.megatron.step import run_schedule
+        from mhc_megatron.megatron.pipeline.step import run_schedule
 
         self.model[0].zero_grad_buffer()
         started = time.perf_counter()

@@ -29,7 +29,7 @@ def initialize_parallel(
 
     The sizes and the pipeline's backend are ``parallel_state.initialize_model_parallel``'s;
     ``parallel_layout(config)`` gives those of a model config. ``seed`` is also the run's seed that
-    the model builders draw the initial weights from (``run_seed``, ``initialization.py``).
+    the model builders draw the initial weights from (``run_seed``, ``model/initialization.py``).
     """
     global _run_seed
     on_gpu = torch.cuda.is_available()

@@ -13,8 +13,8 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from mhc_megatron.data import StepBatches, build_gpt_datasets, build_tokenizer, check_indexed_dataset, ensure_default_corpus
 from mhc_megatron.megatron import build_model_chunks
-from mhc_megatron.megatron.config import MhcTransformerConfig
-from mhc_megatron.megatron.step import build_optimizer
+from mhc_megatron.megatron.model.transformer_config import MhcTransformerConfig
+from mhc_megatron.megatron.pipeline.step import build_optimizer
 from mhc_megatron.training.config import RunConfig
 
 

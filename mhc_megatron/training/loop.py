@@ -21,9 +21,9 @@ from megatron.core import parallel_state, tensor_parallel
 from mhc_megatron.data import StepBatches, check_indexed_dataset
 from mhc_megatron.diagnostics import record_mappings
 from mhc_megatron.megatron import destroy_parallel, initialize_parallel, parallel_layout
-from mhc_megatron.megatron.config import MhcTransformerConfig
-from mhc_megatron.megatron.p2p_timing import P2PTimer
-from mhc_megatron.megatron.step import run_schedule, train_step, wrap_with_ddp
+from mhc_megatron.megatron.model.transformer_config import MhcTransformerConfig
+from mhc_megatron.megatron.pipeline.exchange_timing import P2PTimer
+from mhc_megatron.megatron.pipeline.step import run_schedule, train_step, wrap_with_ddp
 from mhc_megatron.training.amax import pipeline_amax_gain
 from mhc_megatron.training.builders import (
     build_data,
@@ -135,7 +135,7 @@ class Trainer:
         self.optimizer, self.scheduler = build_training_optimizer(run, config, self.model)
         self.iteration = self.consumed_samples = 0
         self.saved_iteration: int | None = None  # the step whose checkpoint exists (saved or loaded)
-        # time blocked in pipeline exchanges (p2p_timing.py), logged per step when pipelined
+        # time blocked in pipeline exchanges (pipeline/exchange_timing.py), logged per step when pipelined
         self.p2p_timer = P2PTimer() if config.pipeline_model_parallel_size > 1 else None
         self._resume()
         _say(

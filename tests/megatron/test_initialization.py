@@ -1,4 +1,4 @@
-"""One seed, one initial model, whatever the layout (mhc_megatron/megatron/initialization.py).
+"""One seed, one initial model, whatever the layout (mhc_megatron/megatron/model/initialization.py).
 
 Two torchrun launches build every case of initialization_worker.py: one process builds the
 references (dense mHC, HC, MoE under seed 7, and dense under seed 8), two processes build TP=2,
@@ -18,8 +18,8 @@ from conftest import run_workers
 from initialization_worker import CASES, SEED, slug
 
 from mhc_megatron.megatron import MhcTransformerConfig
-from mhc_megatron.megatron import initialization
-from mhc_megatron.megatron.initialization import Constant, Normal, block_seed, megatron_rule, normal_of
+from mhc_megatron.megatron.model import initialization
+from mhc_megatron.megatron.model.initialization import Constant, Normal, block_seed, megatron_rule, normal_of
 
 REFERENCES = ["dense", "dense, seed 8", "hc", "moe"]
 LAYOUTS = [name for name in CASES if name not in REFERENCES]

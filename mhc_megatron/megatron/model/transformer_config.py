@@ -12,7 +12,7 @@ import torch
 
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from mhc_megatron.megatron.recompute import RECOMPUTE_MODES
+from mhc_megatron.megatron.model.recompute import RECOMPUTE_MODES
 from mhc_megatron.modules import COLLAPSE_MODES, HC_MODES
 
 
@@ -40,14 +40,14 @@ class MhcTransformerConfig(TransformerConfig):
             the ``L`` sub-layers of each chunk.
         pipeline_extra_warmup: with ``overlap_p2p_comm`` and no virtual pipeline, warm-up forwards
             that every stage but the last runs ahead of 1F1B's, so that the exchange can hide behind
-            them (``schedules.py``); each holds one more micro-batch of activations. 0: plain 1F1B.
+            them (``pipeline/schedules.py``); each holds one more micro-batch of activations. 0: plain 1F1B.
         pipeline_bf16_transfer: in a float32 run, send the stream state and its gradient between
             pipeline stages in bf16 (half the bytes; ``pipeline_dtype`` must be ``torch.bfloat16``):
             the last layer of a sending chunk rounds its output to bf16, the first layer of a
             receiving chunk casts it back. Off by default; docs/pipeline.md has its loss curves.
         pipeline_exchange_thread: with ``overlap_p2p_comm`` over gloo (CPU), post the exchange from a
             communication thread, so that gloo's copy into the socket does not stall the stage
-            (``p2p_thread.py``); no effect with NCCL, whose sends are asynchronous already.
+            (``pipeline/exchange_thread.py``); no effect with NCCL, whose sends are asynchronous already.
         mhc_post_res_high_priority_stream: run the MLP sub-layer's post/residual mixing on a
             high-priority CUDA stream (paper, section 4.3), so that it is scheduled ahead of other
             work queued on the device; CUDA only.

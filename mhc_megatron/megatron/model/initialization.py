@@ -50,7 +50,7 @@ from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.transformer_layer import TransformerLayer
 from torch import nn
 
-from mhc_megatron.megatron.config import MhcTransformerConfig
+from mhc_megatron.megatron.model.transformer_config import MhcTransformerConfig
 from mhc_megatron.modules import HyperConnection, StreamCollapse
 
 BLOCK_ELEMENTS = 1 << 22  # values per drawn block (16 MiB of float32)

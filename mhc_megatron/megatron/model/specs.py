@@ -21,15 +21,15 @@ from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
-from mhc_megatron.megatron.config import MhcTransformerConfig
-from mhc_megatron.megatron.hyper_connection import MegatronHyperConnection
-from mhc_megatron.megatron.layer import (
+from mhc_megatron.megatron.model.adapters import MegatronHyperConnection
+from mhc_megatron.megatron.model.layer import (
     HyperConnectionLayerSubmodules,
     HyperConnectionTransformerLayer,
     get_bias_dropout,
 )
-from mhc_megatron.megatron.norm import SequenceParallelNorm
-from mhc_megatron.megatron.recompute import BlockRecompute, default_block_size
+from mhc_megatron.megatron.model.norm import SequenceParallelNorm
+from mhc_megatron.megatron.model.recompute import BlockRecompute, default_block_size
+from mhc_megatron.megatron.model.transformer_config import MhcTransformerConfig
 
 BACKENDS = ("auto", "local", "transformer_engine")
 

@@ -17,11 +17,11 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from mhc_megatron.megatron.config import MhcTransformerConfig
-from mhc_megatron.megatron.p2p_thread import pipeline_communicator
-from mhc_megatron.megatron.p2p_timing import P2PTimer
-from mhc_megatron.megatron.pipeline import stream_micro_batch_size
-from mhc_megatron.megatron.schedules import default_pg_collection, forward_backward_pipelining_overlapped
+from mhc_megatron.megatron.model.transformer_config import MhcTransformerConfig
+from mhc_megatron.megatron.pipeline.buffers import stream_micro_batch_size
+from mhc_megatron.megatron.pipeline.exchange_thread import pipeline_communicator
+from mhc_megatron.megatron.pipeline.exchange_timing import P2PTimer
+from mhc_megatron.megatron.pipeline.schedules import default_pg_collection, forward_backward_pipelining_overlapped
 
 
 @dataclass
@@ -92,8 +92,8 @@ def run_schedule(
     """Run the pipeline schedule of ``forward_backward_function(config)`` over ``micro_batches``,
     with one data iterator per model chunk and the stream-sized pipeline buffers. ``p2p_timer``, if
     given, records the time this rank spends blocked in stage-to-stage exchanges and when its last
-    computation of the schedule ended (``p2p_timing.py``). Unless ``schedule_kwargs`` names a
-    ``p2p_communicator``, the exchange goes through ``p2p_thread.pipeline_communicator``.
+    computation of the schedule ended (``exchange_timing.py``). Unless ``schedule_kwargs`` names a
+    ``p2p_communicator``, the exchange goes through ``exchange_thread.pipeline_communicator``.
     ``schedule_kwargs`` (``forward_only``, ``collect_non_loss_data``, ...) go to the schedule."""
     iterators = [iter(micro_batches) for _ in model_chunks]
     micro_batch_size, seq_length = micro_batches[0].tokens.shape

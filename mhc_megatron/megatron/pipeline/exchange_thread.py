@@ -28,7 +28,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator, _p2p_ops
 
-from mhc_megatron.megatron.p2p_timing import P2PTimer, TimedP2PCommunicator, requested
+from mhc_megatron.megatron.pipeline.exchange_timing import P2PTimer, TimedP2PCommunicator, requested
 
 _UNSUPPORTED = ("batch_p2p_comm", "use_ring_exchange_p2p", "variable_seq_lengths", "mtp_standalone")
 
@@ -96,7 +96,7 @@ class ThreadedP2PCommunicator(P2PCommunicator):
 
 
 class TimedThreadedP2PCommunicator(TimedP2PCommunicator, ThreadedP2PCommunicator):
-    """The threaded exchange, timed as ``TimedP2PCommunicator`` times megatron's (``p2p_timing.py``):
+    """The threaded exchange, timed as ``TimedP2PCommunicator`` times megatron's (``exchange_timing.py``):
     the calls return once the posting is handed over, and the waits include the posting."""
 
 
