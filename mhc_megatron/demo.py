@@ -12,7 +12,7 @@ import argparse
 import torch
 from torch import nn
 
-from mhc_megatron.diagnostics import record_mappings
+from mhc_megatron.modules.diagnostics import record_mappings
 from mhc_megatron.modules import HyperConnection, StreamCollapse, expand_streams
 from mhc_megatron.ops import mhc_mappings, sinkhorn
 

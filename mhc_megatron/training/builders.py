@@ -22,7 +22,7 @@ def training_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def check_layout(run: RunConfig, config: MhcTransformerConfig) -> int:
+def data_parallel_size(run: RunConfig, config: MhcTransformerConfig) -> int:
     """Data-parallel size of the launched world; errors name the sizes that do not fit."""
     world = torch.distributed.get_world_size()
     model_parallel = config.tensor_model_parallel_size * config.pipeline_model_parallel_size

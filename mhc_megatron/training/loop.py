@@ -19,7 +19,7 @@ import torch
 from megatron.core import parallel_state, tensor_parallel
 
 from mhc_megatron.data import StepBatches, check_indexed_dataset
-from mhc_megatron.diagnostics import record_mappings
+from mhc_megatron.modules.diagnostics import record_mappings
 from mhc_megatron.megatron import destroy_parallel, initialize_parallel, parallel_layout
 from mhc_megatron.megatron.model.transformer_config import MhcTransformerConfig
 from mhc_megatron.megatron.pipeline.exchange_timing import P2PTimer
@@ -29,7 +29,7 @@ from mhc_megatron.training.builders import (
     build_data,
     build_model,
     build_training_optimizer,
-    check_layout,
+    data_parallel_size,
     parameter_counts,
     training_device,
 )
@@ -123,7 +123,7 @@ class Trainer:
 
     def __init__(self, run: RunConfig, config: MhcTransformerConfig) -> None:
         self.run_config, self.args, self.config = run, run.training, config
-        data_parallel = check_layout(run, config)
+        data_parallel = data_parallel_size(run, config)
         self.run_dir = Path(self.args.run_dir)
         if _is_logging_rank():
             self.run_dir.mkdir(parents=True, exist_ok=True)

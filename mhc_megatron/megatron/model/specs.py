@@ -31,13 +31,13 @@ from mhc_megatron.megatron.model.norm import SequenceParallelNorm
 from mhc_megatron.megatron.model.recompute import BlockRecompute, default_block_size
 from mhc_megatron.megatron.model.transformer_config import MhcTransformerConfig
 
-BACKENDS = ("auto", "local", "transformer_engine")
+LAYER_BACKENDS = ("auto", "local", "transformer_engine")
 
 
 def resolve_backend(backend: str) -> str:
     """``auto`` is Transformer Engine where it is importable, else the local backend."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
+    if backend not in LAYER_BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(map(repr, LAYER_BACKENDS))}, got {backend!r}")
     if backend == "auto":
         return "transformer_engine" if HAVE_TE else "local"
     if backend == "transformer_engine" and not HAVE_TE:
