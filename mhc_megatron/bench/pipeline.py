@@ -73,8 +73,8 @@ class _SinglePipeline:
 
     def __init__(self, config: str, overrides: list[str], micro_batches: int) -> None:
         from mhc_megatron.megatron.pipeline.step import MicroBatch, wrap_with_ddp
-        from mhc_megatron.training import RunConfig
         from mhc_megatron.training.builders import build_model, build_training_optimizer
+        from mhc_megatron.training.config import RunConfig
         from megatron.core.distributed import finalize_model_grads
 
         run = RunConfig.load(config, [*overrides, "pipeline_model_parallel_size=1"])
