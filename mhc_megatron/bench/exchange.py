@@ -34,6 +34,8 @@ from pathlib import Path
 
 import torch
 
+from mhc_megatron.method import NUM_STREAMS, stream_count, stream_state_bytes
+
 PIPELINE = 2
 SCHEDULES = {"1f1b": None, "interleaved": 2}  # virtual pipeline size
 MEASURES = ("step_s", "p2p_s", "exposed_s", "path_s", "critical_s")
@@ -55,7 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ffn", type=int, default=None, help="default: hidden")
     parser.add_argument("--heads", type=int, default=1)
     parser.add_argument("--hc-mode", choices=["mhc", "hc", "residual"], default="mhc")
-    parser.add_argument("--streams", type=int, default=4)
+    parser.add_argument("--streams", type=int, default=NUM_STREAMS)
     parser.add_argument("--seq", type=int, default=32)
     parser.add_argument("--micro-batch", type=int, default=512)
     parser.add_argument("--micro-batches", type=int, default=8)
@@ -205,8 +207,9 @@ def run(args: argparse.Namespace) -> None:
 
 
 def _print_table(args, results: dict) -> None:
-    state = (args.streams if args.hc_mode != "residual" else 1) * args.hidden
-    megabytes = args.seq * args.micro_batch * state * torch.finfo(getattr(torch, args.dtype)).bits / 8 / 2**20
+    element_bytes = torch.finfo(getattr(torch, args.dtype)).bits // 8
+    state = stream_state_bytes(stream_count(args.hc_mode, args.streams), args.hidden, element_bytes)
+    megabytes = args.seq * args.micro_batch * state / 2**20
     print(f"\nPP = {PIPELINE}: {args.layers} layers, hidden {args.hidden}, hc_mode {args.hc_mode}, n = {args.streams}, "
           f"seq {args.seq}, micro-batch {args.micro_batch} x {args.micro_batches}, {args.dtype}; "
           f"{megabytes:.1f} MiB per exchange; medians of {args.steps} steps after {args.warmup}")

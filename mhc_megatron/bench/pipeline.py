@@ -36,6 +36,7 @@ from queue import Empty
 import torch
 import yaml
 
+from mhc_megatron.method import FLOAT32_BYTES, NUM_STREAMS, stream_count, stream_state_bytes
 from mhc_megatron.plan.schedule import Task, build
 from mhc_megatron.plan.simulator import Costs, simulate
 
@@ -286,8 +287,10 @@ def predict(calibration: dict, shape: dict, pp: int, vpp: int, cores: float | No
 
 
 def hop_bytes(shape: dict, hc_mode: str) -> int:
-    streams = 1 if hc_mode == "residual" else shape.get("num_streams", 4)
-    return streams * shape["seq_length"] * shape["micro_batch_size"] * shape["hidden_size"] * 4
+    """Bytes of one stage-to-stage hop per micro-batch: every token's stream state in float32."""
+    streams = stream_count(hc_mode, shape.get("num_streams", NUM_STREAMS))
+    tokens = shape["seq_length"] * shape["micro_batch_size"]
+    return tokens * stream_state_bytes(streams, shape["hidden_size"], FLOAT32_BYTES)
 
 
 def calibrate(args: argparse.Namespace, shape: dict, mode: str) -> dict:

@@ -28,8 +28,9 @@ from mhc_megatron.megatron.model.layer import (
     get_bias_dropout,
 )
 from mhc_megatron.megatron.model.norm import SequenceParallelNorm
-from mhc_megatron.megatron.model.recompute import BlockRecompute, default_block_size
+from mhc_megatron.megatron.model.recompute import BlockRecompute
 from mhc_megatron.megatron.model.transformer_config import MhcTransformerConfig
+from mhc_megatron.method import default_block_size
 
 LAYER_BACKENDS = ("auto", "local", "transformer_engine")
 
