@@ -12,8 +12,8 @@ import argparse
 import torch
 from torch import nn
 
-from mhc_megatron.modules.diagnostics import record_mappings
 from mhc_megatron.modules import HyperConnection, StreamCollapse, expand_streams
+from mhc_megatron.modules.diagnostics import record_mappings
 from mhc_megatron.ops import mhc_mappings, sinkhorn
 
 

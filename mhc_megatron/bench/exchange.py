@@ -102,6 +102,7 @@ def _worker(rank: int, args, schedule: str, out_dir: str) -> None:
     from megatron.core import parallel_state
 
     from mhc_megatron.megatron import build_model_chunks, destroy_parallel, initialize_parallel
+    from mhc_megatron.megatron.parallel import local_device
     from mhc_megatron.megatron.pipeline.exchange_timing import (
         P2PTimer,
         critical_path,
@@ -109,14 +110,13 @@ def _worker(rank: int, args, schedule: str, out_dir: str) -> None:
         gather_timelines,
     )
     from mhc_megatron.megatron.pipeline.step import build_optimizer, train_step, wrap_with_ddp
-    from mhc_megatron.training.builders import training_device
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(args.port), RANK=str(rank),
                       WORLD_SIZE=str(PIPELINE), LOCAL_RANK=str(rank))
     torch.set_num_threads(args.threads)
     virtual = SCHEDULES[schedule]
     initialize_parallel(1, PIPELINE, virtual, seed=1)
-    device = training_device()
+    device = local_device()
     models, initial = {}, None
     variants = _variants(args, schedule)
     for name, (overlap, extra, thread) in variants.items():

@@ -428,13 +428,14 @@ def run(args: argparse.Namespace) -> None:
         _write(args, shape, {"results": results}, "analytic model only")
         return
     from mhc_megatron.megatron import destroy_parallel, initialize_parallel
+    from mhc_megatron.megatron.parallel import local_device
 
     if args.threads:
         torch.set_num_threads(args.threads)
     for name, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29531"), ("RANK", "0"), ("WORLD_SIZE", "1")):
         os.environ.setdefault(name, value)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     initialize_parallel()
+    device = local_device()
     try:
         measured = _measure_all(shape, _variants(args), args.repeats, args.high_water_steps, device)
     finally:

@@ -54,6 +54,11 @@ def initialize_parallel(
     _run_seed = seed
 
 
+def local_device() -> torch.device:
+    """This process's device: the CUDA device ``initialize_parallel`` selected, else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
 def run_seed() -> int:
     """The seed given to ``initialize_parallel`` in this process."""
     if _run_seed is None:

@@ -19,11 +19,12 @@ import torch
 from megatron.core import parallel_state, tensor_parallel
 
 from mhc_megatron.data import StepBatches, check_indexed_dataset
-from mhc_megatron.modules.diagnostics import record_mappings
 from mhc_megatron.megatron import destroy_parallel, initialize_parallel, parallel_layout
 from mhc_megatron.megatron.model.transformer_config import MhcTransformerConfig
+from mhc_megatron.megatron.parallel import local_device
 from mhc_megatron.megatron.pipeline.exchange_timing import P2PTimer
-from mhc_megatron.megatron.pipeline.step import run_schedule, train_step, wrap_with_ddp
+from mhc_megatron.megatron.pipeline.step import mean_loss, run_schedule, train_step, wrap_with_ddp
+from mhc_megatron.modules.diagnostics import record_mappings
 from mhc_megatron.training.amax import pipeline_amax_gain
 from mhc_megatron.training.builders import (
     build_data,
@@ -31,7 +32,6 @@ from mhc_megatron.training.builders import (
     build_training_optimizer,
     data_parallel_size,
     parameter_counts,
-    training_device,
 )
 from mhc_megatron.training.checkpoints import (
     has_checkpoints,
@@ -78,7 +78,7 @@ def _peak_memory_bytes() -> int:
 
 
 def _max_over_ranks(value: float) -> float:
-    tensor = torch.tensor([value], dtype=torch.float64, device=training_device())
+    tensor = torch.tensor([value], dtype=torch.float64, device=local_device())
     torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
     return tensor.item()
 
@@ -94,11 +94,7 @@ def evaluate(model, config: MhcTransformerConfig, batches: StepBatches, eval_ite
                                    forward_only=True)
     for chunk in model:
         chunk.train()
-    if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
-        return None
-    loss = torch.stack([entry["lm loss"] for entry in losses]).mean()
-    torch.distributed.all_reduce(loss, group=parallel_state.get_data_parallel_group())
-    return (loss / parallel_state.get_data_parallel_world_size()).item()
+    return mean_loss(losses)
 
 
 def _check_output_directories(args) -> None:

@@ -118,6 +118,16 @@ def run_schedule(
         config.finalize_model_grads_func = finalize
 
 
+def mean_loss(losses: list) -> float | None:
+    """The loss of a schedule's run: the mean over its micro-batches (``losses``, what the schedule
+    returned) and over the data-parallel ranks, on the last pipeline stage; ``None`` elsewhere."""
+    if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        return None
+    loss = torch.stack([entry["lm loss"] for entry in losses]).mean()
+    torch.distributed.all_reduce(loss, group=parallel_state.get_data_parallel_group())
+    return (loss / parallel_state.get_data_parallel_world_size()).item()
+
+
 def train_step(
     model_chunks: list[torch.nn.Module],
     optimizer,
@@ -140,8 +150,4 @@ def train_step(
     optimizer.zero_grad()
     losses = run_schedule(model_chunks, config, micro_batches, p2p_timer=p2p_timer, forward_only=False)
     _, grad_norm, _ = optimizer.step()
-    if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
-        return None, grad_norm
-    loss = torch.stack([entry["lm loss"] for entry in losses]).mean()
-    torch.distributed.all_reduce(loss, group=parallel_state.get_data_parallel_group())
-    return (loss / parallel_state.get_data_parallel_world_size()).item(), grad_norm
+    return mean_loss(losses), grad_norm
