@@ -4,11 +4,12 @@
   chunks, their initial weights, checkpoints and mHC's block recomputation;
 * ``pipeline/``: the pipeline buffers, the schedules, the stage-to-stage exchange (its thread and
   its timing) and one training step;
-* ``parallel``: process groups and seeds (NCCL on GPUs, gloo and the CPU layer of ``cpu_compat``
-  without CUDA).
+* ``parallel``: process groups, seeds and the local device; between ``initialize_parallel`` and
+  ``destroy_parallel`` megatron-core runs with ``fixes`` (on every device) and, without CUDA, the
+  CPU layer of ``cpu`` and gloo; ``patching`` is how both are applied and undone.
 
-Importing this package imports megatron-core. ``cpu_compat`` is imported only by
-``initialize_parallel`` when CUDA is absent.
+Importing this package imports megatron-core. ``cpu`` is imported only by ``initialize_parallel``
+when CUDA is absent.
 """
 
 from mhc_megatron.megatron.model.gpt import build_gpt_model, build_model_chunks

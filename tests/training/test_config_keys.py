@@ -213,7 +213,6 @@ def test_model_keys_reach_the_transformer_config(monkeypatch):
 
 def test_group_sizes_reach_megatrons_process_groups(monkeypatch, tmp_path):
     """``train`` hands every process-group key that is not refused to ``initialize_model_parallel``."""
-    from mhc_megatron.megatron import cpu_compat
     from mhc_megatron.training.loop import train
 
     values = {"tensor_model_parallel_size": 2, "pipeline_model_parallel_size": 2,
@@ -234,7 +233,6 @@ def test_group_sizes_reach_megatrons_process_groups(monkeypatch, tmp_path):
 
     monkeypatch.setattr(parallel_state, "initialize_model_parallel", initialize_model_parallel)
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
-    monkeypatch.setattr(cpu_compat, "apply_cpu_compat", lambda: None)
     with pytest.raises(Stop):
         train(run)
     (arguments,) = calls
