@@ -5,8 +5,8 @@ references (dense mHC, HC, MoE under seed 7, and dense under seed 8), two proces
 TP=2+SP, PP=2, PP=2 x VPP=2 (mHC and HC), EP=2 (MoE) and DP=2 in turn. Each case's initial
 parameters are gathered into full tensors by megatron's checkpoint keys, and every layout must equal
 its single-process reference bitwise. The rest checks the drawn distributions, the seed's effect
-and the pure parts of the convention without launching anything. The two launches take ~20 s of
-the module's ~25 s on two quiet cores.
+and the pure parts of the convention without launching anything; the two launches take most of
+the module's time.
 """
 
 import functools

@@ -2,9 +2,9 @@
 
 On GPUs, NCCL's non-blocking send returns at once: the copy engines and the NIC move the data while
 the stage computes. gloo's send instead writes what the socket takes into the kernel's buffer in
-the calling thread (measured: 0.8 to 2.6 ms per 8 MiB send, whose transfer takes ~4 ms) and
-only the rest goes on in gloo's own thread. In an overlapped schedule that copy sits between two
-computations of the stage, so the transfer is only partly hidden.
+the calling thread (docs/pipeline.md measures how long that takes) and only the rest goes on in
+gloo's own thread. In an overlapped schedule that copy sits between two computations of the stage,
+so the transfer is only partly hidden.
 
 ``ThreadedP2PCommunicator`` is megatron-core's ``P2PCommunicator`` whose exchanges are all posted,
 in call order, by one communication thread per process: the CPU counterpart of posting on a
