@@ -5,8 +5,8 @@ planner (which runs without torch) all take these from here, so that each is wri
 
 * the choices: ``HC_MODES`` (the connection of a sub-layer), ``COLLAPSE_MODES`` (how the n streams
   become one before the final norm), ``RECOMPUTE_MODES`` (mHC's own recomputation of the streams);
-* the defaults, the paper's (docs/method.md): n = ``NUM_STREAMS``, ``SINKHORN_ITERS`` iterations,
-  the dynamic scales ``ALPHA_INIT`` and the ``EPS`` inside the RMS norms' root;
+* the defaults (docs/method.md): n = ``NUM_STREAMS`` streams, ``SINKHORN_ITERS`` Sinkhorn-Knopp
+  iterations, the dynamic scales' initial ``ALPHA_INIT`` and the ``EPS`` inside the RMS norms' root;
 * ``num_mapping_columns``: the width of ``phi`` (pre, post, res);
 * ``default_block_size``: ``L_r*``, the block length of block recomputation (paper, section 4.3);
 * per token, what one sub-layer keeps for backward and moves through memory (docs/memory.md and

@@ -2,11 +2,16 @@
 
 ``LAYERS`` lists the parts of ``mhc_megatron`` bottom-up, as docs/architecture.md draws them. A
 module may import from its own layer and from the layers below it, at module level or inside a
-function alike; every module must belong to a layer, so a new package has to be placed.
+function alike; every module must belong to a layer, so a new package has to be placed. Below
+``megatron`` nothing imports megatron-core, and ``method`` and ``plan`` import no torch (checked in
+the source and by importing them).
 """
 
 import ast
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -122,3 +127,14 @@ def test_docs_architecture_maps_every_module_and_folder():
     mapped = architecture_map()
     assert not on_disk - mapped, f"not in docs/architecture.md: {sorted(on_disk - mapped)}"
     assert not mapped - on_disk, f"in docs/architecture.md but not in the tree: {sorted(mapped - on_disk)}"
+
+
+def test_the_method_and_the_planner_run_without_torch():
+    """Imported, ``method`` and ``mhc-plan`` load neither torch nor megatron-core."""
+    code = ("import sys, mhc_megatron.method, mhc_megatron.plan.cli; "
+            "print(sorted(name for name in ('torch', 'megatron') if name in sys.modules))")
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "PYTHONPATH": path})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
