@@ -28,7 +28,7 @@ setup(
     cmdclass=cmdclass,
     entry_points={
         "console_scripts": [
-            "mhc-train=mhc_megatron.train:main",
+            "mhc-train=mhc_megatron.training.cli:main",
             "mhc-preprocess=mhc_megatron.data.preprocess:main",
             "mhc-compare=mhc_megatron.compare.cli:main",
             "mhc-bench=mhc_megatron.bench.cli:main",

@@ -12,8 +12,9 @@ import argparse
 import torch
 from torch import nn
 
-from mhc_megatron.diagnostics import record_mappings
+from mhc_megatron.method import ALPHA_INIT, SINKHORN_ITERS
 from mhc_megatron.modules import HyperConnection, StreamCollapse, expand_streams
+from mhc_megatron.modules.diagnostics import record_mappings
 from mhc_megatron.ops import mhc_mappings, sinkhorn
 
 
@@ -52,7 +53,7 @@ class ToyStack(nn.Module):
 
 def show_operators(n: int) -> None:
     torch.manual_seed(0)
-    print(f"1. Sinkhorn-Knopp, 20 iterations, on random {n}x{n} logits (standard deviation 2):")
+    print(f"1. Sinkhorn-Knopp, {SINKHORN_ITERS} iterations, on random {n}x{n} logits (standard deviation 2):")
     h = sinkhorn(2 * torch.randn(n, n))
     for row in h.tolist():
         print("   " + "  ".join(f"{value:.3f}" for value in row))
@@ -63,7 +64,7 @@ def show_operators(n: int) -> None:
     connection = HyperConnection(hidden, n, "mhc")
     x = torch.randn(n, hidden)
     h_pre, h_post, h_res = mhc_mappings(x, connection.phi, connection.alpha, connection.bias)
-    print(f"\n2. mHC mappings of one token at init (alpha = 0.01, bias = 0), n = {n}, C = {hidden}:")
+    print(f"\n2. mHC mappings of one token at init (alpha = {ALPHA_INIT}, bias = 0), n = {n}, C = {hidden}:")
     print(f"   h_pre  {' '.join(f'{v:.4f}' for v in h_pre.tolist())}   (sigmoid: ~0.5)")
     print(f"   h_post {' '.join(f'{v:.4f}' for v in h_post.tolist())}   (2*sigmoid: ~1)")
     print(f"   h_res  entries in [{h_res.min():.4f}, {h_res.max():.4f}]   (doubly stochastic: ~1/n)")

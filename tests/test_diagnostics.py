@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from mhc_megatron.diagnostics import amax_gain, composite_mapping, hres_statistics, record_mappings
+from mhc_megatron.modules.diagnostics import amax_gain, composite_mapping, hres_statistics, record_mappings
 from mhc_megatron.modules import HyperConnection, expand_streams
 from mhc_megatron.ops import sinkhorn
 

@@ -3,14 +3,14 @@
 For each schedule (``1f1b``: megatron's 1F1B vs ``schedules.forward_backward_pipelining_overlapped``,
 also with ``--extra-warmup`` forwards ahead; ``interleaved``: megatron's interleaved schedule, VPP = 2,
 without and with its ``overlap_p2p_comm``; the overlapped variants with the exchange posted from the
-caller's thread and, on gloo, from the communication thread of ``p2p_thread.py``)
-it starts 2 processes (``torch.multiprocessing``, gloo on CPU, NCCL on GPUs), builds one model per
+caller's thread and, on gloo, from the communication thread of ``exchange_thread.py``) it starts 2
+processes (``torch.multiprocessing``, gloo on CPU, NCCL on GPUs), builds one model per
 variant from the same initial weights, and trains them on the same batches, the variants in turn
 step by step (their order alternating, so that a change of load shifts both alike). Per step and
-rank it records the step time, the time blocked in pipeline exchanges (``p2p_timing.py``: the
+rank it records the step time, the time blocked in pipeline exchanges (``exchange_timing.py``: the
 exchange calls and the waits on their handles, bubble included) and, of that, the exposed transfer
 (blocked after both sides of the awaited messages had posted); per step, the transfer time on the
-schedule's critical path (``p2p_timing.critical_path``: the communication that lengthened the step).
+schedule's critical path (``exchange_timing.critical_path``: the communication that lengthened the step).
 It reports their medians after ``--warmup`` steps, the overlapped/blocking ratios, and whether the
 losses and gradient norms of the variants are identical at every step.
 
@@ -34,6 +34,8 @@ from pathlib import Path
 
 import torch
 
+from mhc_megatron.method import NUM_STREAMS, stream_count, stream_state_bytes
+
 PIPELINE = 2
 SCHEDULES = {"1f1b": None, "interleaved": 2}  # virtual pipeline size
 MEASURES = ("step_s", "p2p_s", "exposed_s", "path_s", "critical_s")
@@ -55,7 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ffn", type=int, default=None, help="default: hidden")
     parser.add_argument("--heads", type=int, default=1)
     parser.add_argument("--hc-mode", choices=["mhc", "hc", "residual"], default="mhc")
-    parser.add_argument("--streams", type=int, default=4)
+    parser.add_argument("--streams", type=int, default=NUM_STREAMS)
     parser.add_argument("--seq", type=int, default=32)
     parser.add_argument("--micro-batch", type=int, default=512)
     parser.add_argument("--micro-batches", type=int, default=8)
@@ -87,7 +89,7 @@ def _config(args, virtual: int | None, overlap: bool, extra: int, thread: bool):
 
 
 def _batches(args, step: int, device):
-    from mhc_megatron.megatron.step import MicroBatch
+    from mhc_megatron.megatron.pipeline.step import MicroBatch
 
     generator = torch.Generator().manual_seed(10_000 + step)
     rows = torch.randint(0, args.vocab, (args.micro_batches * args.micro_batch, args.seq + 1), generator=generator)
@@ -100,16 +102,21 @@ def _worker(rank: int, args, schedule: str, out_dir: str) -> None:
     from megatron.core import parallel_state
 
     from mhc_megatron.megatron import build_model_chunks, destroy_parallel, initialize_parallel
-    from mhc_megatron.megatron.p2p_timing import P2PTimer, critical_path, exposed_transfer_seconds, gather_timelines
-    from mhc_megatron.megatron.step import build_optimizer, train_step, wrap_with_ddp
-    from mhc_megatron.training.builders import training_device
+    from mhc_megatron.megatron.parallel import local_device
+    from mhc_megatron.megatron.pipeline.exchange_timing import (
+        P2PTimer,
+        critical_path,
+        exposed_transfer_seconds,
+        gather_timelines,
+    )
+    from mhc_megatron.megatron.pipeline.step import build_optimizer, train_step, wrap_with_ddp
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(args.port), RANK=str(rank),
                       WORLD_SIZE=str(PIPELINE), LOCAL_RANK=str(rank))
     torch.set_num_threads(args.threads)
     virtual = SCHEDULES[schedule]
     initialize_parallel(1, PIPELINE, virtual, seed=1)
-    device = training_device()
+    device = local_device()
     models, initial = {}, None
     variants = _variants(args, schedule)
     for name, (overlap, extra, thread) in variants.items():
@@ -200,8 +207,9 @@ def run(args: argparse.Namespace) -> None:
 
 
 def _print_table(args, results: dict) -> None:
-    state = (args.streams if args.hc_mode != "residual" else 1) * args.hidden
-    megabytes = args.seq * args.micro_batch * state * torch.finfo(getattr(torch, args.dtype)).bits / 8 / 2**20
+    element_bytes = torch.finfo(getattr(torch, args.dtype)).bits // 8
+    state = stream_state_bytes(stream_count(args.hc_mode, args.streams), args.hidden, element_bytes)
+    megabytes = args.seq * args.micro_batch * state / 2**20
     print(f"\nPP = {PIPELINE}: {args.layers} layers, hidden {args.hidden}, hc_mode {args.hc_mode}, n = {args.streams}, "
           f"seq {args.seq}, micro-batch {args.micro_batch} x {args.micro_batches}, {args.dtype}; "
           f"{megabytes:.1f} MiB per exchange; medians of {args.steps} steps after {args.warmup}")

@@ -20,6 +20,7 @@ from collections.abc import Callable
 
 import torch
 
+from mhc_megatron.method import SINKHORN_ITERS
 from mhc_megatron.ops import backends, fused, mhc_mappings, mhc_post_res, mhc_pre, num_mapping_columns, sinkhorn
 
 OPS = ("sinkhorn", "mappings", "pre", "post_res", "hc")
@@ -36,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hidden", type=int, default=None, help="C; default 1024 on CPU, 4096 on GPU")
     parser.add_argument("--streams", type=int, default=None, help="n; default 4")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default float32 on CPU, bfloat16 on GPU")
-    parser.add_argument("--iters", type=int, default=20, help="Sinkhorn iterations")
+    parser.add_argument("--iters", type=int, default=SINKHORN_ITERS, help="Sinkhorn iterations")
     parser.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS))
     parser.add_argument("--backends", nargs="+", choices=backends.BACKENDS, default=list(backends.BACKENDS))
     parser.add_argument("--repeats", type=int, default=10, help="timed runs (the median is reported)")

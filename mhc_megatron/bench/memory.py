@@ -44,9 +44,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mhc_megatron.megatron.recompute import default_block_size
-
-FLOAT32 = 4
+from mhc_megatron.method import (
+    FLOAT32_BYTES,
+    NUM_STREAMS,
+    connection_kept_bytes,
+    default_block_size,
+    kept_state_fraction,
+    mlp_kept_bytes,
+    norm_and_attention_kept_bytes,
+)
 
 
 @dataclass(frozen=True)
@@ -72,12 +78,11 @@ def residual_bytes_per_token_layer(shape: SliceShape, scores: bool = True) -> fl
     softmax output nor the mask; its per-head logsumexp (h float32) is not counted, as in mhc-plan.
     """
     e = torch.finfo(shape.dtype).bits // 8
-    per_position_tables = 4 * (shape.hidden // shape.heads) * FLOAT32 / shape.micro_batch
+    per_position_tables = 4 * (shape.hidden // shape.heads) * FLOAT32_BYTES / shape.micro_batch
     score_bytes = shape.heads * shape.seq * e + shape.seq / shape.micro_batch  # softmax output, bool mask
     return (
-        2 * (3 * shape.hidden * e + FLOAT32)  # two norms and the linears after them
-        + (2 + 3 + 1) * shape.hidden * e  # q, k, qkv, context
-        + 2 * shape.ffn * e  # fc1 output, activation output
+        norm_and_attention_kept_bytes(shape.hidden, e)
+        + mlp_kept_bytes(shape.ffn, e)
         + per_position_tables
         + (score_bytes if scores else 0)
     )
@@ -86,24 +91,13 @@ def residual_bytes_per_token_layer(shape: SliceShape, scores: bool = True) -> fl
 def hyper_connection_bytes_per_token_layer(shape: SliceShape, block_size: int | None) -> float:
     """What the two hyper-connections of one mHC layer add per token.
 
-    Per sub-layer: the float32 coefficients, h_res (n^2), h_pre and h_post (2n), and the projection
-    with its rms (n^2 + 2n + 1); without recompute also its input stream state (n C) and its output
-    (C, for the gradient of h_post). Block recompute keeps the input state at block starts only
-    (``kept_state_fraction``), and the sub-layer input the norm would keep (C, counted in the
-    residual layer) is rebuilt too, which the kept output (C) offsets.
+    Per sub-layer, ``method.connection_kept_bytes``: the float32 coefficients and, without
+    recompute, its input stream state and its output; with block recompute the input states at
+    block starts only.
     """
     e = torch.finfo(shape.dtype).bits // 8
-    n, c = shape.streams, shape.hidden
-    coefficients = (2 * n * n + 4 * n + 1) * FLOAT32
-    if block_size is None:
-        return 2 * (n * c * e + c * e + coefficients)
-    return 2 * (kept_state_fraction(shape.layers, block_size) * n * c * e + coefficients)
-
-
-def kept_state_fraction(layers: int, block_size: int) -> float:
-    """Share of the 2 L sub-layer input states block recompute keeps: the block starts."""
-    sublayers = 2 * layers
-    return -(-sublayers // block_size) / sublayers
+    fraction = None if block_size is None else kept_state_fraction(2 * shape.layers, block_size)
+    return 2 * connection_kept_bytes(shape.streams, shape.hidden, e, fraction)
 
 
 def activation_bytes_per_token_layer(shape: SliceShape, hc_mode: str, block_size: int | None,
@@ -112,7 +106,7 @@ def activation_bytes_per_token_layer(shape: SliceShape, hc_mode: str, block_size
     hyper-connections for ``hc_mode='mhc'``, plus the slice's final RMSNorm (input, normalised input,
     1/rms) spread over the layers. ``scores=False``: attention without s x s scores."""
     e = torch.finfo(shape.dtype).bits // 8
-    total = residual_bytes_per_token_layer(shape, scores) + (2 * shape.hidden * e + FLOAT32) / shape.layers
+    total = residual_bytes_per_token_layer(shape, scores) + (2 * shape.hidden * e + FLOAT32_BYTES) / shape.layers
     if hc_mode == "mhc":
         total += hyper_connection_bytes_per_token_layer(shape, block_size)
     return total
@@ -148,7 +142,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--heads", type=int, default=12)
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--micro-batch", type=int, default=1)
-    parser.add_argument("--streams", type=int, default=4)
+    parser.add_argument("--streams", type=int, default=NUM_STREAMS)
     parser.add_argument("--block-sizes", type=int, nargs="*", default=[],
                         help="L_r values to measure besides the default sqrt(n L / (n + 2))")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
@@ -434,13 +428,14 @@ def run(args: argparse.Namespace) -> None:
         _write(args, shape, {"results": results}, "analytic model only")
         return
     from mhc_megatron.megatron import destroy_parallel, initialize_parallel
+    from mhc_megatron.megatron.parallel import local_device
 
     if args.threads:
         torch.set_num_threads(args.threads)
     for name, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29531"), ("RANK", "0"), ("WORLD_SIZE", "1")):
         os.environ.setdefault(name, value)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     initialize_parallel()
+    device = local_device()
     try:
         measured = _measure_all(shape, _variants(args), args.repeats, args.high_water_steps, device)
     finally:

@@ -36,6 +36,7 @@ from queue import Empty
 import torch
 import yaml
 
+from mhc_megatron.method import FLOAT32_BYTES, NUM_STREAMS, stream_count, stream_state_bytes
 from mhc_megatron.plan.schedule import Task, build
 from mhc_megatron.plan.simulator import Costs, simulate
 
@@ -72,9 +73,9 @@ class _SinglePipeline:
     optimizer), with timers for its schedule and its optimizer step."""
 
     def __init__(self, config: str, overrides: list[str], micro_batches: int) -> None:
-        from mhc_megatron.megatron.step import MicroBatch, wrap_with_ddp
-        from mhc_megatron.training import RunConfig
+        from mhc_megatron.megatron.pipeline.step import MicroBatch, wrap_with_ddp
         from mhc_megatron.training.builders import build_model, build_training_optimizer
+        from mhc_megatron.training.config import RunConfig
         from megatron.core.distributed import finalize_model_grads
 
         run = RunConfig.load(config, [*overrides, "pipeline_model_parallel_size=1"])
@@ -89,7 +90,7 @@ class _SinglePipeline:
         self.batches = [batch] * micro_batches
 
     def schedule(self, micro_batches: int) -> float:
-        from mhc_megatron.megatron.step import run_schedule
+        from mhc_megatron.megatron.pipeline.step import run_schedule
 
         self.model[0].zero_grad_buffer()
         started = time.perf_counter()
@@ -286,8 +287,10 @@ def predict(calibration: dict, shape: dict, pp: int, vpp: int, cores: float | No
 
 
 def hop_bytes(shape: dict, hc_mode: str) -> int:
-    streams = 1 if hc_mode == "residual" else shape.get("num_streams", 4)
-    return streams * shape["seq_length"] * shape["micro_batch_size"] * shape["hidden_size"] * 4
+    """Bytes of one stage-to-stage hop per micro-batch: every token's stream state in float32."""
+    streams = stream_count(hc_mode, shape.get("num_streams", NUM_STREAMS))
+    tokens = shape["seq_length"] * shape["micro_batch_size"]
+    return tokens * stream_state_bytes(streams, shape["hidden_size"], FLOAT32_BYTES)
 
 
 def calibrate(args: argparse.Namespace, shape: dict, mode: str) -> dict:

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from mhc_megatron.compare.report import BASELINE, PER_MODE_KEYS, load_config, write_report
-from mhc_megatron.modules import HC_MODES
+from mhc_megatron.method import HC_MODES
 
 TRAIN_MODULE = "mhc_megatron.train"
 

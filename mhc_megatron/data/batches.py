@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from mhc_megatron.megatron.step import MicroBatch
+from mhc_megatron.megatron.pipeline.step import MicroBatch
 
 
 class StepBatches:

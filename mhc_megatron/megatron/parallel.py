@@ -1,8 +1,11 @@
 """Process groups and seeds for a megatron-core run, on GPUs (NCCL) or on CPUs (gloo).
 
 ``initialize_parallel`` is what a training script or a multi-process test calls first, in every
-process started by ``torchrun`` (it reads ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``).
-Without CUDA it applies ``cpu_compat`` and uses gloo.
+process started by ``torchrun`` (it reads ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``);
+``destroy_parallel`` is the last call. Between the two, megatron-core runs with the project's
+adaptations: ``fixes.MegatronFixes`` on every device and, without CUDA, the CPU layer
+(``cpu.CpuLayer``) and gloo. ``destroy_parallel`` undoes them, as does an ``initialize_parallel``
+that fails.
 """
 
 from __future__ import annotations
@@ -12,7 +15,11 @@ import os
 import torch
 from megatron.core import ModelParallelConfig, parallel_state, tensor_parallel
 
+from mhc_megatron.megatron.fixes import MegatronFixes
+from mhc_megatron.megatron.patching import Adaptation
+
 _run_seed: int | None = None
+_adaptations: list[Adaptation] = []  # applied by initialize_parallel, undone by destroy_parallel
 
 
 def initialize_parallel(
@@ -29,29 +36,51 @@ def initialize_parallel(
 
     The sizes and the pipeline's backend are ``parallel_state.initialize_model_parallel``'s;
     ``parallel_layout(config)`` gives those of a model config. ``seed`` is also the run's seed that
-    the model builders draw the initial weights from (``run_seed``, ``initialization.py``).
+    the model builders draw the initial weights from (``run_seed``, ``model/initialization.py``).
     """
     global _run_seed
     on_gpu = torch.cuda.is_available()
-    if not on_gpu:
-        from mhc_megatron.megatron.cpu_compat import apply_cpu_compat
-
-        apply_cpu_compat()
-    if not torch.distributed.is_initialized():
-        if on_gpu:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        torch.distributed.init_process_group(backend="nccl" if on_gpu else "gloo")
-    parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=tensor_model_parallel_size,
-        pipeline_model_parallel_size=pipeline_model_parallel_size,
-        virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
-        expert_model_parallel_size=expert_model_parallel_size,
-        expert_tensor_parallel_size=expert_tensor_parallel_size,
-        pipeline_model_parallel_comm_backend=pipeline_model_parallel_comm_backend,
-    )
-    torch.manual_seed(seed)
-    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    fresh = not _adaptations
+    try:
+        if fresh:
+            _apply_adaptations(on_gpu)
+        if not torch.distributed.is_initialized():
+            if on_gpu:
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            torch.distributed.init_process_group(backend="nccl" if on_gpu else "gloo")
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=tensor_model_parallel_size,
+            pipeline_model_parallel_size=pipeline_model_parallel_size,
+            virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
+            expert_model_parallel_size=expert_model_parallel_size,
+            expert_tensor_parallel_size=expert_tensor_parallel_size,
+            pipeline_model_parallel_comm_backend=pipeline_model_parallel_comm_backend,
+        )
+        torch.manual_seed(seed)
+        tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    except BaseException:
+        if fresh:
+            _undo_adaptations()
+        raise
     _run_seed = seed
+
+
+def _apply_adaptations(on_gpu: bool) -> None:
+    _adaptations.append(MegatronFixes().apply())
+    if not on_gpu:
+        from mhc_megatron.megatron.cpu import CpuLayer  # a GPU run never imports the CPU layer
+
+        _adaptations.append(CpuLayer().apply())
+
+
+def _undo_adaptations() -> None:
+    while _adaptations:
+        _adaptations.pop().undo()
+
+
+def local_device() -> torch.device:
+    """This process's device: the CUDA device ``initialize_parallel`` selected, else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def run_seed() -> int:
@@ -76,9 +105,11 @@ def parallel_layout(config: ModelParallelConfig) -> dict:
 
 
 def destroy_parallel() -> None:
-    """Tear down megatron's groups and the default process group (a process must call it to exit)."""
+    """Tear down megatron's groups and the default process group (a process must call it to exit),
+    and undo the adaptations ``initialize_parallel`` applied."""
     global _run_seed
     _run_seed = None
     parallel_state.destroy_model_parallel()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+    _undo_adaptations()

@@ -30,11 +30,10 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from mhc_megatron.method import ALPHA_INIT, EPS, HC_MODES, NUM_STREAMS, SINKHORN_ITERS
 from mhc_megatron.modules.streams import as_stream_matrix
 from mhc_megatron.ops import mhc_mappings, mhc_post_res, mhc_pre, num_mapping_columns
 from mhc_megatron.ops.checks import check_choice, check_int, check_positive_float, coefficient_dtype
-
-HC_MODES = ("residual", "hc", "mhc")
 
 
 class Mixing(NamedTuple):
@@ -75,13 +74,13 @@ class HyperConnection(nn.Module):
     def __init__(
         self,
         hidden_size: int,
-        num_streams: int = 4,
+        num_streams: int = NUM_STREAMS,
         mode: str = "mhc",
         layer_index: int = 0,
-        sinkhorn_iters: int = 20,
-        alpha_init: float = 0.01,
+        sinkhorn_iters: int = SINKHORN_ITERS,
+        alpha_init: float = ALPHA_INIT,
         phi_init_std: float | None = None,
-        eps: float = 1e-6,
+        eps: float = EPS,
     ) -> None:
         super().__init__()
         self.hidden_size = check_int("hidden_size", hidden_size, minimum=1)

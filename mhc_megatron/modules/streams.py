@@ -11,10 +11,9 @@ import math
 import torch
 from torch import nn
 
+from mhc_megatron.method import ALPHA_INIT, COLLAPSE_MODES, EPS
 from mhc_megatron.ops import mhc_pre, rms_projection
 from mhc_megatron.ops.checks import check_choice, check_floating, check_int
-
-COLLAPSE_MODES = ("mean", "weighted")
 
 
 def as_stream_matrix(streams: torch.Tensor, num_streams: int, hidden_size: int) -> torch.Tensor:
@@ -67,8 +66,8 @@ class StreamCollapse(nn.Module):
         hidden_size: int,
         num_streams: int,
         mode: str = "mean",
-        alpha_init: float = 0.01,
-        eps: float = 1e-6,
+        alpha_init: float = ALPHA_INIT,
+        eps: float = EPS,
     ) -> None:
         super().__init__()
         self.hidden_size = check_int("hidden_size", hidden_size, minimum=1)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from mhc_megatron.method import EPS, SINKHORN_ITERS, num_mapping_columns
 from mhc_megatron.ops import backends, fused
 from mhc_megatron.ops.checks import (
     check_floating,
@@ -28,11 +29,6 @@ from mhc_megatron.ops.checks import (
     coefficient_dtype,
 )
 from mhc_megatron.ops.sinkhorn import sinkhorn_reference
-
-
-def num_mapping_columns(n: int) -> int:
-    """Width of ``phi`` and ``bias`` for n streams: n (pre) + n (post) + n*n (res)."""
-    return n * n + 2 * n
 
 
 def rms_projection(x: torch.Tensor, phi: torch.Tensor, eps: float) -> torch.Tensor:
@@ -66,8 +62,8 @@ def mhc_mappings(
     phi: torch.Tensor,
     alpha: torch.Tensor,
     bias: torch.Tensor,
-    iters: int = 20,
-    eps: float = 1e-6,
+    iters: int = SINKHORN_ITERS,
+    eps: float = EPS,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-token mHC mappings from the streams ``x``.
 

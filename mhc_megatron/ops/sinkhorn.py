@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from mhc_megatron.method import SINKHORN_ITERS
 from mhc_megatron.ops import backends, fused
 from mhc_megatron.ops.checks import (
     check_floating,
@@ -74,7 +75,7 @@ class SinkhornFunction(torch.autograd.Function):
         return _sinkhorn_backward(logits, grad_out, ctx.iters), None
 
 
-def sinkhorn(logits: torch.Tensor, iters: int = 20) -> torch.Tensor:
+def sinkhorn(logits: torch.Tensor, iters: int = SINKHORN_ITERS) -> torch.Tensor:
     """Project ``logits`` ``[..., n, n]`` onto doubly stochastic matrices ``[..., n, n]``.
 
     Args:

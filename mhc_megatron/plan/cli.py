@@ -13,9 +13,10 @@ from __future__ import annotations
 import argparse
 from dataclasses import fields, replace
 
+from mhc_megatron.method import HC_MODES
 from mhc_megatron.plan.evaluate import Evaluation, evaluate
 from mhc_megatron.plan.hardware import GB, TFLOPS, ClusterSpec, cluster
-from mhc_megatron.plan.model import HC_MODES, RECOMPUTE, Layout, ModelSpec, model_from_yaml
+from mhc_megatron.plan.model import RECOMPUTE, Layout, ModelSpec, model_from_yaml
 from mhc_megatron.plan.recommend import recommend
 
 _DEVICE_FLAGS = {  # flag -> (GpuSpec field, unit)

@@ -7,11 +7,12 @@ Per layer and micro-batch (``T = s b`` tokens, ``e`` bytes per element, ``C`` hi
   masked half), the MLP ``2 k C F`` (``k`` = 3 with SwiGLU, else 2) or, for MoE, the router ``2 C E``
   plus ``topk`` experts and the shared one; backward is twice the forward. Split over ``tp``.
 - **The connection** (memory-bound, at ``cluster.memory_bandwidth``), elements moved per token and
-  sub-layer in forward (method doc, section 4.3): residual reads 2C and writes C; naive HC reads
-  ``(5n+1) C + n^2 + 2n`` and writes ``(3n+1) C + n^2 + 2n``; fused mHC reads ``(3n+1) C`` and
-  writes ``(n+1) C`` (the fused post_res: ``(n+1) C`` in, ``n C`` out). Backward moves twice the
-  forward. Plus the ``phi`` projection (``2 n C (n^2 + 2n)`` FLOPs per token) as a matrix product.
-  Sinkhorn's 20 iterations on n x n per token are left out (a few hundred FLOPs, on chip).
+  sub-layer in forward (method doc, section 4.3; ``method.connection_elements_moved``): residual
+  reads 2C and writes C; naive HC reads ``(5n+1) C + n^2 + 2n`` and writes ``(3n+1) C + n^2 + 2n``;
+  fused mHC reads ``(3n+1) C`` and writes ``(n+1) C`` (the fused post_res: ``(n+1) C`` in, ``n C``
+  out). Backward moves twice the forward. Plus the ``phi`` projection (``2 n C (n^2 + 2n)`` FLOPs
+  per token) as a matrix product. Sinkhorn's iterations on n x n per token are left out (a few
+  hundred FLOPs, on chip).
 - **Recompute**: ``block`` rebuilds one sub-layer at a time in backward (docs/memory.md): its state
   by replaying post_res from the block start (``k (k-1) / 2`` post_res per block of ``k``, each
   ``(2n+1) C`` elements), its layer input by ``pre`` (``(n+1) C``), and copies the rebuilt tensors
@@ -32,22 +33,30 @@ Per layer and micro-batch (``T = s b`` tokens, ``e`` bytes per element, ``C`` hi
 Memory per GPU of a stage (bytes): parameters and gradients (``e`` + 4 per parameter, fp32 main
 grads when e = 2) plus the optimizer (fp32 master copy when e = 2, Adam moments: 12 or 8 bytes,
 divided over data-parallel ranks with the distributed optimizer), plus activations per token and
-layer (docs/memory.md's model with flash attention: no h s scores) times the micro-batches a stage
-holds at its peak: 1F1B ``min(m, pp - r)``, interleaved ``(pp - r - 1) 2 + (vpp - 1) pp + 1``
-chunk passes.
+layer (docs/memory.md's model with flash attention, no h s scores, from ``mhc_megatron.method``)
+times the micro-batches a stage holds at its peak: 1F1B ``min(m, pp - r)``, interleaved
+``(pp - r - 1) 2 + (vpp - 1) pp + 1`` chunk passes.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 
+from mhc_megatron.method import (
+    FLOAT32_BYTES,
+    connection_elements_moved,
+    connection_kept_bytes,
+    default_block_size,
+    kept_state_fraction,
+    mlp_kept_bytes,
+    norm_and_attention_kept_bytes,
+    num_mapping_columns,
+    stream_state_bytes,
+)
 from mhc_megatron.plan.hardware import ClusterSpec
 from mhc_megatron.plan.model import Layout, ModelSpec
 from mhc_megatron.plan.schedule import Schedule, Task
 from mhc_megatron.plan.simulator import Costs
-
-FLOAT32 = 4
 
 
 def check_layout(model: ModelSpec, layout: Layout, cluster: ClusterSpec) -> int:
@@ -79,17 +88,8 @@ def data_parallel(layout: Layout, cluster: ClusterSpec) -> int:
 
 
 def block_size(model: ModelSpec, layers: int) -> int:
-    """The paper's ``L_r* = sqrt(n L / (n + 2))`` over a chunk's ``2 layers`` sub-layers."""
-    sublayers = 2 * layers
-    return max(1, min(sublayers, round(math.sqrt(model.num_streams * sublayers / (model.num_streams + 2)))))
-
-
-def kept_state_fraction(model: ModelSpec, layout: Layout, layers: int) -> float:
-    """Share of the sub-layer input states mHC keeps for backward (1 without block recompute)."""
-    if model.hc_mode != "mhc" or layout.recompute != "block":
-        return 1.0
-    sublayers = 2 * layers
-    return math.ceil(sublayers / block_size(model, layers)) / sublayers
+    """The paper's ``L_r*`` over a chunk's ``2 layers`` sub-layers (``method.default_block_size``)."""
+    return default_block_size(model.num_streams, 2 * layers)
 
 
 def block_replay_elements_per_layer(model: ModelSpec, layers: int) -> float:
@@ -115,16 +115,6 @@ def gemm_flops_per_token(model: ModelSpec) -> float:
     else:
         mlp = 2 * k * c * model.ffn
     return attention + mlp
-
-
-def connection_elements_per_token(model: ModelSpec) -> float:
-    """Elements one sub-layer's connection reads + writes per token in forward."""
-    n, c = model.num_streams, model.hidden_size
-    if model.hc_mode == "residual":
-        return 3 * c
-    if model.hc_mode == "hc":
-        return (8 * n + 2) * c + 2 * (n * n + 2 * n)
-    return (4 * n + 2) * c
 
 
 @dataclass(frozen=True)
@@ -155,9 +145,9 @@ def layer_time(model: ModelSpec, layout: Layout, cluster: ClusterSpec, layers_pe
     e, n, c = model.element_bytes, model.num_streams, model.hidden_size
     gemm = tokens * gemm_flops_per_token(model) / layout.tp / cluster.gemm_flops
     sharded = tokens / layout.tp  # sequence parallel: the connection works on its share of tokens
-    connection = 2 * sharded * connection_elements_per_token(model) * e / cluster.memory_bandwidth
+    connection = 2 * sharded * connection_elements_moved(model.hc_mode, n, c) * e / cluster.memory_bandwidth
     if model.hc_mode != "residual":
-        connection += 2 * sharded * 2 * n * c * (n * n + 2 * n) / cluster.gemm_flops
+        connection += 2 * sharded * 2 * n * c * num_mapping_columns(n) / cluster.gemm_flops
     recompute = 0.0
     if layout.recompute == "full":
         recompute = gemm + connection
@@ -182,7 +172,8 @@ def head_time(model: ModelSpec, layout: Layout, cluster: ClusterSpec) -> float:
 
 def transfer_bytes(model: ModelSpec, layout: Layout) -> float:
     """Bytes of one stage-to-stage hop per micro-batch: the n streams of every token."""
-    return model.seq_length * model.micro_batch_size * model.hidden_size * model.element_bytes * model.streams / layout.tp
+    tokens = model.seq_length * model.micro_batch_size
+    return tokens * stream_state_bytes(model.streams, model.hidden_size, model.element_bytes) / layout.tp
 
 
 def link_bandwidth(layout: Layout, cluster: ClusterSpec, src: int, dst: int) -> float:
@@ -206,7 +197,7 @@ def layer_parameters(model: ModelSpec, layout: Layout) -> float:
         dense += k * c * model.ffn
     if model.hc_mode != "residual":
         n = model.num_streams
-        dense += 2 * (n * c * (n * n + 2 * n) + n * n + 2 * n + 3)
+        dense += 2 * (n * c * num_mapping_columns(n) + num_mapping_columns(n) + 3)
     return (dense + experts) / layout.tp
 
 
@@ -258,21 +249,21 @@ def activation_bytes_per_token_layer(model: ModelSpec, layout: Layout, layers_pe
     """Bytes one layer keeps per token for backward (docs/memory.md, flash attention, MoE's MLP as
     ``topk`` experts plus the shared one), per GPU (sequence parallel: over tp)."""
     e, c, n = model.element_bytes, model.hidden_size, model.num_streams
-    k = 3 if model.swiglu else 2
     if layout.recompute == "full":
-        return model.streams * c * e / layout.tp
+        return stream_state_bytes(model.streams, c, e) / layout.tp
     if model.moe:
-        mlp = model.moe_router_topk * (c + k * (model.moe_ffn_hidden_size or model.ffn)) * e
-        mlp += k * (model.moe_shared_expert_intermediate_size or 0) * e + model.num_moe_experts * FLOAT32
+        expert = mlp_kept_bytes(model.moe_ffn_hidden_size or model.ffn, e, model.swiglu)
+        mlp = model.moe_router_topk * (c * e + expert)
+        mlp += mlp_kept_bytes(model.moe_shared_expert_intermediate_size or 0, e, model.swiglu)
+        mlp += model.num_moe_experts * FLOAT32_BYTES
     else:
-        mlp = k * model.ffn * e
-    total = 2 * (3 * c * e + FLOAT32) + 6 * c * e + mlp
+        mlp = mlp_kept_bytes(model.ffn, e, model.swiglu)
+    total = norm_and_attention_kept_bytes(c, e) + mlp
     if model.hc_mode != "residual":
-        coefficients = (2 * n * n + 4 * n + 1) * FLOAT32
+        fraction = None  # every input state and output
         if model.hc_mode == "mhc" and layout.recompute == "block":  # block starts only; inputs rebuilt
-            total += 2 * (kept_state_fraction(model, layout, layers_per_chunk) * n * c * e + coefficients)
-        else:  # every input state and output
-            total += 2 * (n * c * e + c * e + coefficients)
+            fraction = kept_state_fraction(2 * layers_per_chunk, block_size(model, layers_per_chunk))
+        total += 2 * connection_kept_bytes(n, c, e, fraction)
     return total / layout.tp
 
 
@@ -289,7 +280,7 @@ def stage_memory(model: ModelSpec, layout: Layout, cluster: ClusterSpec, micro_b
     params = stage_parameters(model, layout, stage)
     e = model.element_bytes
     optimizer = (12 if e == 2 else 8) / (data_parallel(layout, cluster) if layout.distributed_optimizer else 1)
-    weights = params * (e + FLOAT32 + optimizer)
+    weights = params * (e + FLOAT32_BYTES + optimizer)
     layers = model.num_layers // (layout.pp * layout.vpp)
     tokens = model.seq_length * model.micro_batch_size
     activations = in_flight(layout, micro_batches, stage) * layers * tokens * activation_bytes_per_token_layer(model, layout, layers)

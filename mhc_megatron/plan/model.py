@@ -8,8 +8,9 @@ from pathlib import Path
 
 import yaml
 
-HC_MODES = ("residual", "hc", "mhc")
-RECOMPUTE = ("none", "block", "full")
+from mhc_megatron.method import HC_MODES, NUM_STREAMS, RECOMPUTE_MODES, stream_count
+
+RECOMPUTE = (*RECOMPUTE_MODES, "full")  # mHC's block recompute, or megatron's full-layer one
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,7 @@ class ModelSpec:
     moe_shared_expert_intermediate_size: int | None = None
     swiglu: bool = False
     vocab_size: int = 50304
-    num_streams: int = 4
+    num_streams: int = NUM_STREAMS
     hc_mode: str = "mhc"
     bf16: bool = True
 
@@ -60,7 +61,7 @@ class ModelSpec:
     @property
     def streams(self) -> int:
         """n: the residual streams carried between layers (1 for the plain residual model)."""
-        return 1 if self.hc_mode == "residual" else self.num_streams
+        return stream_count(self.hc_mode, self.num_streams)
 
     @property
     def element_bytes(self) -> int:

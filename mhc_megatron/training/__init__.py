@@ -1,10 +1,8 @@
-"""The ``mhc-train`` job: configuration (``config``, ``arguments``), what a run is built of
-(``builders``), the loop (``loop``),
-checkpoints with exact resume (``checkpoints``), metrics (``metrics``) and the pipeline-wide Amax
-gain (``amax``). The entry point is ``mhc_megatron.train``."""
+"""The ``mhc-train`` job: the command (``cli``), its configuration (``config``, ``arguments``), what
+a run is built of (``builders``), the loop (``loop``), checkpoints with exact resume
+(``checkpoints``), metrics (``metrics``) and the pipeline-wide Amax gain (``amax``).
 
-from mhc_megatron.training.arguments import TrainingArguments
-from mhc_megatron.training.config import RunConfig
-from mhc_megatron.training.loop import Trainer, TrainResult, evaluate, train
-
-__all__ = ["RunConfig", "TrainResult", "Trainer", "TrainingArguments", "evaluate", "train"]
+Import the modules themselves (``mhc_megatron.training.loop.train``, ...): this file imports none,
+so that ``cli`` can silence megatron-core's start-up notices before megatron-core is imported.
+``python -m mhc_megatron.train`` runs ``cli.main``.
+"""

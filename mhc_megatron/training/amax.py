@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from megatron.core import parallel_state
 
-from mhc_megatron.diagnostics import AmaxGain, MappingRecorder, amax_gain
+from mhc_megatron.modules.diagnostics import AmaxGain, MappingRecorder, amax_gain
 
 
 def first_micro_batch_mappings(recorder: MappingRecorder, max_tokens: int) -> dict[int, torch.Tensor]:

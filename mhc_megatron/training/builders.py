@@ -13,16 +13,13 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from mhc_megatron.data import StepBatches, build_gpt_datasets, build_tokenizer, check_indexed_dataset, ensure_default_corpus
 from mhc_megatron.megatron import build_model_chunks
-from mhc_megatron.megatron.config import MhcTransformerConfig
-from mhc_megatron.megatron.step import build_optimizer
+from mhc_megatron.megatron.model.transformer_config import MhcTransformerConfig
+from mhc_megatron.megatron.parallel import local_device
+from mhc_megatron.megatron.pipeline.step import build_optimizer
 from mhc_megatron.training.config import RunConfig
 
 
-def training_device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-
-
-def check_layout(run: RunConfig, config: MhcTransformerConfig) -> int:
+def data_parallel_size(run: RunConfig, config: MhcTransformerConfig) -> int:
     """Data-parallel size of the launched world; errors name the sizes that do not fit."""
     world = torch.distributed.get_world_size()
     model_parallel = config.tensor_model_parallel_size * config.pipeline_model_parallel_size
@@ -81,7 +78,7 @@ def build_data(run: RunConfig, config: MhcTransformerConfig, data_parallel: int)
             args.micro_batch_size,
             parallel_state.get_data_parallel_rank(),
             data_parallel,
-            training_device(),
+            local_device(),
         )
 
     multiple = args.make_vocab_size_divisible_by * config.tensor_model_parallel_size
@@ -125,7 +122,7 @@ def parameter_counts(chunks: list[torch.nn.Module]) -> tuple[int, int]:
         for p in module.parameters(recurse=False)
     )
     tp = parallel_state.get_tensor_model_parallel_world_size()
-    counts = torch.tensor([total - hyper + hyper / tp, hyper / tp], dtype=torch.float64, device=training_device())
+    counts = torch.tensor([total - hyper + hyper / tp, hyper / tp], dtype=torch.float64, device=local_device())
     torch.distributed.all_reduce(counts, group=parallel_state.get_model_parallel_group())
     return round(counts[0].item()), round(counts[1].item())
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from mhc_megatron.megatron.checkpointing import load_checkpoint, save_checkpoint
+from mhc_megatron.megatron.model.checkpointing import load_checkpoint, save_checkpoint
 
 TRACKER = "latest_checkpointed_iteration.txt"
 

@@ -22,8 +22,8 @@ from typing import Any
 import torch
 import yaml
 
-from mhc_megatron.megatron.config import MhcTransformerConfig
-from mhc_megatron.megatron.specs import resolve_backend
+from mhc_megatron.megatron.model.specs import resolve_backend
+from mhc_megatron.megatron.model.transformer_config import MhcTransformerConfig
 from mhc_megatron.training.arguments import TrainingArguments
 
 # Set by the trainer from other keys (bf16, the device); not settable in a config.

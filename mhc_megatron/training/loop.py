@@ -19,19 +19,19 @@ import torch
 from megatron.core import parallel_state, tensor_parallel
 
 from mhc_megatron.data import StepBatches, check_indexed_dataset
-from mhc_megatron.diagnostics import record_mappings
 from mhc_megatron.megatron import destroy_parallel, initialize_parallel, parallel_layout
-from mhc_megatron.megatron.config import MhcTransformerConfig
-from mhc_megatron.megatron.p2p_timing import P2PTimer
-from mhc_megatron.megatron.step import run_schedule, train_step, wrap_with_ddp
+from mhc_megatron.megatron.model.transformer_config import MhcTransformerConfig
+from mhc_megatron.megatron.parallel import local_device
+from mhc_megatron.megatron.pipeline.exchange_timing import P2PTimer
+from mhc_megatron.megatron.pipeline.step import mean_loss, run_schedule, train_step, wrap_with_ddp
+from mhc_megatron.modules.diagnostics import record_mappings
 from mhc_megatron.training.amax import pipeline_amax_gain
 from mhc_megatron.training.builders import (
     build_data,
     build_model,
     build_training_optimizer,
-    check_layout,
+    data_parallel_size,
     parameter_counts,
-    training_device,
 )
 from mhc_megatron.training.checkpoints import (
     has_checkpoints,
@@ -78,7 +78,7 @@ def _peak_memory_bytes() -> int:
 
 
 def _max_over_ranks(value: float) -> float:
-    tensor = torch.tensor([value], dtype=torch.float64, device=training_device())
+    tensor = torch.tensor([value], dtype=torch.float64, device=local_device())
     torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
     return tensor.item()
 
@@ -94,11 +94,7 @@ def evaluate(model, config: MhcTransformerConfig, batches: StepBatches, eval_ite
                                    forward_only=True)
     for chunk in model:
         chunk.train()
-    if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
-        return None
-    loss = torch.stack([entry["lm loss"] for entry in losses]).mean()
-    torch.distributed.all_reduce(loss, group=parallel_state.get_data_parallel_group())
-    return (loss / parallel_state.get_data_parallel_world_size()).item()
+    return mean_loss(losses)
 
 
 def _check_output_directories(args) -> None:
@@ -123,7 +119,7 @@ class Trainer:
 
     def __init__(self, run: RunConfig, config: MhcTransformerConfig) -> None:
         self.run_config, self.args, self.config = run, run.training, config
-        data_parallel = check_layout(run, config)
+        data_parallel = data_parallel_size(run, config)
         self.run_dir = Path(self.args.run_dir)
         if _is_logging_rank():
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -135,7 +131,7 @@ class Trainer:
         self.optimizer, self.scheduler = build_training_optimizer(run, config, self.model)
         self.iteration = self.consumed_samples = 0
         self.saved_iteration: int | None = None  # the step whose checkpoint exists (saved or loaded)
-        # time blocked in pipeline exchanges (p2p_timing.py), logged per step when pipelined
+        # time blocked in pipeline exchanges (pipeline/exchange_timing.py), logged per step when pipelined
         self.p2p_timer = P2PTimer() if config.pipeline_model_parallel_size > 1 else None
         self._resume()
         _say(

@@ -2,7 +2,7 @@
 
 For each ``--hc-modes`` entry, builds a tiny GPT under the given pipeline layout, then trains the
 same initial weights for a few Adam steps once per schedule variant (``blocking``:
-``overlap_p2p_comm`` off; ``overlapped``: on, posted by the communication thread of ``p2p_thread.py``;
+``overlap_p2p_comm`` off; ``overlapped``: on, posted by the communication thread of ``exchange_thread.py``;
 ``overlapped+ahead``, 1F1B only: also 2 extra warm-up forwards; ``overlapped-unthreaded``: posted by
 the schedule's own thread; ``bf16-transfer``: blocking, the float32 run's transfer rounded to bf16;
 ``bf16-transfer+overlapped``: the same, overlapped), recording per variant the losses, the gradient
@@ -24,9 +24,9 @@ import torch
 from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
 
 from mhc_megatron.megatron import MhcTransformerConfig, build_model_chunks, destroy_parallel, initialize_parallel
-from mhc_megatron.megatron.p2p_thread import pipeline_communicator
-from mhc_megatron.megatron.schedules import default_pg_collection
-from mhc_megatron.megatron.step import (
+from mhc_megatron.megatron.pipeline.exchange_thread import pipeline_communicator
+from mhc_megatron.megatron.pipeline.schedules import default_pg_collection
+from mhc_megatron.megatron.pipeline.step import (
     MicroBatch, build_optimizer, forward_backward_function, run_schedule, train_step, wrap_with_ddp,
 )
 

@@ -14,8 +14,8 @@ import os
 import torch
 
 from mhc_megatron.megatron import MhcTransformerConfig, build_model_chunks, destroy_parallel, initialize_parallel
-from mhc_megatron.megatron.checkpointing import load_checkpoint, save_checkpoint
-from mhc_megatron.megatron.step import MicroBatch, build_optimizer, run_schedule, train_step, wrap_with_ddp
+from mhc_megatron.megatron.model.checkpointing import load_checkpoint, save_checkpoint
+from mhc_megatron.megatron.pipeline.step import MicroBatch, build_optimizer, run_schedule, train_step, wrap_with_ddp
 
 VOCAB, SEQ, MICRO_BATCH, GLOBAL_BATCH, STEPS = 64, 16, 2, 8, 3
 

@@ -13,7 +13,7 @@ import json
 import torch
 
 from mhc_megatron.megatron import MhcTransformerConfig, build_model_chunks, destroy_parallel, initialize_parallel
-from mhc_megatron.megatron.step import MicroBatch, run_schedule
+from mhc_megatron.megatron.pipeline.step import MicroBatch, run_schedule
 
 VOCAB, SEQ, MICRO_BATCH, MICRO_BATCHES = 64, 16, 2, 4
 

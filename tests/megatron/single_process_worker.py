@@ -28,7 +28,7 @@ from megatron.core.models.gpt.gpt_model import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from mhc_megatron.megatron import MhcTransformerConfig, build_model_chunks, destroy_parallel, initialize_parallel
-from mhc_megatron.megatron.checkpointing import load_checkpoint, save_checkpoint
+from mhc_megatron.megatron.model.checkpointing import load_checkpoint, save_checkpoint
 from mhc_megatron.ops import backends, fused
 
 VOCAB, SEQ = 64, 16

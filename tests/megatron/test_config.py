@@ -48,6 +48,6 @@ def test_bad_config_raises(fields, words):
 
 @pytest.mark.parametrize("n, sublayers, expected", [(4, 8, 2), (4, 48, 6), (4, 2, 1), (1, 1, 1), (16, 4, 2)])
 def test_default_block_size_is_the_papers_optimum(n, sublayers, expected):
-    from mhc_megatron.megatron.recompute import default_block_size
+    from mhc_megatron.method import default_block_size
 
     assert default_block_size(n, sublayers) == expected  # round(sqrt(n L / (n + 2))), within [1, L]

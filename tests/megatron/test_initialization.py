@@ -1,12 +1,12 @@
-"""One seed, one initial model, whatever the layout (mhc_megatron/megatron/initialization.py).
+"""One seed, one initial model, whatever the layout (mhc_megatron/megatron/model/initialization.py).
 
 Two torchrun launches build every case of initialization_worker.py: one process builds the
 references (dense mHC, HC, MoE under seed 7, and dense under seed 8), two processes build TP=2,
 TP=2+SP, PP=2, PP=2 x VPP=2 (mHC and HC), EP=2 (MoE) and DP=2 in turn. Each case's initial
 parameters are gathered into full tensors by megatron's checkpoint keys, and every layout must equal
 its single-process reference bitwise. The rest checks the drawn distributions, the seed's effect
-and the pure parts of the convention without launching anything. The two launches take ~20 s of
-the module's ~25 s on two quiet cores.
+and the pure parts of the convention without launching anything; the two launches take most of
+the module's time.
 """
 
 import functools
@@ -18,8 +18,8 @@ from conftest import run_workers
 from initialization_worker import CASES, SEED, slug
 
 from mhc_megatron.megatron import MhcTransformerConfig
-from mhc_megatron.megatron import initialization
-from mhc_megatron.megatron.initialization import Constant, Normal, block_seed, megatron_rule, normal_of
+from mhc_megatron.megatron.model import initialization
+from mhc_megatron.megatron.model.initialization import Constant, Normal, block_seed, megatron_rule, normal_of
 
 REFERENCES = ["dense", "dense, seed 8", "hc", "moe"]
 LAYOUTS = [name for name in CASES if name not in REFERENCES]

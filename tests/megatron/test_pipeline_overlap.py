@@ -17,8 +17,8 @@ import torch
 from conftest import run_workers
 
 from mhc_megatron.megatron import MhcTransformerConfig
-from mhc_megatron.megatron.p2p_timing import P2PTimer, _TimedRequest
-from mhc_megatron.megatron.schedules import check_overlapped_schedule_supported
+from mhc_megatron.megatron.pipeline.exchange_timing import P2PTimer, _TimedRequest
+from mhc_megatron.megatron.pipeline.schedules import check_overlapped_schedule_supported
 
 AHEAD = ["--variants", "blocking", "overlapped", "overlapped+ahead"]  # 1F1B: also 2 forwards ahead
 LAYOUTS = {

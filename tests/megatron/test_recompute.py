@@ -72,7 +72,7 @@ def _toy_pass(weights, x, tracker=None, cut_at=None):
 def test_tracker_rebuilds_exact_values_after_a_cut_forward_pass():
     import torch
 
-    from mhc_megatron.megatron.recompute import BlockRecompute
+    from mhc_megatron.megatron.model.recompute import BlockRecompute
 
     def gradients(tracker, cut_first):
         weights = [torch.full((3,), 1.0 + i / 10, dtype=torch.float64, requires_grad=True) for i in range(4)]

@@ -37,18 +37,18 @@ OUR_KEYS = (set(MODEL_KEYS) - MEGATRON_FIELDS) | set(TRAINING_KEYS)
 
 # Where each of our keys is read: "module:qualified name" of the function (or property) that uses it.
 CONSUMERS = {
-    "hc_mode": "mhc_megatron.megatron.hyper_connection:MegatronHyperConnection.__init__",
-    "num_streams": "mhc_megatron.megatron.config:MhcTransformerConfig.stream_count",
-    "sinkhorn_iters": "mhc_megatron.megatron.hyper_connection:MegatronHyperConnection.__init__",
-    "hc_alpha_init": "mhc_megatron.megatron.hyper_connection:MegatronHyperConnection.__init__",
-    "hc_eps": "mhc_megatron.megatron.hyper_connection:MegatronHyperConnection.__init__",
-    "hc_collapse": "mhc_megatron.megatron.hyper_connection:MegatronStreamCollapse.__init__",
-    "mhc_recompute": "mhc_megatron.megatron.specs:get_hyper_connection_block_spec",
-    "mhc_recompute_block": "mhc_megatron.megatron.specs:get_hyper_connection_block_spec",
-    "mhc_post_res_high_priority_stream": "mhc_megatron.megatron.layer:HyperConnectionTransformerLayer.__init__",
-    "pipeline_extra_warmup": "mhc_megatron.megatron.schedules:forward_backward_pipelining_overlapped",
-    "pipeline_bf16_transfer": "mhc_megatron.megatron.layer:HyperConnectionTransformerLayer.forward",
-    "pipeline_exchange_thread": "mhc_megatron.megatron.p2p_thread:pipeline_communicator",
+    "hc_mode": "mhc_megatron.megatron.model.adapters:MegatronHyperConnection.__init__",
+    "num_streams": "mhc_megatron.megatron.model.transformer_config:MhcTransformerConfig.stream_count",
+    "sinkhorn_iters": "mhc_megatron.megatron.model.adapters:MegatronHyperConnection.__init__",
+    "hc_alpha_init": "mhc_megatron.megatron.model.adapters:MegatronHyperConnection.__init__",
+    "hc_eps": "mhc_megatron.megatron.model.adapters:MegatronHyperConnection.__init__",
+    "hc_collapse": "mhc_megatron.megatron.model.adapters:MegatronStreamCollapse.__init__",
+    "mhc_recompute": "mhc_megatron.megatron.model.specs:get_hyper_connection_block_spec",
+    "mhc_recompute_block": "mhc_megatron.megatron.model.specs:get_hyper_connection_block_spec",
+    "mhc_post_res_high_priority_stream": "mhc_megatron.megatron.model.layer:HyperConnectionTransformerLayer.__init__",
+    "pipeline_extra_warmup": "mhc_megatron.megatron.pipeline.schedules:forward_backward_pipelining_overlapped",
+    "pipeline_bf16_transfer": "mhc_megatron.megatron.model.layer:HyperConnectionTransformerLayer.forward",
+    "pipeline_exchange_thread": "mhc_megatron.megatron.pipeline.exchange_thread:pipeline_communicator",
     "train_iters": "mhc_megatron.training.builders:build_data",
     "exit_interval": "mhc_megatron.training.arguments:TrainingArguments.last_step",
     "micro_batch_size": "mhc_megatron.training.builders:build_data",
@@ -213,7 +213,6 @@ def test_model_keys_reach_the_transformer_config(monkeypatch):
 
 def test_group_sizes_reach_megatrons_process_groups(monkeypatch, tmp_path):
     """``train`` hands every process-group key that is not refused to ``initialize_model_parallel``."""
-    from mhc_megatron.megatron import cpu_compat
     from mhc_megatron.training.loop import train
 
     values = {"tensor_model_parallel_size": 2, "pipeline_model_parallel_size": 2,
@@ -234,7 +233,6 @@ def test_group_sizes_reach_megatrons_process_groups(monkeypatch, tmp_path):
 
     monkeypatch.setattr(parallel_state, "initialize_model_parallel", initialize_model_parallel)
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
-    monkeypatch.setattr(cpu_compat, "apply_cpu_compat", lambda: None)
     with pytest.raises(Stop):
         train(run)
     (arguments,) = calls

@@ -18,8 +18,8 @@ The two ends of the network live in its first and last layers, so that ``Transfo
 last layer collapses them to ``[s, b, C]`` before the block's final norm. The first layer of any
 other pipeline chunk receives the stream state through megatron's pipeline buffer, allocated as
 ``[s, b*n, C]`` when the schedule is given ``micro_batch_size * n`` (see
-``mhc_megatron.megatron.pipeline``); it views it back as ``[s, b, n*C]``, and the last layer of a
-chunk that sends to another stage hands its streams out in that buffer shape. With
+``mhc_megatron.megatron.pipeline.buffers``); it views it back as ``[s, b, n*C]``, and the last
+layer of a chunk that sends to another stage hands its streams out in that buffer shape. With
 ``pipeline_bf16_transfer`` these two layers also round the transfer to bf16 and cast it back.
 """
 
@@ -35,9 +35,9 @@ from megatron.core.transformer.transformer_block import get_num_layers_to_build
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 from megatron.core.utils import get_pg_rank, make_viewless_tensor
 
-from mhc_megatron.megatron.hyper_connection import MegatronStreamCollapse
-from mhc_megatron.megatron.recompute import BlockRecompute
-from mhc_megatron.megatron.streams import high_priority_stream, run_on_stream
+from mhc_megatron.megatron.model.adapters import MegatronStreamCollapse
+from mhc_megatron.megatron.model.cuda_streams import high_priority_stream, run_on_stream
+from mhc_megatron.megatron.model.recompute import BlockRecompute
 from mhc_megatron.modules import expand_streams
 
 
@@ -136,7 +136,7 @@ class HyperConnectionTransformerLayer(TransformerLayer):
                     f"in megatron's buffer [s, b*n, C] with n={self.num_streams}, "
                     f"C={self.config.hidden_size}, got {tuple(hidden_states.shape)}: pass "
                     f"micro_batch_size * num_streams to the schedule "
-                    f"(mhc_megatron.megatron.pipeline.stream_micro_batch_size)"
+                    f"(mhc_megatron.megatron.pipeline.buffers.stream_micro_batch_size)"
                 )
             return hidden_states.view(s, b // self.num_streams, self.stream_width)
         if width != self.stream_width:

@@ -1,11 +1,11 @@
-"""The exposed-communication measures of ``p2p_timing`` on hand-built timelines of two stages.
+"""The exposed-communication measures of ``exchange_timing`` on hand-built timelines of two stages.
 
 Messages: ``a<k>`` is the k-th activation from rank 0 to rank 1, ``g<k>`` the k-th gradient back.
 """
 
 import pytest
 
-from mhc_megatron.megatron.p2p_timing import Timeline, critical_path, exposed_transfer_seconds
+from mhc_megatron.megatron.pipeline.exchange_timing import Timeline, critical_path, exposed_transfer_seconds
 
 A = [(0, 1, True, k) for k in range(2)]
 G = [(1, 0, False, k) for k in range(2)]

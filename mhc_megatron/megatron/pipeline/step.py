@@ -17,11 +17,11 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from mhc_megatron.megatron.config import MhcTransformerConfig
-from mhc_megatron.megatron.p2p_thread import pipeline_communicator
-from mhc_megatron.megatron.p2p_timing import P2PTimer
-from mhc_megatron.megatron.pipeline import stream_micro_batch_size
-from mhc_megatron.megatron.schedules import default_pg_collection, forward_backward_pipelining_overlapped
+from mhc_megatron.megatron.model.transformer_config import MhcTransformerConfig
+from mhc_megatron.megatron.pipeline.buffers import stream_micro_batch_size
+from mhc_megatron.megatron.pipeline.exchange_thread import pipeline_communicator
+from mhc_megatron.megatron.pipeline.exchange_timing import P2PTimer
+from mhc_megatron.megatron.pipeline.schedules import default_pg_collection, forward_backward_pipelining_overlapped
 
 
 @dataclass
@@ -92,8 +92,8 @@ def run_schedule(
     """Run the pipeline schedule of ``forward_backward_function(config)`` over ``micro_batches``,
     with one data iterator per model chunk and the stream-sized pipeline buffers. ``p2p_timer``, if
     given, records the time this rank spends blocked in stage-to-stage exchanges and when its last
-    computation of the schedule ended (``p2p_timing.py``). Unless ``schedule_kwargs`` names a
-    ``p2p_communicator``, the exchange goes through ``p2p_thread.pipeline_communicator``.
+    computation of the schedule ended (``exchange_timing.py``). Unless ``schedule_kwargs`` names a
+    ``p2p_communicator``, the exchange goes through ``exchange_thread.pipeline_communicator``.
     ``schedule_kwargs`` (``forward_only``, ``collect_non_loss_data``, ...) go to the schedule."""
     iterators = [iter(micro_batches) for _ in model_chunks]
     micro_batch_size, seq_length = micro_batches[0].tokens.shape
@@ -118,6 +118,16 @@ def run_schedule(
         config.finalize_model_grads_func = finalize
 
 
+def mean_loss(losses: list) -> float | None:
+    """The loss of a schedule's run: the mean over its micro-batches (``losses``, what the schedule
+    returned) and over the data-parallel ranks, on the last pipeline stage; ``None`` elsewhere."""
+    if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        return None
+    loss = torch.stack([entry["lm loss"] for entry in losses]).mean()
+    torch.distributed.all_reduce(loss, group=parallel_state.get_data_parallel_group())
+    return (loss / parallel_state.get_data_parallel_world_size()).item()
+
+
 def train_step(
     model_chunks: list[torch.nn.Module],
     optimizer,
@@ -140,8 +150,4 @@ def train_step(
     optimizer.zero_grad()
     losses = run_schedule(model_chunks, config, micro_batches, p2p_timer=p2p_timer, forward_only=False)
     _, grad_norm, _ = optimizer.step()
-    if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
-        return None, grad_norm
-    loss = torch.stack([entry["lm loss"] for entry in losses]).mean()
-    torch.distributed.all_reduce(loss, group=parallel_state.get_data_parallel_group())
-    return (loss / parallel_state.get_data_parallel_world_size()).item(), grad_norm
+    return mean_loss(losses), grad_norm

@@ -12,8 +12,16 @@ import torch
 
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from mhc_megatron.megatron.recompute import RECOMPUTE_MODES
-from mhc_megatron.modules import COLLAPSE_MODES, HC_MODES
+from mhc_megatron.method import (
+    ALPHA_INIT,
+    COLLAPSE_MODES,
+    EPS,
+    HC_MODES,
+    NUM_STREAMS,
+    RECOMPUTE_MODES,
+    SINKHORN_ITERS,
+    stream_count,
+)
 
 
 def _require(condition: bool, message: str) -> None:
@@ -37,17 +45,17 @@ class MhcTransformerConfig(TransformerConfig):
             ``mhc_recompute_block`` sub-layers of a pipeline chunk and rebuild the rest in backward
             (mHC paper, section 4.3; see ``recompute.py``).
         mhc_recompute_block: ``L_r``, sub-layers per block; ``None``: ``sqrt(n L / (n + 2))`` for
-            the ``L`` sub-layers of each chunk.
+            the ``L`` sub-layers of each chunk (``method.default_block_size``).
         pipeline_extra_warmup: with ``overlap_p2p_comm`` and no virtual pipeline, warm-up forwards
             that every stage but the last runs ahead of 1F1B's, so that the exchange can hide behind
-            them (``schedules.py``); each holds one more micro-batch of activations. 0: plain 1F1B.
+            them (``pipeline/schedules.py``); each holds one more micro-batch of activations. 0: plain 1F1B.
         pipeline_bf16_transfer: in a float32 run, send the stream state and its gradient between
             pipeline stages in bf16 (half the bytes; ``pipeline_dtype`` must be ``torch.bfloat16``):
             the last layer of a sending chunk rounds its output to bf16, the first layer of a
             receiving chunk casts it back. Off by default; docs/pipeline.md has its loss curves.
         pipeline_exchange_thread: with ``overlap_p2p_comm`` over gloo (CPU), post the exchange from a
             communication thread, so that gloo's copy into the socket does not stall the stage
-            (``p2p_thread.py``); no effect with NCCL, whose sends are asynchronous already.
+            (``pipeline/exchange_thread.py``); no effect with NCCL, whose sends are asynchronous already.
         mhc_post_res_high_priority_stream: run the MLP sub-layer's post/residual mixing on a
             high-priority CUDA stream (paper, section 4.3), so that it is scheduled ahead of other
             work queued on the device; CUDA only.
@@ -60,10 +68,10 @@ class MhcTransformerConfig(TransformerConfig):
     """
 
     hc_mode: str = "mhc"
-    num_streams: int = 4
-    sinkhorn_iters: int = 20
-    hc_alpha_init: float = 0.01
-    hc_eps: float = 1e-6
+    num_streams: int = NUM_STREAMS
+    sinkhorn_iters: int = SINKHORN_ITERS
+    hc_alpha_init: float = ALPHA_INIT
+    hc_eps: float = EPS
     hc_collapse: str = "mean"
     mhc_recompute: str = "none"
     mhc_recompute_block: int | None = None
@@ -86,7 +94,7 @@ class MhcTransformerConfig(TransformerConfig):
     @property
     def stream_count(self) -> int:
         """Streams in the model state: ``num_streams`` for ``hc``/``mhc``, 1 for ``residual``."""
-        return 1 if self.hc_mode == "residual" else self.num_streams
+        return stream_count(self.hc_mode, self.num_streams)
 
     def _validate_hyper_connection_fields(self) -> None:
         for name, allowed in (

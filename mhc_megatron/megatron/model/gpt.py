@@ -9,10 +9,10 @@ from __future__ import annotations
 from megatron.core import parallel_state
 from megatron.core.models.gpt.gpt_model import GPTModel
 
-from mhc_megatron.megatron.config import MhcTransformerConfig
-from mhc_megatron.megatron.initialization import initialize_parameters
+from mhc_megatron.megatron.model.initialization import initialize_parameters
+from mhc_megatron.megatron.model.specs import get_hyper_connection_block_spec
+from mhc_megatron.megatron.model.transformer_config import MhcTransformerConfig
 from mhc_megatron.megatron.parallel import run_seed
-from mhc_megatron.megatron.specs import get_hyper_connection_block_spec
 
 
 def build_gpt_model(

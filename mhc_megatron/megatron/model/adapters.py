@@ -11,7 +11,7 @@ from __future__ import annotations
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 from torch import nn
 
-from mhc_megatron.megatron.config import MhcTransformerConfig
+from mhc_megatron.megatron.model.transformer_config import MhcTransformerConfig
 from mhc_megatron.modules import HyperConnection, StreamCollapse
 
 

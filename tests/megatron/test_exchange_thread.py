@@ -1,4 +1,4 @@
-"""Which pipeline communicator a schedule gets (``p2p_thread.pipeline_communicator``), and what the
+"""Which pipeline communicator a schedule gets (``exchange_thread.pipeline_communicator``), and what the
 threaded one refuses. That its exchanges give bitwise the results of the blocking schedule is
 tested in ``test_pipeline_overlap.py``."""
 
@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from mhc_megatron.megatron import MhcTransformerConfig
-from mhc_megatron.megatron.p2p_thread import (
+from mhc_megatron.megatron.pipeline.exchange_thread import (
     ThreadedP2PCommunicator,
     TimedThreadedP2PCommunicator,
     pipeline_communicator,
 )
-from mhc_megatron.megatron.p2p_timing import P2PTimer, TimedP2PCommunicator
+from mhc_megatron.megatron.pipeline.exchange_timing import P2PTimer, TimedP2PCommunicator
 
 
 @pytest.fixture(scope="module")

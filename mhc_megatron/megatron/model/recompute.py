@@ -29,20 +29,10 @@ chunk's input already; block recomputation leaves them alone.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-
-RECOMPUTE_MODES = ("none", "block")
-
-
-def default_block_size(num_streams: int, sublayers: int) -> int:
-    """``L_r* = sqrt(n * L / (n + 2))`` rounded (the paper's optimum), for ``L`` hyper-connected
-    sub-layers in a chunk."""
-    return min(sublayers, max(1, round(math.sqrt(num_streams * sublayers / (num_streams + 2)))))
-
 
 def _free(tensor: torch.Tensor) -> None:
     tensor.untyped_storage().resize_(0)

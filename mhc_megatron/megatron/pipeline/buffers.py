@@ -10,7 +10,7 @@ transfer is then n times that of a residual model.
 
 from __future__ import annotations
 
-from mhc_megatron.megatron.config import MhcTransformerConfig
+from mhc_megatron.megatron.model.transformer_config import MhcTransformerConfig
 
 
 def stream_micro_batch_size(config: MhcTransformerConfig, micro_batch_size: int) -> int:

@@ -18,7 +18,7 @@ from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
 from megatron.core.utils import unwrap_model
 
-from mhc_megatron.megatron.config import MhcTransformerConfig
+from mhc_megatron.megatron.model.transformer_config import MhcTransformerConfig
 
 # The distributed optimizer's state in a layout-independent form (plain optimizers ignore it).
 _OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}

@@ -1,4 +1,4 @@
-"""The high-priority stream of the MLP post/residual (``streams.py``): its synchronisation, checked
+"""The high-priority stream of the MLP post/residual (``cuda_streams.py``): its synchronisation, checked
 with stand-in streams on CPU, and the layer on a GPU (skipped without one)."""
 
 import contextlib
@@ -6,7 +6,7 @@ import contextlib
 import pytest
 import torch
 
-from mhc_megatron.megatron.streams import run_on_stream
+from mhc_megatron.megatron.model.cuda_streams import run_on_stream
 from mhc_megatron.modules import Mixing
 
 

@@ -21,23 +21,24 @@ from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
-from mhc_megatron.megatron.config import MhcTransformerConfig
-from mhc_megatron.megatron.hyper_connection import MegatronHyperConnection
-from mhc_megatron.megatron.layer import (
+from mhc_megatron.megatron.model.adapters import MegatronHyperConnection
+from mhc_megatron.megatron.model.layer import (
     HyperConnectionLayerSubmodules,
     HyperConnectionTransformerLayer,
     get_bias_dropout,
 )
-from mhc_megatron.megatron.norm import SequenceParallelNorm
-from mhc_megatron.megatron.recompute import BlockRecompute, default_block_size
+from mhc_megatron.megatron.model.norm import SequenceParallelNorm
+from mhc_megatron.megatron.model.recompute import BlockRecompute
+from mhc_megatron.megatron.model.transformer_config import MhcTransformerConfig
+from mhc_megatron.method import default_block_size
 
-BACKENDS = ("auto", "local", "transformer_engine")
+LAYER_BACKENDS = ("auto", "local", "transformer_engine")
 
 
 def resolve_backend(backend: str) -> str:
     """``auto`` is Transformer Engine where it is importable, else the local backend."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
+    if backend not in LAYER_BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(map(repr, LAYER_BACKENDS))}, got {backend!r}")
     if backend == "auto":
         return "transformer_engine" if HAVE_TE else "local"
     if backend == "transformer_engine" and not HAVE_TE:

@@ -48,6 +48,8 @@ from megatron.core.pipeline_parallel.schedules import (
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.utils import get_model_config
 
+from mhc_megatron.megatron.parallel import local_device
+
 
 
 def default_pg_collection() -> ProcessGroupCollection:
@@ -227,8 +229,7 @@ def forward_backward_pipelining_overlapped(
     outstanding = None
     if config.num_microbatches_with_partial_activation_checkpoints is not None:
         outstanding = min(standard_warmup, num_microbatches) + 1
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    total_num_tokens = torch.zeros([], dtype=torch.int, device=device)
+    total_num_tokens = torch.zeros([], dtype=torch.int, device=local_device())
     forward_data_store, input_tensors, output_tensors = [], [], []
     posted = {"input": 0, "grad": 0}
 

@@ -2,9 +2,9 @@
 
 On GPUs, NCCL's non-blocking send returns at once: the copy engines and the NIC move the data while
 the stage computes. gloo's send instead writes what the socket takes into the kernel's buffer in
-the calling thread (measured: 0.8 to 2.6 ms per 8 MiB send, whose transfer takes ~4 ms) and
-only the rest goes on in gloo's own thread. In an overlapped schedule that copy sits between two
-computations of the stage, so the transfer is only partly hidden.
+the calling thread (docs/pipeline.md measures how long that takes) and only the rest goes on in
+gloo's own thread. In an overlapped schedule that copy sits between two computations of the stage,
+so the transfer is only partly hidden.
 
 ``ThreadedP2PCommunicator`` is megatron-core's ``P2PCommunicator`` whose exchanges are all posted,
 in call order, by one communication thread per process: the CPU counterpart of posting on a
@@ -28,7 +28,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator, _p2p_ops
 
-from mhc_megatron.megatron.p2p_timing import P2PTimer, TimedP2PCommunicator, requested
+from mhc_megatron.megatron.pipeline.exchange_timing import P2PTimer, TimedP2PCommunicator, requested
 
 _UNSUPPORTED = ("batch_p2p_comm", "use_ring_exchange_p2p", "variable_seq_lengths", "mtp_standalone")
 
@@ -96,7 +96,7 @@ class ThreadedP2PCommunicator(P2PCommunicator):
 
 
 class TimedThreadedP2PCommunicator(TimedP2PCommunicator, ThreadedP2PCommunicator):
-    """The threaded exchange, timed as ``TimedP2PCommunicator`` times megatron's (``p2p_timing.py``):
+    """The threaded exchange, timed as ``TimedP2PCommunicator`` times megatron's (``exchange_timing.py``):
     the calls return once the posting is handed over, and the waits include the posting."""
 
 

@@ -1,0 +1,99 @@
+"""The method's constants and formulas, in one place; no torch, no megatron.
+
+The operators, the modules, the megatron integration, the benchmarks' analytic models and the
+planner (which runs without torch) all take these from here, so that each is written once:
+
+* the choices: ``HC_MODES`` (the connection of a sub-layer), ``COLLAPSE_MODES`` (how the n streams
+  become one before the final norm), ``RECOMPUTE_MODES`` (mHC's own recomputation of the streams);
+* the defaults (docs/method.md): n = ``NUM_STREAMS`` streams, ``SINKHORN_ITERS`` Sinkhorn-Knopp
+  iterations, the dynamic scales' initial ``ALPHA_INIT`` and the ``EPS`` inside the RMS norms' root;
+* ``num_mapping_columns``: the width of ``phi`` (pre, post, res);
+* ``default_block_size``: ``L_r*``, the block length of block recomputation (paper, section 4.3);
+* per token, what one sub-layer keeps for backward and moves through memory (docs/memory.md and
+  docs/planner.md derive them; ``mhc-bench memory`` checks the kept bytes against autograd's).
+
+Sizes: ``n`` streams, ``C`` hidden, ``F`` MLP hidden, ``e`` bytes per element of the model dtype;
+the mixing coefficients are float32 (``FLOAT32_BYTES``) whatever the model dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+HC_MODES = ("residual", "hc", "mhc")
+COLLAPSE_MODES = ("mean", "weighted")
+RECOMPUTE_MODES = ("none", "block")
+
+NUM_STREAMS = 4
+SINKHORN_ITERS = 20
+ALPHA_INIT = 0.01
+EPS = 1e-6
+
+FLOAT32_BYTES = 4
+
+
+def stream_count(hc_mode: str, num_streams: int) -> int:
+    """Streams in the model state: ``num_streams`` for ``hc`` / ``mhc``, 1 for ``residual``."""
+    return 1 if hc_mode == "residual" else num_streams
+
+
+def num_mapping_columns(n: int) -> int:
+    """Width of ``phi`` and ``bias`` for n streams: n (pre) + n (post) + n*n (res)."""
+    return n * n + 2 * n
+
+
+def default_block_size(num_streams: int, sublayers: int) -> int:
+    """``L_r* = sqrt(n L / (n + 2))`` rounded (the paper's optimum) for ``L`` hyper-connected
+    sub-layers in a chunk, kept within ``[1, L]``."""
+    return min(sublayers, max(1, round(math.sqrt(num_streams * sublayers / (num_streams + 2)))))
+
+
+def kept_state_fraction(sublayers: int, block_size: int) -> float:
+    """Share of the ``sublayers`` input states block recomputation keeps: the block starts."""
+    return math.ceil(sublayers / block_size) / sublayers
+
+
+def coefficient_bytes(n: int) -> int:
+    """The float32 coefficients one mHC sub-layer keeps per token: ``h_res`` (n^2), ``h_pre`` and
+    ``h_post`` (2n), the projection and its rms (n^2 + 2n + 1)."""
+    return (2 * n * n + 4 * n + 1) * FLOAT32_BYTES
+
+
+def connection_kept_bytes(n: int, hidden: int, element_bytes: int, state_fraction: float | None = None) -> float:
+    """Bytes one hyper-connection keeps per token for backward beyond the residual sub-layer: the
+    coefficients and, without block recomputation (``state_fraction`` None), its input state
+    (``n C``) and the sub-layer output (``C``, for the gradient of ``h_post``). With it, the states
+    at block starts only (``state_fraction`` of them); the sub-layer input the norm would keep
+    (``C``, counted with the residual sub-layer) is rebuilt too, which the kept output offsets."""
+    if state_fraction is None:
+        return n * hidden * element_bytes + hidden * element_bytes + coefficient_bytes(n)
+    return state_fraction * n * hidden * element_bytes + coefficient_bytes(n)
+
+
+def connection_elements_moved(hc_mode: str, n: int, hidden: int) -> int:
+    """Elements one sub-layer's connection reads plus writes per token in forward (backward moves
+    twice as many): the residual add reads 2C and writes C; naive HC reads ``(5n+1) C + n^2 + 2n``
+    and writes ``(3n+1) C + n^2 + 2n``; fused mHC reads ``(3n+1) C`` and writes ``(n+1) C``."""
+    if hc_mode == "residual":
+        return 3 * hidden
+    if hc_mode == "hc":
+        return (8 * n + 2) * hidden + 2 * num_mapping_columns(n)
+    return (4 * n + 2) * hidden
+
+
+def norm_and_attention_kept_bytes(hidden: int, element_bytes: int) -> float:
+    """Bytes a layer's two RMS norms and its attention keep per token, without ``s x s`` scores:
+    each norm its input, its normalised input and the float32 1/rms, and the linear after it the
+    norm's output (``2 (3 C e + 4)``); attention q and k, the fused qkv and the context (``6 C e``)."""
+    return 2 * (3 * hidden * element_bytes + FLOAT32_BYTES) + 6 * hidden * element_bytes
+
+
+def mlp_kept_bytes(ffn: int, element_bytes: int, gated: bool = False) -> float:
+    """Bytes a dense MLP keeps per token: fc1's output and the activation (``2 F e``), ``3 F e``
+    with a gated unit (SwiGLU)."""
+    return (3 if gated else 2) * ffn * element_bytes
+
+
+def stream_state_bytes(streams: int, hidden: int, element_bytes: int) -> int:
+    """Bytes of a token's stream state, what one stage-to-stage hop carries: ``n C e``."""
+    return streams * hidden * element_bytes

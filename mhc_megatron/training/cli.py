@@ -1,0 +1,78 @@
+"""``mhc-train``: train a hyper-connected GPT with megatron-core, on one process or under torchrun.
+
+    torchrun --nproc-per-node N -m mhc_megatron.train --config configs/NAME.yaml [key=value ...]
+
+``mhc_megatron.train`` is the module ``python -m`` runs; the command is ``main`` here. Nothing of
+megatron-core is imported before ``main`` has silenced its start-up notices, which is why this
+package's ``__init__`` imports none of its modules.
+
+Keys are described in docs/training.md (megatron-core's ``TransformerConfig`` field names, the mHC
+fields and the training settings). A bad config, dataset or checkpoint stops the job before any
+training with a message that names it (exit status 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import warnings
+from collections.abc import Sequence
+
+# Notices megatron-core and torch print on every start that say nothing about this run: the
+# optional Apex / Transformer Engine fallbacks, experimental or deprecated APIs we do not use
+# (GPTModel still is megatron-core's GPT), and torch's CUDA_HOME probe on machines without CUDA.
+_START_UP_NOTICES = (
+    "Transformer Engine and Apex are not installed",
+    "Apex is not installed",
+    "full scope is deprecated",
+    "MimoModelConfig is experimental",
+)
+
+
+def _quiet_start_up_notices() -> None:
+    for text in _START_UP_NOTICES:
+        warnings.filterwarnings("ignore", message=text, category=UserWarning)
+    logging.getLogger("megatron.core.models.gpt.gpt_model").setLevel(logging.ERROR)
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+
+
+def _parse_args(argv: Sequence[str] | None):
+    parser = argparse.ArgumentParser(
+        prog="mhc-train",
+        description="Train a residual / HC / mHC GPT with megatron-core (start it with torchrun for several processes).",
+    )
+    parser.add_argument("--config", help="YAML config (flat mapping of keys); omitted: defaults and overrides only")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="settings that replace the config's")
+    return parser, parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser, args = _parse_args(argv)
+    # Started without torchrun: a world of one process on a free local port.
+    for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(name, value)
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    _quiet_start_up_notices()
+    from mhc_megatron.training.config import RunConfig
+    from mhc_megatron.training.loop import train
+
+    try:
+        run = RunConfig.load(args.config, args.overrides)
+        result = train(run)
+    except ValueError as error:
+        if os.environ["RANK"] == "0":
+            print(f"mhc-train: error: {error}", file=sys.stderr)
+        sys.exit(2)
+    if result.checkpoint is not None:
+        print(f"checkpoint: {result.checkpoint}")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
