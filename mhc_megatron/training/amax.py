@@ -25,13 +25,24 @@ def first_micro_batch_mappings(recorder: MappingRecorder, max_tokens: int) -> di
 
 
 def pipeline_amax_gain(recorder: MappingRecorder, max_tokens: int = 4096) -> AmaxGain | None:
-    """Amax gain over every sub-layer of the pipeline (collective over the pipeline group).
+    """Amax gain over every sub-layer of the pipeline (collective over the pipeline group when it
+    has more than one rank; none without pipelining).
 
     Returns ``None`` when no hyper-connection recorded anything (the residual model).
+
+    Why no collective on a pipeline of one: gloo copies a large message (more than ATen's 32768
+    elements per task) on its own worker thread with ``at::parallel_for``, which starts a second
+    OpenMP team in the process. From then on libgomp manages more threads than there are CPUs and
+    cuts the spin-wait of every team to a few hundred iterations, so each parallel region of every
+    later step waits on a futex: after the first recorded step, every step of a 2-thread run was
+    ~50 % slower (tests/training/test_amax_recording.py; docs/performance.md).
     """
     local = first_micro_batch_mappings(recorder, max_tokens)
-    gathered: list[dict[int, torch.Tensor]] = [{} for _ in range(parallel_state.get_pipeline_model_parallel_world_size())]
-    torch.distributed.all_gather_object(gathered, local, group=parallel_state.get_pipeline_model_parallel_group())
+    group = parallel_state.get_pipeline_model_parallel_group()
+    gathered: list[dict[int, torch.Tensor]] = [local]
+    if torch.distributed.get_world_size(group) > 1:
+        gathered = [{} for _ in range(torch.distributed.get_world_size(group))]
+        torch.distributed.all_gather_object(gathered, local, group=group)
     merged = {index: h_res for part in gathered for index, h_res in part.items()}
     if not merged:
         return None
