@@ -99,7 +99,7 @@ size_t highest_runnable() {
 // Makes `level` the active one (loading it if needed); `what` names the source of the choice.
 const CpuKernels* activate(size_t level, const char* what) {
   TORCH_CHECK_VALUE(cpu_runs(level), what, "='", kLevels[level], "': this CPU cannot run it (it runs: ",
-              level_list(runnable_levels()), ")");
+                    level_list(runnable_levels()), ")");
   std::lock_guard<std::mutex> lock(g_mutex);
   if (g_loaded[level] == nullptr) g_loaded[level] = load_level(level);
   g_active.store(g_loaded[level]);
