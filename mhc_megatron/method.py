@@ -10,7 +10,8 @@ planner (which runs without torch) all take these from here, so that each is wri
 * ``num_mapping_columns``: the width of ``phi`` (pre, post, res);
 * ``default_block_size``: ``L_r*``, the block length of block recomputation (paper, section 4.3);
 * per token, what one sub-layer keeps for backward and moves through memory (docs/memory.md and
-  docs/planner.md derive them; ``mhc-bench memory`` checks the kept bytes against autograd's).
+  docs/planner.md derive them; ``mhc-bench memory`` checks the kept bytes against autograd's), and
+  ``fused_op_bytes``: what each fused kernel reads plus writes (``mhc-bench kernels`` divides by it).
 
 Sizes: ``n`` streams, ``C`` hidden, ``F`` MLP hidden, ``e`` bytes per element of the model dtype;
 the mixing coefficients are float32 (``FLOAT32_BYTES``) whatever the model dtype.
@@ -19,6 +20,7 @@ the mixing coefficients are float32 (``FLOAT32_BYTES``) whatever the model dtype
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 HC_MODES = ("residual", "hc", "mhc")
 COLLAPSE_MODES = ("mean", "weighted")
@@ -79,6 +81,54 @@ def connection_elements_moved(hc_mode: str, n: int, hidden: int) -> int:
     if hc_mode == "hc":
         return (8 * n + 2) * hidden + 2 * num_mapping_columns(n)
     return (4 * n + 2) * hidden
+
+
+@dataclass(frozen=True)
+class OpBytes:
+    """What one fused op reads plus writes, by construction: the tensors it takes and returns.
+    ``*_per_token`` scales with the tokens (streams, rows, per-token coefficients); ``*_per_call``
+    does not (``phi``, ``alpha``, ``bias`` and their gradients)."""
+
+    forward_per_token: int
+    backward_per_token: int
+    forward_per_call: int = 0
+    backward_per_call: int = 0
+
+    def forward(self, tokens: int) -> int:
+        return tokens * self.forward_per_token + self.forward_per_call
+
+    def backward(self, tokens: int) -> int:
+        return tokens * self.backward_per_token + self.backward_per_call
+
+
+FUSED_OPS = ("sinkhorn", "mappings", "pre", "post_res")
+
+
+def fused_op_bytes(op: str, n: int, hidden: int, stream_bytes: int, coefficient_bytes: int = FLOAT32_BYTES) -> OpBytes:
+    """Bytes the fused kernel of ``op`` (one of ``FUSED_OPS``) moves, for ``n`` streams of ``hidden``
+    values of ``stream_bytes`` each and coefficients of ``coefficient_bytes`` (docs/kernels.md,
+    "Bytes moved"; tests/test_fused_bytes.py counts the tensors each kernel touches). With
+    ``S = n C s`` and ``R = C s`` per token, ``a`` a coefficient, ``K = n^2 + 2n``:
+
+    * sinkhorn: ``2 n^2 a`` forward, ``3 n^2 a`` backward (it recomputes the iterations);
+    * mappings: ``S + K a + (K+1) a`` forward (``h_pre``, ``h_post``, ``h_res``, the saved projection
+      and 1/r), ``2S + (2K+1) a`` backward, plus ``phi``, ``alpha``, ``bias`` per call (and their
+      gradients in backward);
+    * pre: ``S + R + n a`` forward, ``2S + R + 2 n a`` backward;
+    * post_res: ``2S + R + (n + n^2) a`` forward, ``3S + 2R + 2 (n + n^2) a`` backward.
+    """
+    if op not in FUSED_OPS:
+        raise ValueError(f"op must be one of {', '.join(map(repr, FUSED_OPS))}, got {op!r}")
+    streams, row, a = n * hidden * stream_bytes, hidden * stream_bytes, coefficient_bytes
+    k = num_mapping_columns(n)
+    if op == "sinkhorn":
+        return OpBytes(2 * n * n * a, 3 * n * n * a)
+    if op == "mappings":
+        parameters = (n * hidden * k + k + 3) * a
+        return OpBytes(streams + (2 * k + 1) * a, 2 * streams + (2 * k + 1) * a, parameters, 2 * parameters)
+    if op == "pre":
+        return OpBytes(streams + row + n * a, 2 * streams + row + 2 * n * a)
+    return OpBytes(2 * streams + row + (n + n * n) * a, 3 * streams + 2 * row + 2 * (n + n * n) * a)
 
 
 def norm_and_attention_kept_bytes(hidden: int, element_bytes: int) -> float:

@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import torch
 
-from mhc_megatron.method import SINKHORN_ITERS
+from mhc_megatron.method import SINKHORN_ITERS, fused_op_bytes
 from mhc_megatron.ops import backends, fused, mhc_mappings, mhc_post_res, mhc_pre, num_mapping_columns, sinkhorn
 
 OPS = ("sinkhorn", "mappings", "pre", "post_res", "hc")
@@ -79,12 +79,20 @@ def copy_bandwidth(device: torch.device, timer: Timer) -> float:
     return 2 * src.numel() * 4 / (timer.median_ms(lambda: dst.copy_(src)) * 1e6)
 
 
+def traffic(op: str, tokens: int, hidden: int, n: int, stream_bytes: int, coefficient_bytes: int) -> tuple[int, int]:
+    """``(forward, backward)`` bytes of ``op`` (a fused op, or ``hc``: mappings + pre + post_res)
+    from the byte account of ``method.fused_op_bytes``: what the fused kernels read plus write."""
+    ops = ("mappings", "pre", "post_res") if op == "hc" else (op,)
+    accounts = [fused_op_bytes(name, n, hidden, stream_bytes, coefficient_bytes) for name in ops]
+    return sum(a.forward(tokens) for a in accounts), sum(a.backward(tokens) for a in accounts)
+
+
 def make_case(op: str, tokens: int, hidden: int, n: int, dtype: torch.dtype, iters: int, device: torch.device):
     """``(forward, inputs, bytes_forward, bytes_backward)`` of one op at one shape."""
     coeff = torch.float64 if dtype == torch.float64 else torch.float32
-    s, a = torch.finfo(dtype).bits // 8, torch.finfo(coeff).bits // 8
     k = num_mapping_columns(n)
-    streams, row, weights = tokens * n * hidden * s, tokens * hidden * s, n * hidden * k * a
+    bytes_forward, bytes_backward = traffic(op, tokens, hidden, n, torch.finfo(dtype).bits // 8,
+                                            torch.finfo(coeff).bits // 8)
 
     def leaf(*shape, dt=coeff, scale=1.0):
         return (torch.randn(*shape, device=device, dtype=coeff) * scale).to(dt).requires_grad_()
@@ -92,28 +100,22 @@ def make_case(op: str, tokens: int, hidden: int, n: int, dtype: torch.dtype, ite
     x = leaf(tokens, n, hidden, dt=dtype)
     phi, alpha, bias = leaf(n * hidden, k, scale=(n * hidden) ** -0.5), leaf(3), leaf(k, scale=0.1)
     h_pre, h_post, h_res = leaf(tokens, n), leaf(tokens, n), leaf(tokens, n, n)
-    coefficients = tokens * k * a
-    if op == "sinkhorn":
-        logits = leaf(tokens, n, n)
-        size = tokens * n * n * a
-        return (lambda: sinkhorn(logits, iters)), [logits], 2 * size, 3 * size
-    if op == "mappings":
-        forward = lambda: mhc_mappings(x, phi, alpha, bias, iters)  # noqa: E731
-        saved = tokens * (k + 1) * a
-        return forward, [x, phi, alpha, bias], streams + weights + coefficients + saved, \
-            2 * streams + 2 * weights + 2 * coefficients + saved
-    if op == "pre":
-        return (lambda: mhc_pre(x, h_pre)), [x, h_pre], streams + row, 2 * streams + row
     f = leaf(tokens, hidden, dt=dtype)
-    if op == "post_res":
-        return (lambda: mhc_post_res(x, f, h_post, h_res)), [x, f, h_post, h_res], 2 * streams + row, \
-            3 * streams + 2 * row
 
     def hc():
         pre, post, res = mhc_mappings(x, phi, alpha, bias, iters)
         return mhc_post_res(x, mhc_pre(x, pre), post, res)
 
-    return hc, [x, phi, alpha, bias], 4 * streams + 2 * row + weights, 7 * streams + 3 * row + 2 * weights
+    logits = leaf(tokens, n, n)
+    cases = {
+        "sinkhorn": ((lambda: sinkhorn(logits, iters)), [logits]),
+        "mappings": ((lambda: mhc_mappings(x, phi, alpha, bias, iters)), [x, phi, alpha, bias]),
+        "pre": ((lambda: mhc_pre(x, h_pre)), [x, h_pre]),
+        "post_res": ((lambda: mhc_post_res(x, f, h_post, h_res)), [x, f, h_post, h_res]),
+        "hc": (hc, [x, phi, alpha, bias]),
+    }
+    forward, inputs = cases[op]
+    return forward, inputs, bytes_forward, bytes_backward
 
 
 def measure(op: str, backend: str, args, device: torch.device, dtype: torch.dtype, timer: Timer) -> dict:

@@ -1,0 +1,66 @@
+"""The byte account of the fused kernels (``method.fused_op_bytes``) against the tensors each kernel
+actually takes and returns, counted at the dispatcher in forward and backward.
+
+A kernel that starts to read or write another tensor (a saved intermediate, an extra output) or
+the account drifting from the code makes this fail; ``mhc-bench kernels`` divides by the account.
+"""
+
+import collections
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from fused_kernels import require_fused
+from mhc_megatron.method import FUSED_OPS, fused_op_bytes
+from mhc_megatron.ops import backends, mhc_mappings, mhc_post_res, mhc_pre, num_mapping_columns, sinkhorn
+
+
+class BytesPerOp(TorchDispatchMode):
+    """Sums, per ``mhc_megatron`` op (``pre_fwd``, ...), the bytes of its tensor arguments and results."""
+
+    def __init__(self):
+        super().__init__()
+        self.bytes = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        if func.namespace == "mhc_megatron":
+            results = result if isinstance(result, tuple) else (result,)
+            self.bytes[func._opname] += sum(t.nbytes for t in (*args, *results) if isinstance(t, torch.Tensor))
+        return result
+
+
+def op_inputs(op, tokens, n, hidden, dtype):
+    def leaf(*shape, dt=torch.float32):
+        return torch.rand(*shape, dtype=torch.float32).to(dt).requires_grad_()
+
+    if op == "sinkhorn":
+        return sinkhorn, [leaf(tokens, n, n)]
+    x = leaf(tokens, n, hidden, dt=dtype)
+    if op == "mappings":
+        return mhc_mappings, [x, leaf(n * hidden, num_mapping_columns(n)), leaf(3), leaf(num_mapping_columns(n))]
+    if op == "pre":
+        return mhc_pre, [x, leaf(tokens, n)]
+    return mhc_post_res, [x, leaf(tokens, hidden, dt=dtype), leaf(tokens, n), leaf(tokens, n, n)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n", [1, 4])
+@pytest.mark.parametrize("op", FUSED_OPS)
+def test_each_kernel_moves_what_the_account_says(op, n, dtype):
+    require_fused("cpu")
+    tokens, hidden = 37, 24
+    function, inputs = op_inputs(op, tokens, n, hidden, dtype)
+    counter = BytesPerOp()
+    with backends.use_backend("fused"), counter:
+        outputs = function(*inputs)
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        torch.autograd.backward(outputs, [torch.ones_like(out) for out in outputs])
+    account = fused_op_bytes(op, n, hidden, stream_bytes=torch.finfo(dtype).bits // 8)
+    assert counter.bytes == {f"{op}_fwd": account.forward(tokens), f"{op}_bwd": account.backward(tokens)}
+
+
+def test_the_account_refuses_an_unknown_op():
+    with pytest.raises(ValueError, match="op must be one of 'sinkhorn', 'mappings', 'pre', 'post_res', got 'hc'"):
+        fused_op_bytes("hc", 4, 8, 4)
