@@ -1,13 +1,14 @@
 """``mhc-bench``: benchmarks of this package, one subcommand each (``mhc-bench kernels --help``,
-``mhc-bench memory --help``, ``mhc-bench exchange --help``, ``mhc-bench pipeline --help``)."""
+``mhc-bench memory --help``, ``mhc-bench exchange --help``, ``mhc-bench pipeline --help``, ``mhc-bench step --help``)."""
 
 from __future__ import annotations
 
 import argparse
 
-from mhc_megatron.bench import exchange, kernels, memory, pipeline
+from mhc_megatron.bench import exchange, kernels, memory, pipeline, step
 
-SUBCOMMANDS = {"kernels": kernels, "memory": memory, "exchange": exchange, "pipeline": pipeline}
+SUBCOMMANDS = {"kernels": kernels, "memory": memory, "exchange": exchange, "pipeline": pipeline,
+               "step": step}
 
 
 def main(argv: list[str] | None = None) -> None:

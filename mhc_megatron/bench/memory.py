@@ -442,11 +442,11 @@ def run(args: argparse.Namespace) -> None:
         destroy_parallel()
     _print_table(shape, measured, device)
     device_name = (torch.cuda.get_device_name() if device.type == "cuda"
-                   else f"CPU ({_cpu_model()}), {torch.get_num_threads()} threads")
+                   else f"CPU ({cpu_model()}), {torch.get_num_threads()} threads")
     _write(args, shape, measured, device_name)
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
     """The CPU's model name from /proc/cpuinfo (what lscpu prints), else platform's guess."""
     try:
         with open("/proc/cpuinfo") as cpuinfo:

@@ -28,7 +28,29 @@ import time
 from collections.abc import Iterator
 
 import torch
-from megatron.core.pipeline_parallel import schedules
+
+
+@contextlib.contextmanager
+def schedule_steps(around_forward, around_backward) -> Iterator[None]:
+    """Meanwhile every ``forward_step`` megatron's schedules call runs inside ``with around_forward():``
+    and every ``backward_step`` inside ``with around_backward():`` (both context-manager factories)."""
+    from megatron.core.pipeline_parallel import schedules
+
+    forward_step, backward_step = schedules.forward_step, schedules.backward_step
+
+    def wrapped_forward(*args, **kwargs):
+        with around_forward():
+            return forward_step(*args, **kwargs)
+
+    def wrapped_backward(*args, **kwargs):
+        with around_backward():
+            return backward_step(*args, **kwargs)
+
+    schedules.forward_step, schedules.backward_step = wrapped_forward, wrapped_backward
+    try:
+        yield
+    finally:
+        schedules.forward_step, schedules.backward_step = forward_step, backward_step
 
 
 class PartTimer:
@@ -75,32 +97,30 @@ class PartTimer:
     @contextlib.contextmanager
     def recording(self) -> Iterator[None]:
         """Time every ``forward_step`` and ``backward_step`` megatron's schedules call meanwhile."""
-        forward_step, backward_step = schedules.forward_step, schedules.backward_step
         pending: list[dict] = []  # passes whose forward ran and backward has not
 
-        def timed_forward(*args, **kwargs):
+        @contextlib.contextmanager
+        def forward() -> Iterator[None]:
             self._stamps = {"forward_start": time.perf_counter()}
             try:
-                return forward_step(*args, **kwargs)
+                yield
             finally:
                 self._stamps["forward_end"] = time.perf_counter()
                 pending.append(self._stamps)
                 self._stamps = None
 
-        def timed_backward(*args, **kwargs):
+        @contextlib.contextmanager
+        def backward() -> Iterator[None]:
             stamps = pending.pop(0)
             stamps["backward_start"] = time.perf_counter()
             try:
-                return backward_step(*args, **kwargs)
+                yield
             finally:
                 stamps["backward_end"] = time.perf_counter()
                 self.passes.append(stamps)
 
-        schedules.forward_step, schedules.backward_step = timed_forward, timed_backward
-        try:
+        with schedule_steps(forward, backward):
             yield
-        finally:
-            schedules.forward_step, schedules.backward_step = forward_step, backward_step
 
     @staticmethod
     def durations(stamps: dict) -> tuple[float, float]:

@@ -1,9 +1,10 @@
 """One training step of GPT model chunks with megatron-core's DDP, optimizer and pipeline schedules.
 
 The pieces a training loop needs around ``build_model_chunks``: ``wrap_with_ddp`` (megatron's DDP,
-optionally for the distributed optimizer), ``build_optimizer`` and ``train_step``, which runs
+optionally for the distributed optimizer), ``build_optimizer``, ``forward_backward``, which runs
 ``get_forward_backward_func()`` over the micro-batches of one global batch (1F1B or interleaved
-under pipeline parallelism, with the stream-sized pipeline buffers) and the optimizer step.
+under pipeline parallelism, with the stream-sized pipeline buffers), and ``train_step``: that and
+the optimizer step.
 """
 
 from __future__ import annotations
@@ -128,6 +129,24 @@ def mean_loss(losses: list) -> float | None:
     return (loss / parallel_state.get_data_parallel_world_size()).item()
 
 
+def forward_backward(
+    model_chunks: list[torch.nn.Module],
+    config: MhcTransformerConfig,
+    micro_batches: list[MicroBatch],
+    p2p_timer: P2PTimer | None = None,
+) -> list:
+    """A training step without its optimizer step: megatron's gradient buffers zeroed, then forward
+    and backward over ``micro_batches`` with megatron's ``finalize_model_grads`` (``p2p_timer``: see
+    ``run_schedule``). Returns what the schedule returned (one loss record per micro-batch)."""
+    config.finalize_model_grads_func = finalize_model_grads
+    config.no_sync_func = [chunk.no_sync for chunk in model_chunks]
+    if len(model_chunks) == 1:
+        config.no_sync_func = config.no_sync_func[0]
+    for chunk in model_chunks:
+        chunk.zero_grad_buffer()
+    return run_schedule(model_chunks, config, micro_batches, p2p_timer=p2p_timer, forward_only=False)
+
+
 def train_step(
     model_chunks: list[torch.nn.Module],
     optimizer,
@@ -136,18 +155,12 @@ def train_step(
     p2p_timer: P2PTimer | None = None,
 ) -> tuple[float | None, float]:
     """Forward and backward over ``micro_batches`` (this data-parallel rank's share), then step
-    (``p2p_timer``: see ``run_schedule``).
+    (``forward_backward``; ``p2p_timer``: see ``run_schedule``).
 
     Returns ``(loss, grad_norm)``: the loss averaged over micro-batches and data-parallel ranks on
     the last pipeline stage (``None`` elsewhere), and the gradient norm the optimizer clipped.
     """
-    config.finalize_model_grads_func = finalize_model_grads
-    config.no_sync_func = [chunk.no_sync for chunk in model_chunks]
-    if len(model_chunks) == 1:
-        config.no_sync_func = config.no_sync_func[0]
-    for chunk in model_chunks:
-        chunk.zero_grad_buffer()
     optimizer.zero_grad()
-    losses = run_schedule(model_chunks, config, micro_batches, p2p_timer=p2p_timer, forward_only=False)
+    losses = forward_backward(model_chunks, config, micro_batches, p2p_timer)
     _, grad_norm, _ = optimizer.step()
     return mean_loss(losses), grad_norm
