@@ -135,8 +135,9 @@ def connection_bytes_moved(hc_mode: str, n: int, hidden: int, stream_bytes: int,
 
     * residual: the add ``x + f`` (``3R``); in backward, autograd's sum of the two gradients of
       ``x`` (through the sub-layer and the skip): ``3R``;
-    * mhc: the fused kernels ``mappings_pre`` and ``post_res`` (``fused_op_bytes``); in backward
-      also autograd's sum of the stream gradients of the two (``3S``);
+    * mhc: the fused kernels ``mappings_pre`` and ``post_res`` (``fused_op_bytes``), post_res's
+      stream gradient handed to mappings_pre's backward, which reads it (``S``) and writes the
+      sum: no autograd sum;
     * hc (eager PyTorch, method doc section 4.3): reads ``(5n+1) C + n^2 + 2n`` and writes
       ``(3n+1) C + n^2 + 2n`` elements in forward, twice as many in backward.
     """
@@ -148,7 +149,7 @@ def connection_bytes_moved(hc_mode: str, n: int, hidden: int, stream_bytes: int,
         return forward, 2 * forward
     ops = [fused_op_bytes(op, n, hidden, stream_bytes, coefficient_bytes) for op in ("mappings_pre", "post_res")]
     return (sum(op.forward_per_token for op in ops),
-            sum(op.backward_per_token for op in ops) + 3 * n * row)
+            sum(op.backward_per_token for op in ops) + n * row)
 
 
 def norm_and_attention_kept_bytes(hidden: int, element_bytes: int) -> float:
