@@ -143,6 +143,19 @@ Four mappings_bwd(const at::Tensor& grad_pre, const at::Tensor& grad_post, const
   return active().mappings_bwd(grad_pre, grad_post, grad_res, x, phi, alpha, bias, saved, iters);
 }
 
+Five mappings_pre_fwd(const at::Tensor& x, const at::Tensor& phi, const at::Tensor& alpha, const at::Tensor& bias,
+                      int64_t iters, double eps) {
+  return active().mappings_pre_fwd(x, phi, alpha, bias, iters, eps);
+}
+
+Four mappings_pre_bwd(const at::Tensor& grad_input, const at::Tensor& grad_pre, const at::Tensor& grad_post,
+                      const at::Tensor& grad_res, const std::optional<at::Tensor>& grad_x_in, const at::Tensor& x,
+                      const at::Tensor& phi, const at::Tensor& alpha, const at::Tensor& bias,
+                      const at::Tensor& h_pre, const at::Tensor& saved, int64_t iters) {
+  return active().mappings_pre_bwd(grad_input, grad_pre, grad_post, grad_res, grad_x_in, x, phi, alpha, bias, h_pre,
+                                   saved, iters);
+}
+
 at::Tensor pre_fwd(const at::Tensor& x, const at::Tensor& h_pre) { return active().pre_fwd(x, h_pre); }
 
 std::tuple<at::Tensor, at::Tensor> pre_bwd(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& h_pre) {

@@ -14,7 +14,7 @@
 namespace mhc {
 
 // Bumped whenever the table changes, so that a stale level library is refused, not called.
-constexpr int kCpuKernelsAbi = 1;
+constexpr int kCpuKernelsAbi = 2;
 
 struct CpuKernels {
   int abi;
@@ -26,6 +26,12 @@ struct CpuKernels {
   Four (*mappings_bwd)(const at::Tensor& grad_pre, const at::Tensor& grad_post, const at::Tensor& grad_res,
                        const at::Tensor& x, const at::Tensor& phi, const at::Tensor& alpha, const at::Tensor& bias,
                        const at::Tensor& saved, int64_t iters);
+  Five (*mappings_pre_fwd)(const at::Tensor& x, const at::Tensor& phi, const at::Tensor& alpha,
+                           const at::Tensor& bias, int64_t iters, double eps);
+  Four (*mappings_pre_bwd)(const at::Tensor& grad_input, const at::Tensor& grad_pre, const at::Tensor& grad_post,
+                           const at::Tensor& grad_res, const std::optional<at::Tensor>& grad_x_in,
+                           const at::Tensor& x, const at::Tensor& phi, const at::Tensor& alpha,
+                           const at::Tensor& bias, const at::Tensor& h_pre, const at::Tensor& saved, int64_t iters);
   at::Tensor (*pre_fwd)(const at::Tensor& x, const at::Tensor& h_pre);
   std::tuple<at::Tensor, at::Tensor> (*pre_bwd)(const at::Tensor& grad_out, const at::Tensor& x,
                                                 const at::Tensor& h_pre);
@@ -47,6 +53,12 @@ Four mappings_fwd(const at::Tensor& x, const at::Tensor& phi, const at::Tensor& 
 Four mappings_bwd(const at::Tensor& grad_pre, const at::Tensor& grad_post, const at::Tensor& grad_res,
                   const at::Tensor& x, const at::Tensor& phi, const at::Tensor& alpha, const at::Tensor& bias,
                   const at::Tensor& saved, int64_t iters);
+Five mappings_pre_fwd(const at::Tensor& x, const at::Tensor& phi, const at::Tensor& alpha, const at::Tensor& bias,
+                      int64_t iters, double eps);
+Four mappings_pre_bwd(const at::Tensor& grad_input, const at::Tensor& grad_pre, const at::Tensor& grad_post,
+                      const at::Tensor& grad_res, const std::optional<at::Tensor>& grad_x_in, const at::Tensor& x,
+                      const at::Tensor& phi, const at::Tensor& alpha, const at::Tensor& bias,
+                      const at::Tensor& h_pre, const at::Tensor& saved, int64_t iters);
 at::Tensor pre_fwd(const at::Tensor& x, const at::Tensor& h_pre);
 std::tuple<at::Tensor, at::Tensor> pre_bwd(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& h_pre);
 at::Tensor post_res_fwd(const at::Tensor& x, const at::Tensor& f, const at::Tensor& h_post, const at::Tensor& h_res);

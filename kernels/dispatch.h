@@ -12,6 +12,7 @@
 #include <c10/util/accumulate.h>
 
 #include <algorithm>
+#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -120,6 +121,7 @@ inline void check_post_res(const at::Tensor& x, const at::Tensor& f, const at::T
 
 // Checked arguments and freshly allocated outputs of each op, shared by the CPU and CUDA wrappers.
 using Four = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using Five = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 inline at::Tensor sinkhorn_fwd_outputs(const at::Tensor& logits) {
   check_logits(logits);
@@ -152,6 +154,31 @@ inline Four mappings_bwd_outputs(const at::Tensor& grad_pre, const at::Tensor& g
   check_coefficients(grad_res, "grad_res", s, x.scalar_type(), {s.n, s.n});
   check_coefficients(saved, "saved", s, x.scalar_type(), {num_columns(s.n) + 1});
   return {at::empty_like(x), at::empty_like(phi), at::empty_like(alpha), at::empty_like(bias)};
+}
+
+// mappings_pre: the sub-layer input [..., C] in x's dtype, then mappings' outputs.
+inline Five mappings_pre_fwd_outputs(const at::Tensor& x, const at::Tensor& phi, const at::Tensor& alpha,
+                                     const at::Tensor& bias) {
+  auto [h_pre, h_post, h_res, saved] = mappings_fwd_outputs(x, phi, alpha, bias);
+  return {at::empty(row_shape(x), x.options()), h_pre, h_post, h_res, saved};
+}
+
+// The arguments of mappings_pre_bwd that mappings_bwd does not have.
+inline void check_mappings_pre_bwd(const at::Tensor& grad_input, const std::optional<at::Tensor>& grad_x_in,
+                                   const at::Tensor& x, const at::Tensor& h_pre) {
+  const Streams s = check_streams(x);
+  check_like_streams(grad_input, "grad_input", x, /*row=*/true);
+  check_coefficients(h_pre, "h_pre", s, x.scalar_type(), {s.n});
+  if (grad_x_in.has_value()) check_like_streams(*grad_x_in, "grad_x", x, /*row=*/false);
+}
+
+inline Four mappings_pre_bwd_outputs(const at::Tensor& grad_input, const at::Tensor& grad_pre,
+                                     const at::Tensor& grad_post, const at::Tensor& grad_res,
+                                     const std::optional<at::Tensor>& grad_x_in, const at::Tensor& x,
+                                     const at::Tensor& phi, const at::Tensor& alpha, const at::Tensor& bias,
+                                     const at::Tensor& h_pre, const at::Tensor& saved) {
+  check_mappings_pre_bwd(grad_input, grad_x_in, x, h_pre);
+  return mappings_bwd_outputs(grad_pre, grad_post, grad_res, x, phi, alpha, bias, saved);
 }
 
 inline at::Tensor pre_fwd_output(const at::Tensor& x, const at::Tensor& h_pre) {
@@ -207,13 +234,15 @@ inline int64_t reduction_chunks(int64_t tokens, int64_t partial_size) {
 #define MHC_DISPATCH_FLOATS(dtype, name, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, name, __VA_ARGS__)
 
-// Registers one backend's eight kernels (each file's own mhc::*_fwd / *_bwd) for dispatch `KEY`.
+// Registers one backend's ten kernels (each file's own mhc::*_fwd / *_bwd) for dispatch `KEY`.
 #define MHC_REGISTER_KERNELS(KEY)                        \
   TORCH_LIBRARY_IMPL(mhc_megatron, KEY, m) {             \
     m.impl("sinkhorn_fwd", &mhc::sinkhorn_fwd);          \
     m.impl("sinkhorn_bwd", &mhc::sinkhorn_bwd);          \
     m.impl("mappings_fwd", &mhc::mappings_fwd);          \
     m.impl("mappings_bwd", &mhc::mappings_bwd);          \
+    m.impl("mappings_pre_fwd", &mhc::mappings_pre_fwd);  \
+    m.impl("mappings_pre_bwd", &mhc::mappings_pre_bwd);  \
     m.impl("pre_fwd", &mhc::pre_fwd);                    \
     m.impl("pre_bwd", &mhc::pre_bwd);                    \
     m.impl("post_res_fwd", &mhc::post_res_fwd);          \

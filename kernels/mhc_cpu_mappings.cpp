@@ -10,7 +10,7 @@
 #include <vector>
 
 #include "cpu_kernels.h"
-#include "cpu_vec.h"
+#include "cpu_stream_rows.h"
 
 namespace mhc {
 namespace cpu {
@@ -160,9 +160,12 @@ A sum_squares(const S* row, int64_t width) {
 
 // Per block of kProjectTokens tokens: m = v @ phi and sum(v^2) (the rows stay in cache between
 // the two), then the gates per token and the Sinkhorn of the block's matrices in SIMD groups.
+// With `layer_input` (mappings_pre), also the sub-layer input h_pre x of each token of the block
+// while its rows are still in cache: one read of the streams for both ops.
 template <typename S, typename A>
 void mappings_fwd_kernel(const S* x, const A* phi, const A* alpha, const A* bias, int64_t tokens, int n,
-                         int64_t hidden, int iters, A eps, A* h_pre, A* h_post, A* h_res, A* saved) {
+                         int64_t hidden, int iters, A eps, A* h_pre, A* h_post, A* h_res, A* saved,
+                         S* layer_input) {
   const int K = num_columns(n);
   const int64_t ld = round_up(K, 2 * kVec<A>);
   const int64_t width = n * hidden;
@@ -190,6 +193,8 @@ void mappings_fwd_kernel(const S* x, const A* phi, const A* alpha, const A* bias
         for (int k = 0; k < K; ++k) u[k] = m[b * ld + k] * inv_r;
         u[K] = inv_r;
         mappings_gates(u, alpha, bias, n, z.data() + b * K, h_pre + t * n, h_post + t * n);
+        if (layer_input != nullptr)
+          read_streams_row(x + t * width, h_pre + t * n, n, hidden, layer_input + t * hidden);
       }
       for (int b = 0; b < valid; b += group.kMatrices)
         group.forward(z.data() + b * K + 2 * n, K, h_res + (t0 + b) * n * n, n * n,
@@ -198,21 +203,47 @@ void mappings_fwd_kernel(const S* x, const A* phi, const A* alpha, const A* bias
   });
 }
 
-// Backward, dx = dm @ phi^T + c * v for kDxTokens tokens (dm rows of ldm values) and kDxVecs
-// vectors of their rows from e0 (`len` values; kFull: all). phi_t [K, ldt] is phi transposed.
+// Backward, the stream gradient of kDxTokens tokens (rows of `width` values from x, grad_x):
+//   dx = dm @ phi^T + c * v                       (mappings)
+//      + h_pre[i] * grad_input                    (mappings_pre: pre's share, stream i)
+//      + grad_x_in                                (mappings_pre: the gradient from elsewhere)
+// for kDxVecs vectors of values e0 + [0, len) of stream i (kFull: all), e0 = i * hidden + c0; dm rows
+// of ldm values, phi_t [K, ldt] is phi transposed (loads of it may run past the stream's end: ldt
+// leaves room, and those lanes are never stored). The terms a call does not have are nullptr.
 constexpr int kDxTokens = 4;
 constexpr int kDxVecs = 4;
 
+template <typename S, typename A>
+struct DxRows {
+  const S* x;          // [tokens, width] from the block's first token
+  S* grad_x;           // likewise
+  const S* grad_x_in;  // likewise, or nullptr
+  const S* grad_input; // [tokens, hidden], or nullptr
+  const A* h_pre;      // [tokens, n] (with grad_input)
+  const A* dm;         // [tokens, ldm]
+  const A* rms_term;   // [tokens]
+  int64_t width, hidden, ldm;
+  int n, valid;
+};
+
 template <bool kFull, typename S, typename A>
-void dx_block(const S* x, S* grad_x, int64_t width, int valid, const A* dm, int64_t ldm, const A* rms_term,
-              const A* phi_t, int64_t ldt, int K, int64_t e0, int len) {
+void dx_block(const DxRows<S, A>& r, const A* phi_t, int64_t ldt, int K, int stream, int64_t c0, int len) {
+  const int64_t e0 = stream * r.hidden + c0;
   Vec<A> acc[kDxTokens][kDxVecs];
 #pragma GCC unroll 16
   for (int b = 0; b < kDxTokens; ++b) {
-    const int row = std::min(b, valid - 1);
+    const int row = std::min(b, r.valid - 1);
 #pragma GCC unroll 16
-    for (int j = 0; j < kDxVecs; ++j)
-      acc[b][j] = rms_term[row] * load_vec<A, kFull>(x + row * width + e0 + j * kVec<A>, len - j * kVec<A>);
+    for (int j = 0; j < kDxVecs; ++j) {
+      const int64_t e = row * r.width + e0 + j * kVec<A>;
+      const int rest = len - j * kVec<A>;
+      acc[b][j] = r.rms_term[row] * load_vec<A, kFull>(r.x + e, rest);
+      if (r.grad_x_in != nullptr) acc[b][j] += load_vec<A, kFull>(r.grad_x_in + e, rest);
+      if (r.grad_input != nullptr) {
+        const S* g = r.grad_input + row * r.hidden + c0 + j * kVec<A>;
+        acc[b][j] += r.h_pre[row * r.n + stream] * load_vec<A, kFull>(g, rest);
+      }
+    }
   }
   for (int k = 0; k < K; ++k) {
     Vec<A> p[kDxVecs];
@@ -220,14 +251,14 @@ void dx_block(const S* x, S* grad_x, int64_t width, int valid, const A* dm, int6
     for (int j = 0; j < kDxVecs; ++j) p[j] = load_vec<A, true>(phi_t + k * ldt + e0 + j * kVec<A>, kVec<A>);
 #pragma GCC unroll 16
     for (int b = 0; b < kDxTokens; ++b) {
-      const A d = dm[std::min(b, valid - 1) * ldm + k];
+      const A d = r.dm[std::min(b, r.valid - 1) * r.ldm + k];
 #pragma GCC unroll 16
       for (int j = 0; j < kDxVecs; ++j) acc[b][j] += d * p[j];
     }
   }
-  for (int b = 0; b < valid; ++b)
+  for (int b = 0; b < r.valid; ++b)
     for (int j = 0; j < kDxVecs; ++j)
-      store_vec<A, kFull>(acc[b][j], len - j * kVec<A>, grad_x + b * width + e0 + j * kVec<A>);
+      store_vec<A, kFull>(acc[b][j], len - j * kVec<A>, r.grad_x + b * r.width + e0 + j * kVec<A>);
 }
 
 // Backward, the share of a token range in dphi: part[k, e] = sum_t v[t, e] * dm_pad[t, k] for
@@ -255,32 +286,53 @@ void dphi_block(const S* x, int64_t width, int64_t t_begin, int64_t t_end, const
   }
 }
 
-// Backward: (1) per SIMD group of tokens the coefficient gradients (dz, dm, c); (2) dx, blocks of
-// kDxTokens tokens x kDxWidth values; (3) dphi = v^T dm in fixed token chunks (reduction_chunks:
-// shapes only, never threads), each chunk's partial [K, width] computed in register blocks, then
-// the chunks summed in order, like dbias and dalpha: bit-identical results run to run.
+// Backward of mappings, and of mappings_pre when `grad_input` is given (then h_pre too, and
+// optionally grad_x_in, a stream gradient to add). Per SIMD group of tokens, while their rows stay
+// in cache: (1) with grad_input, pre's gradient of h_pre (dot products with the streams) added to
+// grad_pre; the coefficient gradients (dz, dm, c); the stream gradient dx of the group's tokens,
+// every term at once, written once. Then (2) dphi = v^T dm in fixed token chunks
+// (reduction_chunks: shapes only, never threads), each chunk's partial [K, width] computed in
+// register blocks, then the chunks summed in order, like dbias and dalpha: bit-identical results
+// run to run.
 template <typename S, typename A>
 void mappings_bwd_kernel(const A* grad_pre, const A* grad_post, const A* grad_res, const S* x,
                          const A* phi, const A* alpha, const A* bias, const A* saved, int64_t tokens,
                          int n, int64_t hidden, int iters, S* grad_x, A* grad_phi, A* grad_alpha,
-                         A* grad_bias) {
+                         A* grad_bias, const S* grad_input, const A* h_pre, const S* grad_x_in) {
   const int K = num_columns(n);
   const int KZ = K + 3;  // dz, then the three dalpha terms
   const int64_t ldm = round_up(K, kDphiCols);
   const int64_t width = n * hidden;
 
+  // phi^T [K, ldt], so that the dx loop runs along the rows of v; zero past width.
+  constexpr int kDxWidth = kDxVecs * kVec<A>;
+  const int64_t ldt = round_up(width, kDxWidth) + kDxWidth;
+  std::vector<A> phi_t(K * ldt, A(0));
+  at::parallel_for(0, width, 1024, [&](int64_t begin, int64_t end) {
+    for (int64_t e = begin; e < end; ++e)
+      for (int k = 0; k < K; ++k) phi_t[k * ldt + e] = phi[e * K + k];
+  });
+
   std::vector<A> dm_pad(tokens * ldm, A(0)), dz(tokens * KZ), rms_term(tokens);
   constexpr int kMatrices = SinkhornGroup<A>::kMatrices;
   at::parallel_for(0, (tokens + kMatrices - 1) / kMatrices, 1, [&](int64_t begin, int64_t end) {
     SinkhornGroup<A> group(n, iters);
-    std::vector<A> z(kMatrices * K);
+    std::vector<A> z(kMatrices * K), grad_h_pre(kMatrices * n);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t t0 = i * kMatrices;
       const int count = static_cast<int>(std::min<int64_t>(kMatrices, tokens - t0));
       for (int b = 0; b < count; ++b) {
         const int64_t t = t0 + b;
-        mappings_gates_backward(grad_pre + t * n, grad_post + t * n, saved + t * (K + 1), alpha, bias, n,
-                                z.data() + b * K, dz.data() + t * KZ);
+        const A* gp = grad_pre + t * n;
+        if (grad_input != nullptr) {
+          A* total = grad_h_pre.data() + b * n;
+          MHC_DISPATCH_STREAMS(n, NT,
+                               stream_dots_row<NT>(x + t * width, grad_input + t * hidden, n, hidden, total));
+          for (int s = 0; s < n; ++s) total[s] += gp[s];
+          gp = total;
+        }
+        mappings_gates_backward(gp, grad_post + t * n, saved + t * (K + 1), alpha, bias, n, z.data() + b * K,
+                                dz.data() + t * KZ);
       }
       group.backward(z.data() + 2 * n, K, grad_res + t0 * n * n, n * n, dz.data() + t0 * KZ + 2 * n, KZ, count);
       for (int b = 0; b < count; ++b) {
@@ -289,27 +341,17 @@ void mappings_bwd_kernel(const A* grad_pre, const A* grad_post, const A* grad_re
         A* dzt = dz.data() + t * KZ;
         rms_term[t] = mappings_projection_backward(dzt, u, u[K], alpha, n, width, dzt + K, dm_pad.data() + t * ldm);
       }
-    }
-  });
-
-  // dx: phi^T [K, ldt] so that the loop runs along the rows of v.
-  constexpr int kDxWidth = kDxVecs * kVec<A>;
-  const int64_t ldt = round_up(width, kDxWidth);
-  std::vector<A> phi_t(K * ldt, A(0));
-  at::parallel_for(0, width, 1024, [&](int64_t begin, int64_t end) {
-    for (int64_t e = begin; e < end; ++e)
-      for (int k = 0; k < K; ++k) phi_t[k * ldt + e] = phi[e * K + k];
-  });
-  at::parallel_for(0, (tokens + kDxTokens - 1) / kDxTokens, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t block = begin; block < end; ++block) {
-      const int64_t t0 = block * kDxTokens;
-      const int valid = static_cast<int>(std::min<int64_t>(kDxTokens, tokens - t0));
-      const S* xs = x + t0 * width;
-      S* dxs = grad_x + t0 * width;
-      for_blocks<kDxWidth>(width, [&](int64_t e0, int len, auto full) {
-        dx_block<decltype(full)::value>(xs, dxs, width, valid, dm_pad.data() + t0 * ldm, ldm, rms_term.data() + t0,
-                                        phi_t.data(), ldt, K, e0, len);
-      });
+      for (int b0 = 0; b0 < count; b0 += kDxTokens) {
+        const int64_t t = t0 + b0;
+        const DxRows<S, A> rows{x + t * width, grad_x + t * width, grad_x_in ? grad_x_in + t * width : nullptr,
+                                grad_input ? grad_input + t * hidden : nullptr, h_pre ? h_pre + t * n : nullptr,
+                                dm_pad.data() + t * ldm, rms_term.data() + t, width, hidden, ldm, n,
+                                std::min(kDxTokens, count - b0)};
+        for (int stream = 0; stream < n; ++stream)
+          for_blocks<kDxWidth>(hidden, [&](int64_t c0, int len, auto full) {
+            dx_block<decltype(full)::value>(rows, phi_t.data(), ldt, K, stream, c0, len);
+          });
+      }
     }
   });
 
@@ -355,38 +397,75 @@ void mappings_bwd_kernel(const A* grad_pre, const A* grad_post, const A* grad_re
 Four mappings_fwd(const at::Tensor& x, const at::Tensor& phi, const at::Tensor& alpha,
                   const at::Tensor& bias, int64_t iters, double eps) {
   auto outputs = mappings_fwd_outputs(x, phi, alpha, bias);
-  at::Tensor& h_pre = std::get<0>(outputs);
-  at::Tensor& h_post = std::get<1>(outputs);
-  at::Tensor& h_res = std::get<2>(outputs);
-  at::Tensor& saved = std::get<3>(outputs);
   const Streams s = check_streams(x);
   MHC_DISPATCH_FLOATS(x.scalar_type(), "mhc_mappings_fwd", [&] {
     using A = at::opmath_type<scalar_t>;
     mappings_fwd_kernel(x.data_ptr<scalar_t>(), phi.data_ptr<A>(), alpha.data_ptr<A>(), bias.data_ptr<A>(),
-                        s.tokens, s.n, s.hidden, checked_iters(iters), static_cast<A>(eps), h_pre.data_ptr<A>(),
-                        h_post.data_ptr<A>(), h_res.data_ptr<A>(), saved.data_ptr<A>());
+                        s.tokens, s.n, s.hidden, checked_iters(iters), static_cast<A>(eps),
+                        std::get<0>(outputs).data_ptr<A>(), std::get<1>(outputs).data_ptr<A>(),
+                        std::get<2>(outputs).data_ptr<A>(), std::get<3>(outputs).data_ptr<A>(),
+                        static_cast<scalar_t*>(nullptr));
   });
   return outputs;
 }
 
-Four mappings_bwd(const at::Tensor& grad_pre, const at::Tensor& grad_post, const at::Tensor& grad_res,
-                  const at::Tensor& x, const at::Tensor& phi, const at::Tensor& alpha, const at::Tensor& bias,
-                  const at::Tensor& saved, int64_t iters) {
-  auto outputs = mappings_bwd_outputs(grad_pre, grad_post, grad_res, x, phi, alpha, bias, saved);
-  at::Tensor& grad_x = std::get<0>(outputs);
-  prefer_huge_pages(grad_x);
-  at::Tensor& grad_phi = std::get<1>(outputs);
-  at::Tensor& grad_alpha = std::get<2>(outputs);
-  at::Tensor& grad_bias = std::get<3>(outputs);
+Five mappings_pre_fwd(const at::Tensor& x, const at::Tensor& phi, const at::Tensor& alpha,
+                      const at::Tensor& bias, int64_t iters, double eps) {
+  auto outputs = mappings_pre_fwd_outputs(x, phi, alpha, bias);
+  at::Tensor& layer_input = std::get<0>(outputs);
+  prefer_huge_pages(layer_input);
+  const Streams s = check_streams(x);
+  MHC_DISPATCH_FLOATS(x.scalar_type(), "mhc_mappings_pre_fwd", [&] {
+    using A = at::opmath_type<scalar_t>;
+    mappings_fwd_kernel(x.data_ptr<scalar_t>(), phi.data_ptr<A>(), alpha.data_ptr<A>(), bias.data_ptr<A>(),
+                        s.tokens, s.n, s.hidden, checked_iters(iters), static_cast<A>(eps),
+                        std::get<1>(outputs).data_ptr<A>(), std::get<2>(outputs).data_ptr<A>(),
+                        std::get<3>(outputs).data_ptr<A>(), std::get<4>(outputs).data_ptr<A>(),
+                        layer_input.data_ptr<scalar_t>());
+  });
+  return outputs;
+}
+
+namespace {
+
+// The kernel of mappings_bwd (grad_input undefined) and mappings_pre_bwd, on checked arguments.
+void run_mappings_bwd(const Four& outputs, const at::Tensor& grad_pre, const at::Tensor& grad_post,
+                      const at::Tensor& grad_res, const at::Tensor& x, const at::Tensor& phi, const at::Tensor& alpha,
+                      const at::Tensor& bias, const at::Tensor& saved, int64_t iters, const at::Tensor& grad_input,
+                      const at::Tensor& h_pre, const at::Tensor& grad_x_in) {
+  prefer_huge_pages(std::get<0>(outputs));
   const Streams s = check_streams(x);
   MHC_DISPATCH_FLOATS(x.scalar_type(), "mhc_mappings_bwd", [&] {
     using A = at::opmath_type<scalar_t>;
     mappings_bwd_kernel(grad_pre.data_ptr<A>(), grad_post.data_ptr<A>(), grad_res.data_ptr<A>(),
                         x.data_ptr<scalar_t>(), phi.data_ptr<A>(), alpha.data_ptr<A>(), bias.data_ptr<A>(),
                         saved.data_ptr<A>(), s.tokens, s.n, s.hidden, checked_iters(iters),
-                        grad_x.data_ptr<scalar_t>(), grad_phi.data_ptr<A>(), grad_alpha.data_ptr<A>(),
-                        grad_bias.data_ptr<A>());
+                        std::get<0>(outputs).data_ptr<scalar_t>(), std::get<1>(outputs).data_ptr<A>(),
+                        std::get<2>(outputs).data_ptr<A>(), std::get<3>(outputs).data_ptr<A>(),
+                        grad_input.defined() ? grad_input.data_ptr<scalar_t>() : nullptr,
+                        h_pre.defined() ? h_pre.data_ptr<A>() : nullptr,
+                        grad_x_in.defined() ? grad_x_in.data_ptr<scalar_t>() : nullptr);
   });
+}
+
+}  // namespace
+
+Four mappings_bwd(const at::Tensor& grad_pre, const at::Tensor& grad_post, const at::Tensor& grad_res,
+                  const at::Tensor& x, const at::Tensor& phi, const at::Tensor& alpha, const at::Tensor& bias,
+                  const at::Tensor& saved, int64_t iters) {
+  auto outputs = mappings_bwd_outputs(grad_pre, grad_post, grad_res, x, phi, alpha, bias, saved);
+  run_mappings_bwd(outputs, grad_pre, grad_post, grad_res, x, phi, alpha, bias, saved, iters, {}, {}, {});
+  return outputs;
+}
+
+Four mappings_pre_bwd(const at::Tensor& grad_input, const at::Tensor& grad_pre, const at::Tensor& grad_post,
+                      const at::Tensor& grad_res, const std::optional<at::Tensor>& grad_x_in, const at::Tensor& x,
+                      const at::Tensor& phi, const at::Tensor& alpha, const at::Tensor& bias,
+                      const at::Tensor& h_pre, const at::Tensor& saved, int64_t iters) {
+  auto outputs = mappings_pre_bwd_outputs(grad_input, grad_pre, grad_post, grad_res, grad_x_in, x, phi, alpha,
+                                          bias, h_pre, saved);
+  run_mappings_bwd(outputs, grad_pre, grad_post, grad_res, x, phi, alpha, bias, saved, iters, grad_input, h_pre,
+                   grad_x_in.has_value() ? *grad_x_in : at::Tensor());
   return outputs;
 }
 

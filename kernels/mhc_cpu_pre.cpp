@@ -1,6 +1,5 @@
-// CPU kernels of pre, one pass over the streams of each token (C++, parallel over tokens with
-// at::parallel_for). Blocks of whole hardware vectors (cpu_vec.h), per-stream values in registers
-// for n known at compile time. Compiled once per instruction-set level (cpu_vec.h).
+// CPU kernels of pre, a token at a time (C++, parallel over tokens with at::parallel_for), with the
+// row loops of cpu_stream_rows.h. Compiled once per instruction-set level (cpu_vec.h).
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -8,7 +7,7 @@
 #include <vector>
 
 #include "cpu_kernels.h"
-#include "cpu_vec.h"
+#include "cpu_stream_rows.h"
 
 namespace mhc {
 namespace cpu {
@@ -18,36 +17,29 @@ namespace cpu {
 template <typename S, typename A>
 void pre_fwd_kernel(const S* x, const A* h_pre, S* out, int64_t tokens, int n, int64_t hidden) {
   at::parallel_for(0, tokens, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const S* xt = x + t * n * hidden;
-      for_blocks<kVec<A>>(hidden, [&](int64_t c0, int len, auto full) {
-        constexpr bool kFull = decltype(full)::value;
-        Vec<A> acc = {};
-        for (int i = 0; i < n; ++i) acc += h_pre[t * n + i] * load_vec<A, kFull>(xt + i * hidden + c0, len);
-        store_vec<A, kFull>(acc, len, out + t * hidden + c0);
-      });
-    }
+    for (int64_t t = begin; t < end; ++t)
+      read_streams_row(x + t * n * hidden, h_pre + t * n, n, hidden, out + t * hidden);
   });
 }
 
+// Per token: grad_h[i] = sum_c g[c] x[i, c], then grad_x[i] = h_pre[i] g (the token's rows are
+// still in cache for the second loop).
 template <int NT, typename S, typename A>
 void pre_bwd_kernel(const S* grad_out, const S* x, const A* h_pre, S* grad_x, A* grad_h, int64_t tokens,
                     int n_rt, int64_t hidden) {
   const int n = NT > 0 ? NT : n_rt;
   at::parallel_for(0, tokens, 16, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t o = t * n * hidden;
-      Vec<A> lanes[kStreamSlots<NT>] = {};
-      for_blocks<kVec<A>>(hidden, [&](int64_t c0, int len, auto full) {
-        constexpr bool kFull = decltype(full)::value;
-        const Vec<A> g = load_vec<A, kFull>(grad_out + t * hidden + c0, len);
-#pragma GCC unroll 16
-        for (int i = 0; i < n; ++i) {
-          lanes[i] += g * load_vec<A, kFull>(x + o + i * hidden + c0, len);
-          store_vec<A, kFull>(h_pre[t * n + i] * g, len, grad_x + o + i * hidden + c0);
-        }
-      });
-      for (int i = 0; i < n; ++i) grad_h[t * n + i] = sum_lanes<A>(lanes[i]);
+      const S* g = grad_out + t * hidden;
+      stream_dots_row<NT>(x + t * n * hidden, g, n, hidden, grad_h + t * n);
+      for (int i = 0; i < n; ++i) {
+        const A h = h_pre[t * n + i];
+        S* dx = grad_x + (t * n + i) * hidden;
+        for_blocks<kVec<A>>(hidden, [&](int64_t c0, int len, auto full) {
+          constexpr bool kFull = decltype(full)::value;
+          store_vec<A, kFull>(h * load_vec<A, kFull>(g + c0, len), len, dx + c0);
+        });
+      }
     }
   });
 }

@@ -506,6 +506,29 @@ Four post_res_bwd(const at::Tensor& grad_out, const at::Tensor& x, const at::Ten
   return outputs;
 }
 
+// ---------------------------------------------------------------- mappings_pre
+
+// On CUDA, mappings_pre composes the kernels above: mappings then pre in forward (two reads of the
+// streams), and in backward pre's, then mappings' kernels, the stream gradients summed by ATen.
+// The same results as the CPU's fused kernel, not yet its memory traffic (docs/kernels.md).
+Five mappings_pre_fwd(const at::Tensor& x, const at::Tensor& phi, const at::Tensor& alpha, const at::Tensor& bias,
+                      int64_t iters, double eps) {
+  auto [h_pre, h_post, h_res, saved] = mappings_fwd(x, phi, alpha, bias, iters, eps);
+  return {pre_fwd(x, h_pre), h_pre, h_post, h_res, saved};
+}
+
+Four mappings_pre_bwd(const at::Tensor& grad_input, const at::Tensor& grad_pre, const at::Tensor& grad_post,
+                      const at::Tensor& grad_res, const std::optional<at::Tensor>& grad_x_in, const at::Tensor& x,
+                      const at::Tensor& phi, const at::Tensor& alpha, const at::Tensor& bias,
+                      const at::Tensor& h_pre, const at::Tensor& saved, int64_t iters) {
+  check_mappings_pre_bwd(grad_input, grad_x_in, x, h_pre);
+  auto [grad_x_pre, grad_h_pre] = pre_bwd(grad_input, x, h_pre);
+  auto outputs = mappings_bwd(grad_pre + grad_h_pre, grad_post, grad_res, x, phi, alpha, bias, saved, iters);
+  std::get<0>(outputs).add_(grad_x_pre);
+  if (grad_x_in.has_value()) std::get<0>(outputs).add_(*grad_x_in);
+  return outputs;
+}
+
 }  // namespace
 }  // namespace mhc
 

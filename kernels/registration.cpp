@@ -7,6 +7,10 @@
 // Shapes: T tokens, n streams, C hidden, K = n*n + 2n mapping columns; coefficients (h_*, phi,
 // alpha, bias, saved) in float32, float64 for float64 streams. `saved` is [T, K + 1]: the
 // normalised projection u = (v @ phi) / r and, last, 1/r.
+//
+// mappings_pre is mappings followed by pre (layer_input = h_pre x) in one op, reading the streams
+// once in forward; its backward writes the whole stream gradient of both ops at once, plus
+// `grad_x` when given (the gradient that reaches x from elsewhere, e.g. post_res).
 #include <Python.h>
 #include <torch/library.h>
 
@@ -19,6 +23,13 @@ TORCH_LIBRARY(mhc_megatron, m) {
   m.def(
       "mappings_bwd(Tensor grad_pre, Tensor grad_post, Tensor grad_res, Tensor x, Tensor phi,"
       " Tensor alpha, Tensor bias, Tensor saved, int iters)"
+      " -> (Tensor grad_x, Tensor grad_phi, Tensor grad_alpha, Tensor grad_bias)");
+  m.def(
+      "mappings_pre_fwd(Tensor x, Tensor phi, Tensor alpha, Tensor bias, int iters, float eps)"
+      " -> (Tensor layer_input, Tensor h_pre, Tensor h_post, Tensor h_res, Tensor saved)");
+  m.def(
+      "mappings_pre_bwd(Tensor grad_input, Tensor grad_pre, Tensor grad_post, Tensor grad_res, Tensor? grad_x,"
+      " Tensor x, Tensor phi, Tensor alpha, Tensor bias, Tensor h_pre, Tensor saved, int iters)"
       " -> (Tensor grad_x, Tensor grad_phi, Tensor grad_alpha, Tensor grad_bias)");
   m.def("pre_fwd(Tensor x, Tensor h_pre) -> Tensor");
   m.def("pre_bwd(Tensor grad_out, Tensor x, Tensor h_pre) -> (Tensor grad_x, Tensor grad_h_pre)");

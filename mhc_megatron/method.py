@@ -72,15 +72,6 @@ def connection_kept_bytes(n: int, hidden: int, element_bytes: int, state_fractio
     return state_fraction * n * hidden * element_bytes + coefficient_bytes(n)
 
 
-def connection_elements_moved(hc_mode: str, n: int, hidden: int) -> int:
-    """Elements one sub-layer's connection reads plus writes per token in forward (backward moves
-    twice as many): the residual add reads 2C and writes C; naive HC reads ``(5n+1) C + n^2 + 2n``
-    and writes ``(3n+1) C + n^2 + 2n``; fused mHC reads ``(3n+1) C`` and writes ``(n+1) C``."""
-    if hc_mode == "residual":
-        return 3 * hidden
-    if hc_mode == "hc":
-        return (8 * n + 2) * hidden + 2 * num_mapping_columns(n)
-    return (4 * n + 2) * hidden
 
 
 @dataclass(frozen=True)
@@ -101,7 +92,7 @@ class OpBytes:
         return tokens * self.backward_per_token + self.backward_per_call
 
 
-FUSED_OPS = ("sinkhorn", "mappings", "pre", "post_res")
+FUSED_OPS = ("sinkhorn", "mappings", "mappings_pre", "pre", "post_res")
 
 
 def fused_op_bytes(op: str, n: int, hidden: int, stream_bytes: int, coefficient_bytes: int = FLOAT32_BYTES) -> OpBytes:
@@ -114,6 +105,9 @@ def fused_op_bytes(op: str, n: int, hidden: int, stream_bytes: int, coefficient_
     * mappings: ``S + K a + (K+1) a`` forward (``h_pre``, ``h_post``, ``h_res``, the saved projection
       and 1/r), ``2S + (2K+1) a`` backward, plus ``phi``, ``alpha``, ``bias`` per call (and their
       gradients in backward);
+    * mappings_pre (mappings and pre in one op, the one mHC layers run): ``S + R + (2K+1) a``
+      forward, ``2S + R + (2K+1+n) a`` backward (plus ``S`` when it adds a given stream gradient),
+      and the parameters as mappings;
     * pre: ``S + R + n a`` forward, ``2S + R + 2 n a`` backward;
     * post_res: ``2S + R + (n + n^2) a`` forward, ``3S + 2R + 2 (n + n^2) a`` backward.
     """
@@ -123,12 +117,39 @@ def fused_op_bytes(op: str, n: int, hidden: int, stream_bytes: int, coefficient_
     k = num_mapping_columns(n)
     if op == "sinkhorn":
         return OpBytes(2 * n * n * a, 3 * n * n * a)
+    parameters = (n * hidden * k + k + 3) * a
     if op == "mappings":
-        parameters = (n * hidden * k + k + 3) * a
         return OpBytes(streams + (2 * k + 1) * a, 2 * streams + (2 * k + 1) * a, parameters, 2 * parameters)
+    if op == "mappings_pre":
+        return OpBytes(streams + row + (2 * k + 1) * a, 2 * streams + row + (2 * k + 1 + n) * a, parameters,
+                       2 * parameters)
     if op == "pre":
         return OpBytes(streams + row + n * a, 2 * streams + row + 2 * n * a)
     return OpBytes(2 * streams + row + (n + n * n) * a, 3 * streams + 2 * row + 2 * (n + n * n) * a)
+
+
+def connection_bytes_moved(hc_mode: str, n: int, hidden: int, stream_bytes: int,
+                           coefficient_bytes: int = FLOAT32_BYTES) -> tuple[int, int]:
+    """Bytes one sub-layer's connection reads plus writes per token, ``(forward, backward)``, as a
+    layer runs it (``R = C e``, ``S = n R``):
+
+    * residual: the add ``x + f`` (``3R``); in backward, autograd's sum of the two gradients of
+      ``x`` (through the sub-layer and the skip): ``3R``;
+    * mhc: the fused kernels ``mappings_pre`` and ``post_res`` (``fused_op_bytes``), post_res's
+      stream gradient handed to mappings_pre's backward, which reads it (``S``) and writes the
+      sum: no autograd sum;
+    * hc (eager PyTorch, method doc section 4.3): reads ``(5n+1) C + n^2 + 2n`` and writes
+      ``(3n+1) C + n^2 + 2n`` elements in forward, twice as many in backward.
+    """
+    row = hidden * stream_bytes
+    if hc_mode == "residual":
+        return 3 * row, 3 * row
+    if hc_mode == "hc":
+        forward = ((8 * n + 2) * hidden + 2 * num_mapping_columns(n)) * stream_bytes
+        return forward, 2 * forward
+    ops = [fused_op_bytes(op, n, hidden, stream_bytes, coefficient_bytes) for op in ("mappings_pre", "post_res")]
+    return (sum(op.forward_per_token for op in ops),
+            sum(op.backward_per_token for op in ops) + n * row)
 
 
 def norm_and_attention_kept_bytes(hidden: int, element_bytes: int) -> float:

@@ -72,7 +72,7 @@ def per_token(function, *tensors, token_dims: int):
 
 
 def op_outputs(op: str, inputs) -> tuple:
-    """The float64 outputs of ``op`` (``sinkhorn``, ``mappings``, ``pre``, ``post_res``) for the
+    """The float64 outputs of ``op`` (``sinkhorn``, ``mappings``, ``mappings_pre``, ``pre``, ``post_res``) for the
     arguments the public operator takes, tokens on the first dimension, one token at a time."""
     if op == "sinkhorn":
         logits, iters = inputs
@@ -81,8 +81,11 @@ def op_outputs(op: str, inputs) -> tuple:
         x, phi, alpha, bias, iters, eps = inputs
         args = (phi.tolist(), alpha.tolist(), bias.tolist(), iters, eps)
         return per_token(lambda token: mappings_token(token, *args), x, token_dims=1)
+    if op == "mappings_pre":
+        h_pre, h_post, h_res = op_outputs("mappings", inputs)
+        return per_token(pre_token, inputs[0], h_pre, token_dims=1), h_pre, h_post, h_res
     if op == "pre":
         return (per_token(pre_token, *inputs, token_dims=1),)
     if op == "post_res":
         return (per_token(post_res_token, *inputs, token_dims=1),)
-    raise ValueError(f"op must be one of 'sinkhorn', 'mappings', 'pre', 'post_res', got {op!r}")
+    raise ValueError(f"op must be one of 'sinkhorn', 'mappings', 'mappings_pre', 'pre', 'post_res', got {op!r}")

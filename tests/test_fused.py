@@ -13,6 +13,8 @@ weight-gradient reduction of mappings runs over several token chunks. Tolerances
   last place (``FLOOR``) for results where both errors are pure rounding.
 """
 
+import collections
+import contextlib
 import functools
 import math
 import os
@@ -24,18 +26,29 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import loop_reference
 from fused_kernels import require_fused
 from mhc_megatron.modules import HyperConnection
-from mhc_megatron.ops import backends, fused, mhc_mappings, mhc_post_res, mhc_pre, num_mapping_columns, sinkhorn
+from mhc_megatron.ops import (
+    backends,
+    fused,
+    mhc_mappings,
+    mhc_mappings_pre,
+    mhc_post_res,
+    mhc_pre,
+    num_mapping_columns,
+    sinkhorn,
+)
 
 TARGETS = [f"cpu-{level}" for level in fused.CPU_ISA_LEVELS] + ["cuda"]
 STREAMS = [1, 2, 3, 4, 8, 16]
 FLOAT64_TOLERANCE = 1e-10
 FLOOR = {torch.float32: 2e-6, torch.bfloat16: 2e-3}
-OPS = {"sinkhorn": sinkhorn, "mappings": mhc_mappings, "pre": mhc_pre, "post_res": mhc_post_res}
-# 29 tokens: 3 full projection blocks of 8 tokens (mappings), 7 dx blocks of 4, and 3 to 14 float64
+OPS = {"sinkhorn": sinkhorn, "mappings": mhc_mappings, "mappings_pre": mhc_mappings_pre, "pre": mhc_pre,
+       "post_res": mhc_post_res}
+# 29 tokens: 3 full projection blocks of 8 tokens (mappings), dx blocks of up to 4 in 3 to 14 float64
 # SIMD groups of Sinkhorn (8, 4 or 2 lanes by level), each with a ragged tail; hidden 13: one to six
 # full float64 vectors and a partial one, and n*13 values per token leave partial dx and dphi blocks
 # for every n.
@@ -69,7 +82,7 @@ def make_inputs(op: str, n: int, hidden: int, tokens: int, logit_scale: float = 
 
     if op == "sinkhorn":
         return [randn(tokens, n, n, scale=logit_scale), 20]
-    if op == "mappings":
+    if op in ("mappings", "mappings_pre"):
         width = num_mapping_columns(n)
         alpha = torch.tensor([0.7, 1.1, 1.5], dtype=torch.float64) * logit_scale
         return [randn(tokens, n, hidden), randn(n * hidden, width, scale=(n * hidden) ** -0.5), alpha,
@@ -136,11 +149,11 @@ def test_float64_values_and_gradients_match_the_reference_over_several_chunks(op
 
 
 @pytest.mark.parametrize("lead", [(), (2, 3)])
-@pytest.mark.parametrize("op", ["mappings", "pre", "post_res"])
+@pytest.mark.parametrize("op", ["mappings", "mappings_pre", "pre", "post_res"])
 def test_streams_with_any_leading_dimensions(op, lead, target):
     """x [n, C] or [s, b, n, C] reaches the kernels as it is (no reshape); results as the reference."""
     inputs = make_inputs(op, n=3, hidden=5, tokens=math.prod(lead))
-    if op == "mappings":
+    if op in ("mappings", "mappings_pre"):
         inputs[0] = inputs[0].reshape(*lead, 3, 5)
     else:  # every input is per token: x, then f / h_pre / h_post / h_res
         inputs = [t.reshape(*lead, *t.shape[1:]) for t in inputs]
@@ -167,7 +180,7 @@ def test_low_precision_within_twice_the_reference_error(op, dtype, target):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("op", ["sinkhorn", "mappings"])
+@pytest.mark.parametrize("op", ["sinkhorn", "mappings", "mappings_pre"])
 def test_large_logits_stay_finite_and_match(op, dtype, target):
     """Logits spread by ~100s: exp underflows for whole columns; the log domain must hold."""
     inputs = make_inputs(op, n=4, hidden=16, tokens=8, logit_scale=300.0)
@@ -253,9 +266,72 @@ def test_compiled_module_with_fused_ops_matches_eager_reference(device):
 
     want = out_and_grads(module, "reference")
     got = out_and_grads(torch.compile(module, fullgraph=True, backend=recording_inductor), "fused")
-    assert any("mhc_megatron.mappings_fwd" in code and "mhc_megatron.post_res_fwd" in code for code in graphs)
+    assert any("mhc_megatron.mappings_pre_fwd" in code and "mhc_megatron.post_res_fwd" in code for code in graphs)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=2e-5, rtol=2e-5)
+
+
+class OpCounts(TorchDispatchMode):
+    """Counts the ops that run, by name, and the stream-shaped additions among them."""
+
+    def __init__(self, stream_shape):
+        super().__init__()
+        self.stream_shape = tuple(stream_shape)
+        self.calls = collections.Counter()
+        self.stream_additions = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls[func._opname] += 1
+        if func._opname in ("add", "add_") and any(
+                isinstance(a, torch.Tensor) and a.numel() == math.prod(self.stream_shape) for a in args):
+            self.stream_additions += 1
+        return func(*args, **(kwargs or {}))
+
+
+def connection_gradients(module, streams, backend, hand_off=True, fused_op=None):
+    """Gradients of a fixed loss of ``module(streams, tanh)`` w.r.t. the streams and the parameters,
+    and the ops its backward ran; ``hand_off=False`` runs the layer's ops without the stream gradient
+    hand-off (``Mixing.stream_gradient`` dropped); ``fused_op``: that op on the fused backend."""
+    x = streams.clone().requires_grad_()
+    one_op = backends.use_backend("fused", op=fused_op) if fused_op else contextlib.nullcontext()
+    with backends.use_backend(backend), one_op:
+        layer_input, mixing = module.pre(x)
+        if not hand_off:
+            mixing = mixing._replace(stream_gradient=None)
+        out = module.post_res(x, torch.tanh(layer_input), mixing)
+        counts = OpCounts(streams.shape)
+        with counts:
+            grads = torch.autograd.grad(out.square().sum(), (x, *module.parameters()))
+    return [g.cpu() for g in grads], counts
+
+
+def test_the_stream_gradient_is_written_once_and_matches_the_reference(target):
+    """post_res hands its gradient of the streams to mappings_pre's backward, which writes the sum:
+    no addition of stream-sized tensors in backward (without the hand-off autograd makes one), and
+    the gradients of the streams and every parameter as the reference's in float64."""
+    torch.manual_seed(0)
+    module = HyperConnection(hidden_size=13, num_streams=4, mode="mhc", alpha_init=0.5).double().to(target)
+    streams = torch.randn(7, 3, 4 * 13, dtype=torch.float64, device=target)
+    want, _ = connection_gradients(module, streams, "reference")
+    got, counts = connection_gradients(module, streams, "fused")
+    assert counts.calls["mappings_pre_bwd"] == 1 and counts.calls["post_res_bwd"] == 1
+    assert counts.stream_additions == 0, counts.calls
+    assert relative_error(got, want) <= FLOAT64_TOLERANCE
+    unhanded, counts = connection_gradients(module, streams, "fused", hand_off=False)
+    assert counts.stream_additions == 1, counts.calls
+    assert relative_error(unhanded, want) <= FLOAT64_TOLERANCE
+
+
+@pytest.mark.parametrize("fused_op", ["mappings_pre", "post_res"])
+def test_the_hand_off_needs_both_ops_fused(fused_op, target):
+    """With only one of the two ops on the fused backend, no gradient is handed off, none is lost."""
+    torch.manual_seed(0)
+    module = HyperConnection(hidden_size=13, num_streams=3, mode="mhc", alpha_init=0.5).double().to(target)
+    streams = torch.randn(5, 3 * 13, dtype=torch.float64, device=target)
+    want, _ = connection_gradients(module, streams, "reference")
+    got, counts = connection_gradients(module, streams, "reference", fused_op=fused_op)
+    assert counts.calls[f"{fused_op}_bwd"] == 1
+    assert relative_error(got, want) <= FLOAT64_TOLERANCE
 
 
 # ---------------------------------------------------------------- choosing the CPU level

@@ -13,7 +13,15 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from fused_kernels import require_fused
 from mhc_megatron.method import FUSED_OPS, fused_op_bytes
-from mhc_megatron.ops import backends, mhc_mappings, mhc_post_res, mhc_pre, num_mapping_columns, sinkhorn
+from mhc_megatron.ops import (
+    backends,
+    mhc_mappings,
+    mhc_mappings_pre,
+    mhc_post_res,
+    mhc_pre,
+    num_mapping_columns,
+    sinkhorn,
+)
 
 
 class BytesPerOp(TorchDispatchMode):
@@ -38,8 +46,9 @@ def op_inputs(op, tokens, n, hidden, dtype):
     if op == "sinkhorn":
         return sinkhorn, [leaf(tokens, n, n)]
     x = leaf(tokens, n, hidden, dt=dtype)
-    if op == "mappings":
-        return mhc_mappings, [x, leaf(n * hidden, num_mapping_columns(n)), leaf(3), leaf(num_mapping_columns(n))]
+    if op in ("mappings", "mappings_pre"):
+        function = mhc_mappings if op == "mappings" else mhc_mappings_pre
+        return function, [x, leaf(n * hidden, num_mapping_columns(n)), leaf(3), leaf(num_mapping_columns(n))]
     if op == "pre":
         return mhc_pre, [x, leaf(tokens, n)]
     return mhc_post_res, [x, leaf(tokens, hidden, dt=dtype), leaf(tokens, n), leaf(tokens, n, n)]
@@ -62,5 +71,5 @@ def test_each_kernel_moves_what_the_account_says(op, n, dtype):
 
 
 def test_the_account_refuses_an_unknown_op():
-    with pytest.raises(ValueError, match="op must be one of 'sinkhorn', 'mappings', 'pre', 'post_res', got 'hc'"):
+    with pytest.raises(ValueError, match="op must be one of 'sinkhorn', 'mappings', 'mappings_pre', 'pre', 'post_res', got 'hc'"):
         fused_op_bytes("hc", 4, 8, 4)

@@ -1,8 +1,9 @@
 """Time each mHC operator, forward and backward, for the backends reference | compile | fused.
 
-For every op (sinkhorn, mappings, pre, post_res, and ``hc``: the full hyper-connection of one
-sub-layer, mappings + pre + post_res with an identity sub-layer) and backend it reports the median
-time of the forward and of forward + backward (backward = the difference), the bytes of the op's
+For every op (sinkhorn, mappings, mappings_pre, pre, post_res, and ``hc``: the full hyper-connection
+of one sub-layer as an mHC layer runs it, mappings_pre + post_res with an identity sub-layer) and
+backend it reports the median time of the forward and of forward + backward (backward = the
+difference), the bytes of the op's
 minimal memory traffic (every input read once, every output written once), the achieved GB/s and
 its fraction of the device's copy bandwidth, measured in the same run. Writes everything as JSON.
 """
@@ -21,9 +22,18 @@ from collections.abc import Callable
 import torch
 
 from mhc_megatron.method import SINKHORN_ITERS, fused_op_bytes
-from mhc_megatron.ops import backends, fused, mhc_mappings, mhc_post_res, mhc_pre, num_mapping_columns, sinkhorn
+from mhc_megatron.ops import (
+    backends,
+    fused,
+    mhc_mappings,
+    mhc_mappings_pre,
+    mhc_post_res,
+    mhc_pre,
+    num_mapping_columns,
+    sinkhorn,
+)
 
-OPS = ("sinkhorn", "mappings", "pre", "post_res", "hc")
+OPS = ("sinkhorn", "mappings", "mappings_pre", "pre", "post_res", "hc")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 DEFAULTS = {  # device type -> (tokens, hidden, streams, dtype)
     "cpu": (4096, 1024, 4, "float32"),
@@ -80,9 +90,9 @@ def copy_bandwidth(device: torch.device, timer: Timer) -> float:
 
 
 def traffic(op: str, tokens: int, hidden: int, n: int, stream_bytes: int, coefficient_bytes: int) -> tuple[int, int]:
-    """``(forward, backward)`` bytes of ``op`` (a fused op, or ``hc``: mappings + pre + post_res)
+    """``(forward, backward)`` bytes of ``op`` (a fused op, or ``hc``: mappings_pre + post_res)
     from the byte account of ``method.fused_op_bytes``: what the fused kernels read plus write."""
-    ops = ("mappings", "pre", "post_res") if op == "hc" else (op,)
+    ops = ("mappings_pre", "post_res") if op == "hc" else (op,)
     accounts = [fused_op_bytes(name, n, hidden, stream_bytes, coefficient_bytes) for name in ops]
     return sum(a.forward(tokens) for a in accounts), sum(a.backward(tokens) for a in accounts)
 
@@ -103,13 +113,14 @@ def make_case(op: str, tokens: int, hidden: int, n: int, dtype: torch.dtype, ite
     f = leaf(tokens, hidden, dt=dtype)
 
     def hc():
-        pre, post, res = mhc_mappings(x, phi, alpha, bias, iters)
-        return mhc_post_res(x, mhc_pre(x, pre), post, res)
+        layer_input, _, post, res = mhc_mappings_pre(x, phi, alpha, bias, iters)
+        return mhc_post_res(x, layer_input, post, res)
 
     logits = leaf(tokens, n, n)
     cases = {
         "sinkhorn": ((lambda: sinkhorn(logits, iters)), [logits]),
         "mappings": ((lambda: mhc_mappings(x, phi, alpha, bias, iters)), [x, phi, alpha, bias]),
+        "mappings_pre": ((lambda: mhc_mappings_pre(x, phi, alpha, bias, iters)), [x, phi, alpha, bias]),
         "pre": ((lambda: mhc_pre(x, h_pre)), [x, h_pre]),
         "post_res": ((lambda: mhc_post_res(x, f, h_post, h_res)), [x, f, h_post, h_res]),
         "hc": (hc, [x, phi, alpha, bias]),

@@ -11,8 +11,10 @@ of the step). The parts (``PARTS``):
   (the last layer), forward and backward;
 - ``mappings``: the connection's coefficients ``h_pre, h_post, h_res`` (mHC: projection and
   Sinkhorn; HC: tanh of the normalised projection), forward and backward, the accumulation of
-  their parameters' gradients included;
-- ``pre``: reading the sub-layer input ``u = h_pre x`` from the streams;
+  their parameters' gradients included; for mHC also the sub-layer input ``u = h_pre x``, which
+  its fused op ``mhc_mappings_pre`` computes with them (one read of the streams);
+- ``pre``: reading the sub-layer input ``u = h_pre x`` from the streams, where it is an op of its
+  own (HC);
 - ``post_res``: writing the next streams ``h_res x + h_post f``; in residual mode the residual add
   ``x + f``;
 - ``layer``: the megatron layer proper: norms, attention, MLP, bias and dropout, and the
@@ -26,15 +28,15 @@ of the step). The parts (``PARTS``):
   tables), the work between layers, zeroing the gradient buffers, ``finalize_model_grads``.
 
 How. Forward: calls made with autograd on are wrapped while recording (the connections'
-``mappings``, ``read`` and ``post_res``, the first layer's ``_stream_state``, the collapse, the
+``mappings_and_read`` (mHC) or ``mappings`` and ``read`` (HC), and ``post_res``, the first layer's ``_stream_state``, the collapse, the
 embedding, each layer, block recompute's ``after_sublayer``, the optimizer's ``step`` and
 ``zero_grad``): the time inside a call goes to its part, nested calls to theirs. Backward: the CPU
 autograd engine runs the graph's nodes one at a time in this thread, among the ready nodes the most
 recently created first, so the backward of an op starts when the gradient of its output is complete.
 A tensor hook on each wrapped op's output (and on the sub-layer output ``f``, for ``layer``)
 switches the part there, and the op's backward lasts until the next switch. Per sub-layer that is
-``x'`` (post_res) -> ``f`` (layer) -> ``u`` (pre) -> ``h_pre, h_post, h_res`` (mappings) -> ``x``
-(post_res of the sub-layer before). Calls without autograd (block recompute's replays, made by its
+``x'`` (post_res) -> ``f`` (layer) -> ``u`` (pre; mHC: mappings) -> ``h_pre, h_post, h_res``
+(mappings) -> ``x`` (post_res of the sub-layer before). Calls without autograd (block recompute's replays, made by its
 rebuild in backward) stay in the part that made them: ``recompute``, through the tracker's
 ``_rebuild``, wrapped too.
 
@@ -162,6 +164,11 @@ def _mappings_gradients(clock: _Clock, coefficients, *args, **kwargs) -> None:
         clock.on_gradient(tensor, "mappings")
 
 
+def _mappings_and_read_gradients(clock: _Clock, outputs, *args, **kwargs) -> None:
+    for tensor in outputs:  # layer_input, h_pre, h_post, h_res: one fused op
+        clock.on_gradient(tensor, "mappings")
+
+
 def _read_gradients(clock: _Clock, layer_input, streams, *args, **kwargs) -> None:
     clock.on_gradient(layer_input, "pre")
 
@@ -224,7 +231,9 @@ class StepParts:
             last = index == len(self.layers) - 1
             patches.charge_module(layer, "layer", clock, after=(lambda output: clock.switch("head")) if last else None)
             for connection in (layer.attention_hyper_connection, layer.mlp_hyper_connection):
-                if connection.mode != "residual":
+                if connection.mode == "mhc":
+                    patches.wrap(connection, "mappings_and_read", "mappings", clock, _mappings_and_read_gradients)
+                elif connection.mode == "hc":
                     patches.wrap(connection, "mappings", "mappings", clock, _mappings_gradients)
                     patches.wrap(connection, "read", "pre", clock, _read_gradients)
                 patches.wrap(connection, "post_res", "post_res", clock, _post_res_gradients)

@@ -32,17 +32,20 @@ from torch import nn
 
 from mhc_megatron.method import ALPHA_INIT, EPS, HC_MODES, NUM_STREAMS, SINKHORN_ITERS
 from mhc_megatron.modules.streams import as_stream_matrix
-from mhc_megatron.ops import mhc_mappings, mhc_post_res, mhc_pre, num_mapping_columns
+from mhc_megatron.ops import mhc_mappings, mhc_mappings_pre, mhc_post_res, mhc_pre, num_mapping_columns
 from mhc_megatron.ops.checks import check_choice, check_int, check_positive_float, coefficient_dtype
+from mhc_megatron.ops.fused import StreamGradient
 
 
 class Mixing(NamedTuple):
-    """The coefficients ``pre`` computed: ``h_post [..., n]`` and ``h_res [..., n, n]`` for
-    ``post_res``, and ``h_pre [..., n]``, with which ``read`` recomputes the sub-layer input."""
+    """What ``pre`` computed for ``post_res``: the coefficients ``h_post [..., n]`` and ``h_res
+    [..., n, n]``; ``h_pre [..., n]``, with which ``read`` recomputes the sub-layer input; and (mHC)
+    the hand-off of the stream gradient from post_res's backward to the mappings' (``StreamGradient``)."""
 
     h_post: torch.Tensor
     h_res: torch.Tensor
     h_pre: torch.Tensor
+    stream_gradient: StreamGradient | None = None
 
 
 class HyperConnection(nn.Module):
@@ -132,10 +135,23 @@ class HyperConnection(nn.Module):
         if self.mode == "residual":
             as_stream_matrix(streams, 1, self.hidden_size)
             return streams, None
-        h_pre, h_post, h_res = self.mappings(as_stream_matrix(streams, self.num_streams, self.hidden_size))
+        stream_gradient = StreamGradient() if self.mode == "mhc" else None
+        layer_input, h_pre, h_post, h_res = self.mappings_and_read(streams, stream_gradient)
         if self.mapping_observer is not None:
             self.mapping_observer(self, h_res.detach())
-        return self.read(streams, h_pre), Mixing(h_post, h_res, h_pre)
+        return layer_input, Mixing(h_post, h_res, h_pre, stream_gradient)
+
+    def mappings_and_read(
+        self, streams: torch.Tensor, stream_gradient: StreamGradient | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(layer_input [..., C], h_pre, h_post, h_res)`` from ``streams [..., n*C]``: ``mhc`` in one
+        op (``mhc_mappings_pre``: the fused kernels read the streams once; ``stream_gradient`` as
+        there), ``hc`` as ``mappings`` then ``read``."""
+        x = as_stream_matrix(streams, self.num_streams, self.hidden_size)
+        if self.mode == "mhc":
+            return mhc_mappings_pre(x, self.phi, self.alpha, self.bias, self.sinkhorn_iters, self.eps, stream_gradient)
+        h_pre, h_post, h_res = self.mappings(x)
+        return self.read(streams, h_pre), h_pre, h_post, h_res
 
     def read(self, streams: torch.Tensor, h_pre: torch.Tensor) -> torch.Tensor:
         """The sub-layer input ``h_pre x [..., C]`` from ``streams [..., n*C]`` and ``h_pre [..., n]``."""
@@ -156,7 +172,7 @@ class HyperConnection(nn.Module):
         if mixing is None:
             raise ValueError(f"mode {self.mode!r} needs the mixing returned by pre(), got None")
         x = as_stream_matrix(streams, self.num_streams, self.hidden_size)
-        return mhc_post_res(x, output, mixing.h_post, mixing.h_res).flatten(-2)
+        return mhc_post_res(x, output, mixing.h_post, mixing.h_res, mixing.stream_gradient).flatten(-2)
 
     def forward(
         self, streams: torch.Tensor, sublayer: Callable[[torch.Tensor], torch.Tensor]

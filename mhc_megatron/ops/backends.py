@@ -22,7 +22,7 @@ import torch
 from mhc_megatron.ops import fused
 from mhc_megatron.ops.checks import check_choice
 
-OPS = ("sinkhorn", "mappings", "pre", "post_res")
+OPS = ("sinkhorn", "mappings", "mappings_pre", "pre", "post_res")
 BACKENDS = ("reference", "compile", "fused")
 ENV_VAR = "MHC_BACKEND"
 

@@ -1,8 +1,8 @@
 """The fused C++/CUDA operators (``torch.ops.mhc_megatron.*``) with autograd and fake tensors.
 
 The extension ``mhc_megatron._C`` (built from ``kernels/`` by setup.py, see kernels/extension.py)
-defines the ops ``{sinkhorn, mappings, pre, post_res}_{fwd, bwd}`` and their CPU and CUDA
-kernels. This module registers, when the extension is present:
+defines the ops ``{sinkhorn, mappings, mappings_pre, pre, post_res}_{fwd, bwd}`` and their CPU and
+CUDA kernels. This module registers, when the extension is present:
 
 * fake (meta) implementations, so ``torch.compile`` traces the ops without a graph break;
 * autograd: each ``*_fwd`` op is differentiated by its ``*_bwd`` op.
@@ -111,6 +111,21 @@ def mappings(x, phi, alpha, bias, iters, eps):
     return h_pre.reshape(*lead, n), h_post.reshape(*lead, n), h_res.reshape(*lead, n, n)
 
 
+def mappings_pre(x, phi, alpha, bias, iters, eps, stream_gradient: StreamGradient | None = None):
+    """As the reference; with ``stream_gradient``, its backward adds the gradient post_res hands off."""
+    n = x.shape[-2]
+    lead = x.shape[:-2]
+    dtype = coefficient_dtype(x.dtype)
+    args = (x.contiguous(), _coefficients(phi, dtype), _coefficients(alpha, dtype), _coefficients(bias, dtype),
+            iters, eps)
+    if _hands_off(stream_gradient):
+        outputs = _MappingsPreHandingOff.apply(*args, stream_gradient)
+    else:
+        outputs = torch.ops.mhc_megatron.mappings_pre_fwd(*args)
+    layer_input, h_pre, h_post, h_res, _ = outputs
+    return layer_input, h_pre.reshape(*lead, n), h_post.reshape(*lead, n), h_res.reshape(*lead, n, n)
+
+
 def pre(x: torch.Tensor, h_pre: torch.Tensor) -> torch.Tensor:
     n = x.shape[-2]
     return torch.ops.mhc_megatron.pre_fwd(
@@ -118,19 +133,117 @@ def pre(x: torch.Tensor, h_pre: torch.Tensor) -> torch.Tensor:
     )
 
 
-def post_res(x: torch.Tensor, f: torch.Tensor, h_post: torch.Tensor, h_res: torch.Tensor) -> torch.Tensor:
-    """As the reference, except that ``f`` is cast to the dtype of ``x`` first when they differ."""
+def post_res(x: torch.Tensor, f: torch.Tensor, h_post: torch.Tensor, h_res: torch.Tensor,
+             stream_gradient: StreamGradient | None = None) -> torch.Tensor:
+    """As the reference, except that ``f`` is cast to the dtype of ``x`` first when they differ; with
+    ``stream_gradient`` accepting (its fused mappings_pre ran), the gradient of ``x`` is handed off."""
     n = x.shape[-2]
     dtype = coefficient_dtype(x.dtype)
-    return torch.ops.mhc_megatron.post_res_fwd(
-        x.contiguous(), f.to(x.dtype).contiguous(),
-        _coefficients(h_post, dtype).reshape(-1, n), _coefficients(h_res, dtype).reshape(-1, n, n),
-    )
+    args = (x.contiguous(), f.to(x.dtype).contiguous(), _coefficients(h_post, dtype).reshape(-1, n),
+            _coefficients(h_res, dtype).reshape(-1, n, n))
+    if _hands_off(stream_gradient) and stream_gradient.accepting:
+        return _PostResHandingOff.apply(*args, stream_gradient)
+    return torch.ops.mhc_megatron.post_res_fwd(*args)
 
 
 def _grad(grad: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     """An output gradient as the kernels take it: dense, contiguous, in the output's dtype."""
     return torch.zeros_like(like) if grad is None else grad.to(like.dtype).contiguous()
+
+
+class StreamGradient:
+    """The hand-off of one connection's stream gradient from ``post_res`` to ``mappings_pre``.
+
+    The streams ``x`` of a sub-layer feed both ops, so autograd would add their two gradients of
+    ``x`` (a pass over ``3 n C`` values per token). With a hand-off, post_res's backward keeps its
+    gradient here and returns none, and mappings_pre's backward, which runs after it (post_res
+    reads its outputs), adds it while writing its own: the stream gradient is written once.
+    ``accepting`` is set by the fused ``mappings_pre`` that will take it; a ``post_res`` that sees
+    it unset (another backend ran mappings_pre, or it ran without autograd) returns its gradient to
+    autograd as usual.
+    """
+
+    __slots__ = ("accepting", "_grad")
+
+    def __init__(self) -> None:
+        self.accepting = False
+        self._grad: torch.Tensor | None = None
+
+    def put(self, grad: torch.Tensor) -> None:
+        self._grad = grad if self._grad is None else self._grad + grad
+
+    def take(self) -> torch.Tensor | None:
+        grad, self._grad = self._grad, None
+        return grad
+
+
+def _hands_off(stream_gradient: StreamGradient | None) -> bool:
+    """Whether an op takes part in ``stream_gradient``'s hand-off now: eager code recording autograd
+    (a compiled graph differentiates the registered ops, without it)."""
+    return stream_gradient is not None and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+
+
+def _mappings_pre_setup(ctx, inputs, output) -> None:
+    x, phi, alpha, bias, ctx.iters, _ = inputs
+    _, h_pre, h_post, h_res, saved = output
+    ctx.save_for_backward(x, phi, alpha, bias, h_pre, h_post, h_res, saved)
+    ctx.stream_gradient = None
+
+
+def _mappings_pre_backward(ctx, grad_input, grad_pre, grad_post, grad_res, _grad_saved):
+    x, phi, alpha, bias, h_pre, h_post, h_res, saved = ctx.saved_tensors
+    handed = None if ctx.stream_gradient is None else ctx.stream_gradient.take()
+    grads = torch.ops.mhc_megatron.mappings_pre_bwd(
+        _grad(grad_input, x[..., 0, :]), _grad(grad_pre, h_pre), _grad(grad_post, h_post),
+        _grad(grad_res, h_res), None if handed is None else _grad(handed, x), x, phi, alpha, bias, h_pre, saved,
+        ctx.iters,
+    )
+    return (*grads, None, None)
+
+
+def _post_res_setup(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs)
+    ctx.stream_gradient = None
+
+
+def _post_res_backward(ctx, grad):
+    x, f, h_post, h_res = ctx.saved_tensors
+    grads = torch.ops.mhc_megatron.post_res_bwd(_grad(grad, x), x, f, h_post, h_res)
+    if ctx.stream_gradient is None:
+        return grads
+    ctx.stream_gradient.put(grads[0])
+    return None, *grads[1:]
+
+
+class _MappingsPreHandingOff(torch.autograd.Function):
+    """``mappings_pre_fwd`` whose backward adds the gradient ``post_res`` hands off."""
+
+    @staticmethod
+    def forward(ctx, x, phi, alpha, bias, iters, eps, stream_gradient):
+        output = torch.ops.mhc_megatron.mappings_pre_fwd(x, phi, alpha, bias, iters, eps)
+        _mappings_pre_setup(ctx, (x, phi, alpha, bias, iters, eps), output)
+        ctx.stream_gradient = stream_gradient
+        stream_gradient.accepting = True
+        ctx.mark_non_differentiable(output[4])
+        return output
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return *_mappings_pre_backward(ctx, *grads), None
+
+
+class _PostResHandingOff(torch.autograd.Function):
+    """``post_res_fwd`` whose backward hands the gradient of ``x`` off instead of returning it."""
+
+    @staticmethod
+    def forward(ctx, x, f, h_post, h_res, stream_gradient):
+        _post_res_setup(ctx, (x, f, h_post, h_res), None)
+        ctx.stream_gradient = stream_gradient
+        return torch.ops.mhc_megatron.post_res_fwd(x, f, h_post, h_res)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return *_post_res_backward(ctx, grad), None
 
 
 def _register() -> None:
@@ -145,13 +258,21 @@ def _register() -> None:
         return torch.empty_like(logits)
 
     @torch.library.register_fake(lib + "mappings_fwd")
-    def _(x, phi, alpha, bias, iters, eps):
+    def mappings_fake(x, phi, alpha, bias, iters, eps):
         tokens, n = x.shape[:-2].numel(), x.shape[-2]
         return (phi.new_empty(tokens, n), phi.new_empty(tokens, n), phi.new_empty(tokens, n, n),
                 phi.new_empty(tokens, n * n + 2 * n + 1))
 
     @torch.library.register_fake(lib + "mappings_bwd")
     def _(grad_pre, grad_post, grad_res, x, phi, alpha, bias, saved, iters):
+        return torch.empty_like(x), torch.empty_like(phi), torch.empty_like(alpha), torch.empty_like(bias)
+
+    @torch.library.register_fake(lib + "mappings_pre_fwd")
+    def _(x, phi, alpha, bias, iters, eps):
+        return (x.new_empty(*x.shape[:-2], x.shape[-1]), *mappings_fake(x, phi, alpha, bias, iters, eps))
+
+    @torch.library.register_fake(lib + "mappings_pre_bwd")
+    def _(grad_input, grad_pre, grad_post, grad_res, grad_x, x, phi, alpha, bias, h_pre, saved, iters):
         return torch.empty_like(x), torch.empty_like(phi), torch.empty_like(alpha), torch.empty_like(bias)
 
     @torch.library.register_fake(lib + "pre_fwd")
@@ -197,17 +318,12 @@ def _register() -> None:
         x, h_pre = ctx.saved_tensors
         return torch.ops.mhc_megatron.pre_bwd(_grad(grad, x[..., 0, :]), x, h_pre)
 
-    def post_res_setup(ctx, inputs, output):
-        ctx.save_for_backward(*inputs)
-
-    def post_res_backward(ctx, grad):
-        x, f, h_post, h_res = ctx.saved_tensors
-        return torch.ops.mhc_megatron.post_res_bwd(_grad(grad, x), x, f, h_post, h_res)
-
     torch.library.register_autograd(lib + "sinkhorn_fwd", sinkhorn_backward, setup_context=sinkhorn_setup)
     torch.library.register_autograd(lib + "mappings_fwd", mappings_backward, setup_context=mappings_setup)
+    torch.library.register_autograd(lib + "mappings_pre_fwd", _mappings_pre_backward,
+                                    setup_context=_mappings_pre_setup)
     torch.library.register_autograd(lib + "pre_fwd", pre_backward, setup_context=pre_setup)
-    torch.library.register_autograd(lib + "post_res_fwd", post_res_backward, setup_context=post_res_setup)
+    torch.library.register_autograd(lib + "post_res_fwd", _post_res_backward, setup_context=_post_res_setup)
 
 
 if _C is not None:

@@ -79,6 +79,14 @@ def mhc_mappings(
         ``(h_pre [..., n], h_post [..., n], h_res [..., n, n])`` in float32 (float64 when ``x`` is
         float64). ``h_res[..., i, j]`` is the weight of input stream j in output stream i.
     """
+    iters, eps = check_mapping_arguments(x, phi, alpha, bias, iters, eps)
+    return backends.run("mappings", mappings_reference, fused.mappings, x, phi, alpha, bias, iters, eps)
+
+
+def check_mapping_arguments(
+    x: torch.Tensor, phi: torch.Tensor, alpha: torch.Tensor, bias: torch.Tensor, iters: int, eps: float
+) -> tuple[int, float]:
+    """Validate the arguments of ``mhc_mappings`` (and ``mhc_mappings_pre``); ``(iters, eps)`` as numbers."""
     n, hidden = check_streams("x", x)
     phi = check_floating("phi", phi)
     alpha = check_floating("alpha", alpha)
@@ -91,7 +99,7 @@ def mhc_mappings(
     check_shape("alpha", alpha, (3,), "(pre, post, res)")
     check_shape("bias", bias, (width,), f"(n*n + 2*n) for n={n}")
     check_same_device(x=x, phi=phi, alpha=alpha, bias=bias)
-    return backends.run("mappings", mappings_reference, fused.mappings, x, phi, alpha, bias, iters, eps)
+    return iters, eps
 
 
 def mappings_reference(

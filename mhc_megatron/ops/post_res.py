@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from mhc_megatron.ops import backends, fused
@@ -15,7 +17,11 @@ from mhc_megatron.ops.mappings import check_streams
 
 
 def mhc_post_res(
-    x: torch.Tensor, f: torch.Tensor, h_post: torch.Tensor, h_res: torch.Tensor
+    x: torch.Tensor,
+    f: torch.Tensor,
+    h_post: torch.Tensor,
+    h_res: torch.Tensor,
+    stream_gradient: fused.StreamGradient | None = None,
 ) -> torch.Tensor:
     """Next stream state from the current streams and the sub-layer output.
 
@@ -25,6 +31,7 @@ def mhc_post_res(
         h_post: ``[..., n]`` write weights.
         h_res: ``[..., n, n]`` mixing matrices, ``h_res[..., i, j]`` = weight of input stream j in
             output stream i.
+        stream_gradient: the one ``mhc_mappings_pre`` of this connection got (see there).
 
     Returns:
         ``[..., n, C]`` in the dtype of ``x``, accumulated in float32 (float64 for float64 ``x``).
@@ -38,7 +45,8 @@ def mhc_post_res(
     check_shape("h_post", h_post, (*lead, n), "[..., n] with the leading dimensions of x")
     check_shape("h_res", h_res, (*lead, n, n), "[..., n, n] with the leading dimensions of x")
     check_same_device(x=x, f=f, h_post=h_post, h_res=h_res)
-    return backends.run("post_res", post_res_reference, fused.post_res, x, f, h_post, h_res)
+    fused_op = functools.partial(fused.post_res, stream_gradient=stream_gradient)
+    return backends.run("post_res", post_res_reference, fused_op, x, f, h_post, h_res)
 
 
 def post_res_reference(

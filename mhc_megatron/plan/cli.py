@@ -135,12 +135,13 @@ def _explain(results: dict[str, Evaluation], layout: Layout) -> None:
     """Split mHC's extra step time into its causes (per step, over the busiest stage's passes)."""
     mhc, residual = results["mhc"], results["residual"]
     passes = mhc.micro_batches * mhc.model.num_layers // layout.pp
-    connection = passes * 3 * (mhc.layer.connection_forward - residual.layer.connection_forward)
+    traffic = {name: e.layer.connection_forward + e.layer.connection_backward for name, e in results.items()}
+    connection = passes * (traffic["mhc"] - traffic["residual"])
     recompute = passes * (mhc.layer.recompute - residual.layer.recompute)
     transfers = mhc.comm_cost - residual.comm_cost
     extra = mhc.step_time - residual.step_time
     print(f"mHC's extra {extra * 1e3:.1f} ms per step ({100 * mhc.overhead:+.1f} %): connection kernels "
-          f"{connection * 1e3:.1f} ms (forward + backward, {mhc.layer.connection_forward / max(residual.layer.connection_forward, 1e-30):.1f}x "
+          f"{connection * 1e3:.1f} ms (forward + backward, {traffic["mhc"] / max(traffic["residual"], 1e-30):.1f}x "
           f"the residual add's traffic), recompute replay {recompute * 1e3:.1f} ms, stage-to-stage transfers "
           f"{transfers * 1e3:.1f} ms (n x the bytes), the rest {(extra - connection - recompute - transfers) * 1e3:+.1f} ms "
           "(bubbles scale with the longer passes; with overlap, compute hides communication)")

@@ -6,13 +6,13 @@ Per layer and micro-batch (``T = s b`` tokens, ``e`` bytes per element, ``C`` hi
   projections ``2 C (C + 2 C_kv) + 2 C^2``, causal attention ``2 s C`` (flash attention skips the
   masked half), the MLP ``2 k C F`` (``k`` = 3 with SwiGLU, else 2) or, for MoE, the router ``2 C E``
   plus ``topk`` experts and the shared one; backward is twice the forward. Split over ``tp``.
-- **The connection** (memory-bound, at ``cluster.memory_bandwidth``), elements moved per token and
-  sub-layer in forward (method doc, section 4.3; ``method.connection_elements_moved``): residual
-  reads 2C and writes C; naive HC reads ``(5n+1) C + n^2 + 2n`` and writes ``(3n+1) C + n^2 + 2n``;
-  fused mHC reads ``(3n+1) C`` and writes ``(n+1) C`` (the fused post_res: ``(n+1) C`` in, ``n C``
-  out). Backward moves twice the forward. Plus the ``phi`` projection (``2 n C (n^2 + 2n)`` FLOPs
-  per token) as a matrix product. Sinkhorn's iterations on n x n per token are left out (a few
-  hundred FLOPs, on chip).
+- **The connection** (memory-bound, at ``cluster.memory_bandwidth``): the bytes one sub-layer's
+  connection moves per token in forward and in backward (``method.connection_bytes_moved``):
+  residual, the add and autograd's sum of two gradients; mHC, the byte account of its fused
+  kernels (``method.fused_op_bytes`` of ``mappings_pre`` and ``post_res``, the stream gradient
+  handed from one to the other); HC, eager PyTorch (method doc, section 4.3), backward twice its forward. Plus
+  the ``phi`` projection (``2 n C (n^2 + 2n)`` FLOPs per token, twice in backward) as a matrix
+  product. Sinkhorn's iterations on n x n per token are left out (a few hundred FLOPs, on chip).
 - **Recompute**: ``block`` rebuilds one sub-layer at a time in backward (docs/memory.md): its state
   by replaying post_res from the block start (``k (k-1) / 2`` post_res per block of ``k``, each
   ``(2n+1) C`` elements), its layer input by ``pre`` (``(n+1) C``), and copies the rebuilt tensors
@@ -44,7 +44,7 @@ from dataclasses import dataclass, replace
 
 from mhc_megatron.method import (
     FLOAT32_BYTES,
-    connection_elements_moved,
+    connection_bytes_moved,
     connection_kept_bytes,
     default_block_size,
     kept_state_fraction,
@@ -123,6 +123,7 @@ class LayerTime:
 
     gemm_forward: float
     connection_forward: float
+    connection_backward: float
     recompute: float  # added to backward
     comm: float  # TP + EP communication per pass
     overlap: bool
@@ -136,7 +137,7 @@ class LayerTime:
 
     @property
     def backward(self) -> float:
-        return self._pass(2 * (self.gemm_forward + self.connection_forward) + self.recompute)
+        return self._pass(2 * self.gemm_forward + self.connection_backward + self.recompute)
 
 
 def layer_time(model: ModelSpec, layout: Layout, cluster: ClusterSpec, layers_per_chunk: int) -> LayerTime:
@@ -145,12 +146,16 @@ def layer_time(model: ModelSpec, layout: Layout, cluster: ClusterSpec, layers_pe
     e, n, c = model.element_bytes, model.num_streams, model.hidden_size
     gemm = tokens * gemm_flops_per_token(model) / layout.tp / cluster.gemm_flops
     sharded = tokens / layout.tp  # sequence parallel: the connection works on its share of tokens
-    connection = 2 * sharded * connection_elements_moved(model.hc_mode, n, c) * e / cluster.memory_bandwidth
+    forward_bytes, backward_bytes = connection_bytes_moved(model.hc_mode, n, c, e)
+    connection_forward = 2 * sharded * forward_bytes / cluster.memory_bandwidth
+    connection_backward = 2 * sharded * backward_bytes / cluster.memory_bandwidth
     if model.hc_mode != "residual":
-        connection += 2 * sharded * 2 * n * c * num_mapping_columns(n) / cluster.gemm_flops
+        projection = 2 * sharded * 2 * n * c * num_mapping_columns(n) / cluster.gemm_flops
+        connection_forward += projection
+        connection_backward += 2 * projection
     recompute = 0.0
     if layout.recompute == "full":
-        recompute = gemm + connection
+        recompute = gemm + connection_forward
     elif model.hc_mode == "mhc" and layout.recompute == "block":
         elements = block_replay_elements_per_layer(model, layers_per_chunk)
         recompute = sharded * elements * e / cluster.memory_bandwidth
@@ -161,7 +166,7 @@ def layer_time(model: ModelSpec, layout: Layout, cluster: ClusterSpec, layers_pe
         in_node = layout.tp * layout.ep <= cluster.gpus_per_node
         bandwidth = cluster.device.intra_node_bandwidth if in_node else cluster.device.inter_node_bandwidth
         comm += 2 * (layout.ep - 1) / layout.ep * sharded * model.moe_router_topk * c * e / bandwidth
-    return LayerTime(gemm, connection, recompute, comm, layout.overlap)
+    return LayerTime(gemm, connection_forward, connection_backward, recompute, comm, layout.overlap)
 
 
 def head_time(model: ModelSpec, layout: Layout, cluster: ClusterSpec) -> float:

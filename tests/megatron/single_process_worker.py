@@ -118,13 +118,13 @@ def check_mhc_layers_run_the_fused_ops(tokens):
     with backends.use_backend("reference"):
         expected = logits_of(model, tokens)
         exact = float64_logits_of(model, "mhc", tokens)
-    calls = {name: 0 for name in ("mappings", "pre", "post_res")}
+    calls = {name: 0 for name in ("mappings_pre", "post_res")}
     originals = {name: getattr(fused, name) for name in calls}
 
     def counting(name):
-        def call(*args):
+        def call(*args, **kwargs):
             calls[name] += 1
-            return originals[name](*args)
+            return originals[name](*args, **kwargs)
         return call
 
     try:

@@ -33,8 +33,9 @@ CASES = {
     "post_res forward": ("mhc", "post_res", "forward", ("post_res", "forward"), None),
     "post_res forward, replayed": ("mhc+recompute", "post_res", "forward", ("post_res", "forward"),
                                    ("recompute", "backward")),
-    "mappings backward": ("mhc", "mappings", "backward", None, ("mappings", "backward")),
-    "pre backward": ("mhc", "pre", "backward", None, ("pre", "backward")),
+    "mappings and pre backward": ("mhc", "mappings_pre", "backward", None, ("mappings", "backward")),
+    "hc mappings backward": ("hc", "hc_mappings", "backward", None, ("mappings", "backward")),
+    "hc pre backward": ("hc", "pre", "backward", None, ("pre", "backward")),
     "expand forward": ("mhc", "expand", "forward", ("expand_collapse", "forward"), None),
     "mlp backward": ("mhc", "mlp", "backward", None, ("layer", "backward")),
     "residual mlp backward": ("residual", "mlp", "backward", None, ("layer", "backward")),
@@ -91,7 +92,8 @@ def delayed(function, direction: str, sleeps: Sleeps, argument: int | None = Non
 # where -> (module or class, attribute, argument sent through SleepInBackward: None = the output)
 TARGETS = {
     "post_res": (hyper_connection, "mhc_post_res", None),
-    "mappings": (hyper_connection, "mhc_mappings", 0),  # the streams x: after the op's own backward
+    "mappings_pre": (hyper_connection, "mhc_mappings_pre", 0),  # the streams x: after the op's own backward
+    "hc_mappings": (hyper_connection.HyperConnection, "_hc_mappings", 1),  # x (after self): likewise
     "pre": (hyper_connection, "mhc_pre", 1),  # h_pre: after pre's backward, before the mappings'
     "expand": (layer_module, "expand_streams", None),
     "mlp": (MLP, "forward", None),

@@ -88,3 +88,31 @@ def test_tracker_rebuilds_exact_values_after_a_cut_forward_pass():
         assert torch.equal(got, want)
     # blocks {0, 1, 2} and {3}: states 1 and 2 and every input rebuilt once, nothing of the cut pass
     assert tracker.rebuilt_inputs == 4 and tracker.rebuilt_states == 2
+
+
+def test_tracker_keeps_nothing_after_backward():
+    """Once a pass's backward is done, its states, layer inputs and outputs are garbage: the hooks the
+    tracker puts on the states must not keep them alive (a reference cycle through autograd's hooks,
+    which Python's collector does not see, leaked every step's tensors before)."""
+    import gc
+    import weakref
+
+    import torch
+
+    from mhc_megatron.megatron.model.recompute import BlockRecompute
+
+    tracker = BlockRecompute(sublayers=4, block_size=3)
+    seen = []
+    original = tracker.after_sublayer
+
+    def recording(position, state, layer_input, next_state, read, advance):
+        seen.extend(weakref.ref(t) for t in (state, layer_input, next_state))
+        original(position, state, layer_input, next_state, read, advance)
+
+    tracker.after_sublayer = recording
+    weights = [torch.full((3,), 1.0 + i / 10, dtype=torch.float64, requires_grad=True) for i in range(4)]
+    x = torch.linspace(-1, 1, 6, dtype=torch.float64).reshape(2, 3).requires_grad_()
+    _toy_pass(weights, x * 1.0, tracker).square().sum().backward()
+    gc.collect()
+    assert len(seen) == 12 and tracker.rebuilt_inputs == 4
+    assert [ref() is None for ref in seen] == [True] * len(seen)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from mhc_megatron.method import connection_bytes_moved
 from mhc_megatron.plan import costs
 from mhc_megatron.plan.cli import main
 from mhc_megatron.plan.evaluate import evaluate
@@ -100,3 +101,19 @@ def test_cli_reports_bad_input(capsys):
     with pytest.raises(SystemExit):
         main(["configs/tiny-cpu.yaml", "--pp", "3", "--gpus-per-node", "3"])
     assert "num_layers 4 is not divisible by pp x vpp = 3 x 1" in capsys.readouterr().err
+
+
+def test_connection_traffic_comes_from_the_fused_kernels_byte_account():
+    """n = 2, C = 8, fp32 (S = 64, R = 32 bytes per token, K = 8 coefficients of 4 bytes). mHC forward:
+    mappings_pre S + R + (2K + 1) 4 = 164, post_res 2S + R + (n + n^2) 4 = 184: 348. Backward:
+    mappings_pre 2S + R + (2K + 1 + n) 4 = 236, post_res 3S + 2R + 2 (n + n^2) 4 = 304, and mappings_pre
+    reading the stream gradient post_res hands it, S = 64: 604. Residual: the add 3R, the gradients'
+    sum 3R."""
+    assert connection_bytes_moved("residual", 2, 8, 4) == (96, 96)
+    assert connection_bytes_moved("mhc", 2, 8, 4) == (348, 604)
+    machine = cluster("H100")
+    layer = costs.layer_time(SMALL, Layout(), machine, layers_per_chunk=4)
+    tokens = SMALL.seq_length * SMALL.micro_batch_size
+    projection = 2 * tokens * 2 * 2 * 8 * 8 / machine.gemm_flops  # two sub-layers, 2 n C K FLOPs per token
+    assert layer.connection_forward == pytest.approx(2 * tokens * 348 / machine.memory_bandwidth + projection)
+    assert layer.connection_backward == pytest.approx(2 * tokens * 604 / machine.memory_bandwidth + 2 * projection)

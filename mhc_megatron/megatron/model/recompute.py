@@ -58,11 +58,24 @@ class _SubLayer:
     ``advance(state)`` the next state, both with the coefficients and output kept from forward.
     """
 
-    state: torch.Tensor
+    state: torch.Tensor | None
     state_freed: bool
-    layer_input: torch.Tensor
-    read: Callable[[torch.Tensor], torch.Tensor]
-    advance: Callable[[torch.Tensor], torch.Tensor]
+    layer_input: torch.Tensor | None
+    read: Callable[[torch.Tensor], torch.Tensor] | None
+    advance: Callable[[torch.Tensor], torch.Tensor] | None
+
+    def release(self) -> None:
+        """Free what backward rebuilt and drop every reference: nothing later in backward reads this
+        sub-layer (the rebuilds that follow replay the sub-layers before it). Dropping them also
+        breaks the cycle a hook on ``state`` would otherwise close (the hook holds the block, the
+        block this sub-layer, this sub-layer ``state``): autograd keeps hooks in C++, where Python's
+        collector cannot see the cycle, and every step's states, outputs and coefficients leaked."""
+        if self.layer_input is None:
+            return  # released already (a second backward through a retained graph)
+        _free(self.layer_input)
+        if self.state_freed:
+            _free(self.state)
+        self.state = self.layer_input = self.read = self.advance = None
 
 
 @dataclass
@@ -145,9 +158,7 @@ class BlockRecompute:
     def _hook(self, release: _SubLayer | None, block: _Block | None, index: int | None):
         def on_gradient(_grad: torch.Tensor) -> None:
             if release is not None:
-                _free(release.layer_input)
-                if release.state_freed:
-                    _free(release.state)
+                release.release()
             if block is not None and block.sublayers:
                 self._rebuild(block, len(block.sublayers) - 1 if index is None else index)
 
