@@ -394,39 +394,21 @@ void mappings_bwd_kernel(const A* grad_pre, const A* grad_post, const A* grad_re
   }
 }
 
-Four mappings_fwd(const at::Tensor& x, const at::Tensor& phi, const at::Tensor& alpha,
-                  const at::Tensor& bias, int64_t iters, double eps) {
-  auto outputs = mappings_fwd_outputs(x, phi, alpha, bias);
+namespace {
+
+// The kernel of mappings_fwd (layer_input undefined) and mappings_pre_fwd, on checked arguments.
+void run_mappings_fwd(const at::Tensor& x, const at::Tensor& phi, const at::Tensor& alpha, const at::Tensor& bias,
+                      int64_t iters, double eps, const at::Tensor& h_pre, const at::Tensor& h_post,
+                      const at::Tensor& h_res, const at::Tensor& saved, const at::Tensor& layer_input) {
   const Streams s = check_streams(x);
   MHC_DISPATCH_FLOATS(x.scalar_type(), "mhc_mappings_fwd", [&] {
     using A = at::opmath_type<scalar_t>;
     mappings_fwd_kernel(x.data_ptr<scalar_t>(), phi.data_ptr<A>(), alpha.data_ptr<A>(), bias.data_ptr<A>(),
-                        s.tokens, s.n, s.hidden, checked_iters(iters), static_cast<A>(eps),
-                        std::get<0>(outputs).data_ptr<A>(), std::get<1>(outputs).data_ptr<A>(),
-                        std::get<2>(outputs).data_ptr<A>(), std::get<3>(outputs).data_ptr<A>(),
-                        static_cast<scalar_t*>(nullptr));
+                        s.tokens, s.n, s.hidden, checked_iters(iters), static_cast<A>(eps), h_pre.data_ptr<A>(),
+                        h_post.data_ptr<A>(), h_res.data_ptr<A>(), saved.data_ptr<A>(),
+                        layer_input.defined() ? layer_input.data_ptr<scalar_t>() : nullptr);
   });
-  return outputs;
 }
-
-Five mappings_pre_fwd(const at::Tensor& x, const at::Tensor& phi, const at::Tensor& alpha,
-                      const at::Tensor& bias, int64_t iters, double eps) {
-  auto outputs = mappings_pre_fwd_outputs(x, phi, alpha, bias);
-  at::Tensor& layer_input = std::get<0>(outputs);
-  prefer_huge_pages(layer_input);
-  const Streams s = check_streams(x);
-  MHC_DISPATCH_FLOATS(x.scalar_type(), "mhc_mappings_pre_fwd", [&] {
-    using A = at::opmath_type<scalar_t>;
-    mappings_fwd_kernel(x.data_ptr<scalar_t>(), phi.data_ptr<A>(), alpha.data_ptr<A>(), bias.data_ptr<A>(),
-                        s.tokens, s.n, s.hidden, checked_iters(iters), static_cast<A>(eps),
-                        std::get<1>(outputs).data_ptr<A>(), std::get<2>(outputs).data_ptr<A>(),
-                        std::get<3>(outputs).data_ptr<A>(), std::get<4>(outputs).data_ptr<A>(),
-                        layer_input.data_ptr<scalar_t>());
-  });
-  return outputs;
-}
-
-namespace {
 
 // The kernel of mappings_bwd (grad_input undefined) and mappings_pre_bwd, on checked arguments.
 void run_mappings_bwd(const Four& outputs, const at::Tensor& grad_pre, const at::Tensor& grad_post,
@@ -449,6 +431,23 @@ void run_mappings_bwd(const Four& outputs, const at::Tensor& grad_pre, const at:
 }
 
 }  // namespace
+
+Four mappings_fwd(const at::Tensor& x, const at::Tensor& phi, const at::Tensor& alpha,
+                  const at::Tensor& bias, int64_t iters, double eps) {
+  auto outputs = mappings_fwd_outputs(x, phi, alpha, bias);
+  const auto& [h_pre, h_post, h_res, saved] = outputs;
+  run_mappings_fwd(x, phi, alpha, bias, iters, eps, h_pre, h_post, h_res, saved, {});
+  return outputs;
+}
+
+Five mappings_pre_fwd(const at::Tensor& x, const at::Tensor& phi, const at::Tensor& alpha,
+                      const at::Tensor& bias, int64_t iters, double eps) {
+  auto outputs = mappings_pre_fwd_outputs(x, phi, alpha, bias);
+  const auto& [layer_input, h_pre, h_post, h_res, saved] = outputs;
+  prefer_huge_pages(layer_input);
+  run_mappings_fwd(x, phi, alpha, bias, iters, eps, h_pre, h_post, h_res, saved, layer_input);
+  return outputs;
+}
 
 Four mappings_bwd(const at::Tensor& grad_pre, const at::Tensor& grad_post, const at::Tensor& grad_res,
                   const at::Tensor& x, const at::Tensor& phi, const at::Tensor& alpha, const at::Tensor& bias,

@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 
 import torch
+from delays import CallInBackward
 
 from mhc_megatron.bench.part_timing import PartTimer
 from mhc_megatron.bench.pipeline import _SinglePipeline
@@ -32,20 +33,6 @@ def measured_sleep() -> float:
     return time.perf_counter() - started
 
 
-class SleepInBackward(torch.autograd.Function):
-    """The identity; its backward sleeps and appends the measured sleep to ``slept``."""
-
-    @staticmethod
-    def forward(ctx, tensor, slept):
-        ctx.slept = slept
-        return tensor.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        ctx.slept.append(measured_sleep())
-        return grad, None
-
-
 @contextlib.contextmanager
 def slowed_down(layer: torch.nn.Module, direction: str, slept: list) -> Iterator[None]:
     """Meanwhile ``layer`` sleeps at the start of its forward (``direction`` "forward") or, through
@@ -55,7 +42,9 @@ def slowed_down(layer: torch.nn.Module, direction: str, slept: list) -> Iterator
         if direction == "forward":
             slept.append(measured_sleep())
         output, context = type(layer).forward(layer, *args, **kwargs)
-        return (SleepInBackward.apply(output, slept) if direction == "backward" else output), context
+        if direction == "backward":
+            output = CallInBackward.apply(output, lambda: slept.append(measured_sleep()))
+        return output, context
 
     layer.forward = slowed
     try:

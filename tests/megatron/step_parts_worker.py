@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 
 import torch
+from delays import CallInBackward
 from megatron.core.transformer.mlp import MLP
 
 from mhc_megatron.bench.step import Variant, StepShape
@@ -55,23 +56,9 @@ class Sleeps:
         (self.with_grad if torch.is_grad_enabled() else self.without_grad).append(time.perf_counter() - started)
 
 
-class SleepInBackward(torch.autograd.Function):
-    """The identity; its backward sleeps."""
-
-    @staticmethod
-    def forward(ctx, tensor, sleeps):
-        ctx.sleeps = sleeps
-        return tensor.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        ctx.sleeps.sleep()
-        return grad, None
-
-
 def delayed(function, direction: str, sleeps: Sleeps, argument: int | None = None):
     """``function`` with a sleep before it (``forward``), or with its argument ``argument`` (or, if
-    None, its output; a tuple's first element) passed through ``SleepInBackward`` (``backward``)."""
+    None, its output; a tuple's first element) passed through ``CallInBackward`` (``backward``)."""
 
     def wrapper(*args, **kwargs):
         if direction == "forward":
@@ -79,17 +66,17 @@ def delayed(function, direction: str, sleeps: Sleeps, argument: int | None = Non
             return function(*args, **kwargs)
         if argument is not None:
             args = list(args)
-            args[argument] = SleepInBackward.apply(args[argument], sleeps)
+            args[argument] = CallInBackward.apply(args[argument], sleeps.sleep)
             return function(*args, **kwargs)
         output = function(*args, **kwargs)
         if isinstance(output, tuple):
-            return (SleepInBackward.apply(output[0], sleeps), *output[1:])
-        return SleepInBackward.apply(output, sleeps)
+            return (CallInBackward.apply(output[0], sleeps.sleep), *output[1:])
+        return CallInBackward.apply(output, sleeps.sleep)
 
     return wrapper
 
 
-# where -> (module or class, attribute, argument sent through SleepInBackward: None = the output)
+# where -> (module or class, attribute, argument sent through CallInBackward: None = the output)
 TARGETS = {
     "post_res": (hyper_connection, "mhc_post_res", None),
     "mappings_pre": (hyper_connection, "mhc_mappings_pre", 0),  # the streams x: after the op's own backward
