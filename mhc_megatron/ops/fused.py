@@ -101,29 +101,33 @@ def sinkhorn(logits: torch.Tensor, iters: int) -> torch.Tensor:
     return torch.ops.mhc_megatron.sinkhorn_fwd(flat, iters).reshape(logits.shape)
 
 
-def mappings(x, phi, alpha, bias, iters, eps):
-    n = x.shape[-2]
-    lead = x.shape[:-2]
+def _mapping_arguments(x, phi, alpha, bias, iters, eps) -> tuple:
+    """The arguments of ``mappings_fwd`` and ``mappings_pre_fwd`` as the kernels take them."""
     dtype = coefficient_dtype(x.dtype)
-    h_pre, h_post, h_res, _ = torch.ops.mhc_megatron.mappings_fwd(
-        x.contiguous(), _coefficients(phi, dtype), _coefficients(alpha, dtype), _coefficients(bias, dtype), iters, eps,
-    )
+    return (x.contiguous(), _coefficients(phi, dtype), _coefficients(alpha, dtype), _coefficients(bias, dtype),
+            iters, eps)
+
+
+def _per_token(x, h_pre, h_post, h_res) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The kernels' flat coefficients ``[T, ...]`` shaped with the leading dimensions of ``x``."""
+    n, lead = x.shape[-2], x.shape[:-2]
     return h_pre.reshape(*lead, n), h_post.reshape(*lead, n), h_res.reshape(*lead, n, n)
+
+
+def mappings(x, phi, alpha, bias, iters, eps):
+    h_pre, h_post, h_res, _ = torch.ops.mhc_megatron.mappings_fwd(*_mapping_arguments(x, phi, alpha, bias, iters, eps))
+    return _per_token(x, h_pre, h_post, h_res)
 
 
 def mappings_pre(x, phi, alpha, bias, iters, eps, stream_gradient: StreamGradient | None = None):
     """As the reference; with ``stream_gradient``, its backward adds the gradient post_res hands off."""
-    n = x.shape[-2]
-    lead = x.shape[:-2]
-    dtype = coefficient_dtype(x.dtype)
-    args = (x.contiguous(), _coefficients(phi, dtype), _coefficients(alpha, dtype), _coefficients(bias, dtype),
-            iters, eps)
+    args = _mapping_arguments(x, phi, alpha, bias, iters, eps)
     if _hands_off(stream_gradient):
         outputs = _MappingsPreHandingOff.apply(*args, stream_gradient)
     else:
         outputs = torch.ops.mhc_megatron.mappings_pre_fwd(*args)
     layer_input, h_pre, h_post, h_res, _ = outputs
-    return layer_input, h_pre.reshape(*lead, n), h_post.reshape(*lead, n), h_res.reshape(*lead, n, n)
+    return layer_input, *_per_token(x, h_pre, h_post, h_res)
 
 
 def pre(x: torch.Tensor, h_pre: torch.Tensor) -> torch.Tensor:
