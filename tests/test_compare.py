@@ -1,5 +1,5 @@
-"""The mode comparison: metrics loading, summaries, overheads, the written report, the overheads at
-model scale and the mhc-compare CLI.
+"""The mode comparison: metrics loading, summaries, overheads, the written report, its model-scale
+section and the mhc-compare CLI.
 
 The run directories are synthetic, with numbers chosen so that every median and overhead is exact
 in binary floating point: residual steps take 0.5 s, mhc 0.625 s (+25 %), hc 0.75 s (+50 %).
@@ -409,6 +409,51 @@ def test_the_committed_step_benchmarks_are_readable():
         ("docs/bench-step-125m-after.json", 12, 768), ("docs/bench-step-350m-after.json", 24, 1024)
     ]
     assert all([cost.variant for cost in shape.overheads] == ["hc", "mhc", "mhc+recompute"] for shape in found.measured)
+
+
+def test_report_shows_the_overheads_at_model_scale(tmp_path):
+    bench = write_step_bench(tmp_path / "step.json")
+    text = write_report(write_runs(tmp_path / "runs"), tmp_path / "out", WARMUP, bench_files=[bench]).read_text()
+    lines = text.splitlines()
+    section = lines.index("## What the overhead is at model scale")
+    assert lines.index("## Results") < section < lines.index("## Plots")
+    assert "this comparison's shape (4 layers, hidden size 64, sequence 32)" in text
+    assert "a layer's matrix products grow as C^2 per token while the connection grows as C" in text
+    for line in (
+        "| 12 x 768, seq 512 | `hc` | +50.0 % | +37.5 % | +25.0 to +75.0 % |",
+        "| 12 x 768, seq 512 | `mhc` | +12.5 % | +25.0 % | -12.5 to +50.0 % |",
+        f"- 12 x 768: `{bench}` (2026-01-02T03:04:05+00:00; Test CPU, 8 cores, 4 threads; float32; 3 rounds): "
+        "`mhc-bench step --layers 12 --hidden 768 --seq 512`",
+        "- `mhc-plan configs/gpt-1.3b.yaml --gpu H100 --nodes 2 --tp 2 --pp 2`",
+    ):
+        assert line in lines[section:]
+    planned = [line for line in lines if line.startswith(("| the paper's setting", "| GPT-1.3B"))]
+    assert len(planned) == 2
+    for line, overheads in zip(planned, planner_overheads().values()):
+        cells = " | ".join(f"{overheads[variant]:+.1f} %" for variant in ("hc", "mhc", "mhc+recompute"))
+        assert line.endswith(f" | {cells} | 0.45, 0.8 |")
+    assert "Left out" not in text
+
+
+def test_report_names_a_missing_or_corrupt_benchmark_and_goes_on(tmp_path):
+    missing = tmp_path / "missing.json"
+    corrupt = tmp_path / "corrupt.json"
+    corrupt.write_text('{"summary": ')
+    incomplete = write_step_bench(tmp_path / "incomplete.json", {**BENCH_SUMMARY, "mhc": {"min_s": 1.0}})
+    runs = write_runs(tmp_path / "runs")
+    text = write_report(runs, tmp_path / "out", WARMUP, bench_files=[missing, corrupt, incomplete]).read_text()
+    lines = text.splitlines()
+    assert lines.index("## Results") < lines.index("## What the overhead is at model scale")
+    assert "| `mhc` | 10 (8) | 625.0 | 1,600 | +25.0 % | 1,500.0 | +50.0 % |" in text
+    assert "![Peak memory per step](memory.png)" in lines
+    assert "### Measured: `mhc-bench step` (CPU)" not in lines
+    assert "### Predicted: `mhc-plan` (GPU clusters)" in lines
+    left_out = lines[lines.index("**Left out, not available when this report was written:**") + 2:]
+    assert left_out[:3] == [
+        f"- `{missing}`: the file is missing",
+        f"- `{corrupt}`: the file cannot be used: not valid JSON (Expecting value: line 1 column 13 (char 12))",
+        f"- `{incomplete}`: the file cannot be used: it has no summary.mhc.vs_residual",
+    ]
 
 
 def test_a_setting_the_planner_cannot_read_is_named(tmp_path):
