@@ -1,4 +1,5 @@
-"""The mode comparison: metrics loading, summaries, overheads, the written report and the mhc-compare CLI.
+"""The mode comparison: metrics loading, summaries, overheads, the written report, its model-scale
+section and the mhc-compare CLI.
 
 The run directories are synthetic, with numbers chosen so that every median and overhead is exact
 in binary floating point: residual steps take 0.5 s, mhc 0.625 s (+25 %), hc 0.75 s (+50 %).
@@ -11,12 +12,16 @@ import runpy
 import shlex
 import sys
 import textwrap
+from dataclasses import replace
 
 import pytest
 from matplotlib.image import imread
 
 from mhc_megatron.compare import RunSummary, load_metrics, overheads, summarize, write_report
-from mhc_megatron.compare import cli
+from mhc_megatron.compare import cli, scale
+from mhc_megatron.plan.evaluate import evaluate
+from mhc_megatron.plan.hardware import cluster
+from mhc_megatron.plan.model import Layout, ModelSpec, model_from_yaml
 
 MIB = 2**20
 STEPS, WARMUP = 10, 2
@@ -332,3 +337,129 @@ def test_a_failing_run_stops_the_comparison(tmp_path, fake_train):
     with pytest.raises(SystemExit, match="mhc-compare: the 'hc' run failed with exit code 3"):
         cli.main(["--config", str(fake_train), "--out", str(out), "train_iters=10", "fail_mode=hc"])
     assert (out / "residual" / "metrics.jsonl").is_file() and not (out / "mhc").exists()
+
+
+# The report's model-scale section (compare/scale.py): the step benchmark's files and the planner.
+# The synthetic benchmark's ratios give percentages exact to one decimal: 1.5 -> +50.0 %.
+BENCH_SUMMARY = {
+    "residual": {"min_s": 1.0, "median_s": 1.25},
+    "hc": {"vs_residual": {"ratio_of_minimums": 1.5, "per_round_ratio": {"median": 1.375, "min": 1.25, "max": 1.75}}},
+    "mhc": {"vs_residual": {"ratio_of_minimums": 1.125, "per_round_ratio": {"median": 1.25, "min": 0.875, "max": 1.5}}},
+}
+PAPER_SETTING = ModelSpec(  # docs/planner.md's assumed 27B-class MoE of the paper
+    num_layers=30, hidden_size=2560, num_attention_heads=20, num_moe_experts=72, moe_router_topk=6,
+    moe_ffn_hidden_size=1536, moe_shared_expert_intermediate_size=3072, swiglu=True, vocab_size=129280,
+    seq_length=4096, micro_batch_size=1, global_batch_size=1280,
+)
+
+
+def write_step_bench(path, summary=BENCH_SUMMARY):
+    """A file shaped as ``mhc-bench step --json`` writes it, with three rounds and ``summary``."""
+    path.write_text(json.dumps({
+        "command": "mhc-bench step --layers 12 --hidden 768 --seq 512",
+        "date": "2026-01-02T03:04:05+00:00",
+        "machine": {"cpu": "Test CPU", "cores": 8, "threads": 4},
+        "shape": {"layers": 12, "hidden": 768, "ffn": 3072, "seq": 512, "dtype": "float32"},
+        "rounds": [{"order": ["residual", "hc", "mhc"]}] * 3,
+        "summary": summary,
+    }))
+    return path
+
+
+def planner_overheads():
+    """The planner's percent overhead per variant for the report's two settings, from its own API."""
+    settings = {
+        "paper": (PAPER_SETTING, Layout(pp=2, ep=8, overlap=True), cluster("H800", nodes=4)),
+        "gpt-1.3b": (model_from_yaml(scale.REPO / "configs/gpt-1.3b.yaml"), Layout(tp=2, pp=2),
+                     cluster("H100", nodes=2)),
+    }
+    return {
+        name: {variant: 100 * evaluate(model.with_mode(mode), replace(layout, recompute=recompute), machine).overhead
+               for variant, (mode, recompute) in {"hc": ("hc", "none"), "mhc": ("mhc", "none"),
+                                                  "mhc+recompute": ("mhc", "block")}.items()}
+        for name, (model, layout, machine) in settings.items()
+    }
+
+
+def test_scale_reads_the_step_benchmark(tmp_path):
+    path = write_step_bench(tmp_path / "step.json")
+    found = scale.overheads_at_scale([path], planner_settings=())
+    assert found.planned == () and found.unavailable == ()
+    (shape,) = found.measured
+    assert (shape.source, shape.layers, shape.hidden, shape.seq, shape.rounds) == (str(path), 12, 768, 512, 3)
+    assert (shape.dtype, shape.cpu, shape.cores, shape.threads) == ("float32", "Test CPU", 8, 4)
+    assert shape.overheads == (
+        scale.MeasuredOverhead("hc", of_minimums=50.0, round_median=37.5, round_min=25.0, round_max=75.0),
+        scale.MeasuredOverhead("mhc", of_minimums=12.5, round_median=25.0, round_min=-12.5, round_max=50.0),
+    )
+
+
+def test_scale_runs_the_planner_on_its_settings(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the settings' config paths are the repository's, not the working directory's
+    found = scale.overheads_at_scale([])
+    expected = planner_overheads()
+    assert [plan.overheads for plan in found.planned] == [expected["paper"], expected["gpt-1.3b"]]
+    assert [(plan.mfu, plan.hbm_efficiency) for plan in found.planned] == [(0.45, 0.8)] * 2
+
+
+def test_the_committed_step_benchmarks_are_readable():
+    found = scale.overheads_at_scale(planner_settings=())
+    assert found.unavailable == ()
+    assert [(shape.source, shape.layers, shape.hidden) for shape in found.measured] == [
+        ("docs/bench-step-125m-after.json", 12, 768), ("docs/bench-step-350m-after.json", 24, 1024)
+    ]
+    assert all([cost.variant for cost in shape.overheads] == ["hc", "mhc", "mhc+recompute"] for shape in found.measured)
+
+
+def test_report_shows_the_overheads_at_model_scale(tmp_path):
+    bench = write_step_bench(tmp_path / "step.json")
+    text = write_report(write_runs(tmp_path / "runs"), tmp_path / "out", WARMUP, bench_files=[bench]).read_text()
+    lines = text.splitlines()
+    section = lines.index("## What the overhead is at model scale")
+    assert lines.index("## Results") < section < lines.index("## Plots")
+    assert "this comparison's shape (4 layers, hidden size 64, sequence 32)" in text
+    assert "a layer's matrix products grow as C^2 per token while the connection grows as C" in text
+    for line in (
+        "| 12 x 768, seq 512 | `hc` | +50.0 % | +37.5 % | +25.0 to +75.0 % |",
+        "| 12 x 768, seq 512 | `mhc` | +12.5 % | +25.0 % | -12.5 to +50.0 % |",
+        f"- 12 x 768: `{bench}` (2026-01-02T03:04:05+00:00; Test CPU, 8 cores, 4 threads; float32; 3 rounds): "
+        "`mhc-bench step --layers 12 --hidden 768 --seq 512`",
+        "- `mhc-plan configs/gpt-1.3b.yaml --gpu H100 --nodes 2 --tp 2 --pp 2`",
+    ):
+        assert line in lines[section:]
+    planned = [line for line in lines if line.startswith(("| the paper's setting", "| GPT-1.3B"))]
+    assert len(planned) == 2
+    for line, overheads in zip(planned, planner_overheads().values()):
+        cells = " | ".join(f"{overheads[variant]:+.1f} %" for variant in ("hc", "mhc", "mhc+recompute"))
+        assert line.endswith(f" | {cells} | 0.45, 0.8 |")
+    assert "Left out" not in text
+
+
+def test_report_names_a_missing_or_corrupt_benchmark_and_goes_on(tmp_path):
+    missing = tmp_path / "missing.json"
+    corrupt = tmp_path / "corrupt.json"
+    corrupt.write_text('{"summary": ')
+    incomplete = write_step_bench(tmp_path / "incomplete.json", {**BENCH_SUMMARY, "mhc": {"min_s": 1.0}})
+    runs = write_runs(tmp_path / "runs")
+    text = write_report(runs, tmp_path / "out", WARMUP, bench_files=[missing, corrupt, incomplete]).read_text()
+    lines = text.splitlines()
+    assert lines.index("## Results") < lines.index("## What the overhead is at model scale")
+    assert "| `mhc` | 10 (8) | 625.0 | 1,600 | +25.0 % | 1,500.0 | +50.0 % |" in text
+    assert "![Peak memory per step](memory.png)" in lines
+    assert "### Measured: `mhc-bench step` (CPU)" not in lines
+    assert "### Predicted: `mhc-plan` (GPU clusters)" in lines
+    left_out = lines[lines.index("**Left out, not available when this report was written:**") + 2:]
+    assert left_out[:3] == [
+        f"- `{missing}`: the file is missing",
+        f"- `{corrupt}`: the file cannot be used: not valid JSON (Expecting value: line 1 column 13 (char 12))",
+        f"- `{incomplete}`: the file cannot be used: it has no summary.mhc.vs_residual",
+    ]
+
+
+def test_a_setting_the_planner_cannot_read_is_named(tmp_path):
+    setting = scale.PlannerSetting("a model", "configs/no-such-model.yaml --gpu H100")
+    found = scale.overheads_at_scale([], [setting])
+    assert found.planned == ()
+    (missing,) = found.unavailable
+    assert missing.what == "the planner's prediction for a model"
+    assert "No such file or directory" in missing.reason and "configs/no-such-model.yaml" in missing.reason

@@ -11,6 +11,10 @@ The timing and memory figures of a run are medians over the steps numbered above
 
     overhead = (mode / residual - 1) * 100
 
+After the results table the report sets the overheads at model scale beside the run's
+(``scale.overheads_at_scale``): what ``mhc-bench step`` measured at the 125M- and 350M-class shapes
+and what the planner predicts on GPU clusters.
+
 ``write_report`` puts ``report.md`` and its plots ``loss.png``, ``step_time.png``, ``memory.png`` and
 ``amax_gain.png`` (only when some run logged Amax gains) into one directory. The plots are drawn on
 ``matplotlib.figure.Figure`` objects, which render through Agg without pyplot or a display.
@@ -21,13 +25,14 @@ from __future__ import annotations
 import functools
 import json
 import statistics
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 from matplotlib.figure import Figure
 
+from mhc_megatron.compare.scale import BENCH_FILES, MeasuredShape, ScaleOverheads, overheads_at_scale
 from mhc_megatron.jsonl import read_jsonl
 
 BASELINE = "residual"
@@ -130,11 +135,15 @@ def overheads(summaries: Mapping[str, RunSummary]) -> dict[str, Overhead]:
     }
 
 
-def write_report(run_dirs: Mapping[str, Path], out_dir: Path, warmup_steps: int) -> Path:
+def write_report(
+    run_dirs: Mapping[str, Path], out_dir: Path, warmup_steps: int, bench_files: Sequence[Path] = BENCH_FILES
+) -> Path:
     """Compare the runs ``{mode: run_dir}`` and write ``out_dir/report.md`` with its PNG plots.
 
     ``run_dirs`` must hold the baseline mode ``residual``; the table rows follow its order. Medians
-    skip the steps numbered ``1..warmup_steps``. Returns the path of ``report.md``. Raises
+    skip the steps numbered ``1..warmup_steps``. The model-scale section reads the ``mhc-bench step``
+    JSON files ``bench_files``; one that is missing or unusable is named in the report, not raised.
+    Returns the path of ``report.md``. Raises
     ``ValueError`` when ``residual`` is missing and the errors of ``load_metrics``, ``load_config``
     and ``summarize`` for a bad run directory.
     """
@@ -180,6 +189,8 @@ def write_report(run_dirs: Mapping[str, Path], out_dir: Path, warmup_steps: int)
         "gains are the first or last logged values. Peak memory is the training job's `peak_mem_bytes`; "
         "on CPU it is the process's peak resident set size, which also counts the interpreter and its "
         "libraries.",
+        "",
+        *_scale_section(overheads_at_scale(bench_files), configs[BASELINE]),
         "",
         "## Plots",
         "",
@@ -331,6 +342,64 @@ def _results_table(summaries: dict[str, RunSummary], costs: dict[str, Overhead])
         ]
         rows.append("| " + " | ".join(cells) + " |")
     return rows
+
+
+def _scale_section(scale: ScaleOverheads, config: dict) -> list[str]:
+    """The overheads at model scale: the step benchmark's table, the planner's, and what is missing."""
+    value = functools.partial(_config_value, config)
+    lines = [
+        "## What the overhead is at model scale",
+        "",
+        f"The step times above are measured at this comparison's shape ({value('num_layers')} layers, hidden size "
+        f"{value('hidden_size')}, sequence {value('seq_length')}). At a small width the fixed cost of each op "
+        "(dispatch, small kernels, the Sinkhorn iterations) weighs as much as the layer's own work; the overhead "
+        "falls with width, because a layer's matrix products grow as C^2 per token while the connection grows as C. "
+        "At the shapes that matter (`mhc+recompute` is mHC with block recompute):",
+    ]
+    if scale.measured:
+        lines += ["", "### Measured: `mhc-bench step` (CPU)", "",
+                  "| Shape | Variant | Step overhead (fastest rounds) | Per-round median | Per-round range |",
+                  "|---|---|---:|---:|---:|"]
+        for shape in scale.measured:
+            for cost in shape.overheads:
+                lines.append(
+                    f"| {shape.layers} x {shape.hidden}, seq {shape.seq} | `{cost.variant}` "
+                    f"| {cost.of_minimums:+.1f} % | {cost.round_median:+.1f} % "
+                    f"| {cost.round_min:+.1f} to {cost.round_max:+.1f} % |"
+                )
+        lines += ["", "Each variant and the residual model run in rotated rounds in one process; the overhead is "
+                  "`(variant / residual - 1) * 100` of the fastest rounds (noise only slows a run), beside it the "
+                  "median and range of the rounds' own ratios (docs/performance.md). From:", ""]
+        lines += [f"- {shape.layers} x {shape.hidden}: {_measured_where(shape)}" for shape in scale.measured]
+    if scale.planned:
+        variants = list(scale.planned[0].overheads)
+        lines += ["", "### Predicted: `mhc-plan` (GPU clusters)", "",
+                  "| Setting | " + " | ".join(f"`{variant}`" for variant in variants)
+                  + " | Assumed mfu, HBM efficiency |",
+                  "|---|" + "---:|" * len(variants) + "---|"]
+        for plan in scale.planned:
+            cells = [plan.setting.name, *(f"{plan.overheads[variant]:+.1f} %" for variant in variants),
+                     f"{plan.mfu}, {plan.hbm_efficiency}"]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines += ["", "The planner's cost model (docs/planner.md), run when this report was written; these commands, "
+                  "in the table's order, print the same overheads:", ""]
+        lines += [f"- `mhc-plan {plan.setting.arguments}`" for plan in scale.planned]
+    if scale.unavailable:
+        lines += ["", "**Left out, not available when this report was written:**", ""]
+        lines += [f"- {missing.what}: {missing.reason}" for missing in scale.unavailable]
+    return lines
+
+
+def _measured_where(shape: MeasuredShape) -> str:
+    """The file a benchmark shape came from, then what it records of when, where and how it ran."""
+    machine = ", ".join(filter(None, [
+        shape.cpu,
+        None if shape.cores is None else f"{shape.cores} cores",
+        None if shape.threads is None else f"{shape.threads} threads",
+    ]))
+    conditions = "; ".join(filter(None, [shape.date, machine, shape.dtype, f"{shape.rounds} rounds"]))
+    command = f": `{shape.command}`" if shape.command else ""
+    return f"`{shape.source}` ({conditions}){command}"
 
 
 def _number(value: float | None) -> str:
