@@ -203,7 +203,7 @@ void mappings_fwd_kernel(const S* x, const A* phi, const A* alpha, const A* bias
   });
 }
 
-// Backward, per kDxTokens tokens and kDxVecs vectors of values e0 + [0, len) of stream i (kFull: all),
+// Backward, per kDxTokens tokens and one vector of values e0 + [0, len) of stream i (kFull: all),
 // e0 = i * hidden + c0, in the tokens' rows of `width` values of x and grad_x:
 //   dx = dm @ phi^T + c * v                       (mappings)
 //      + h_pre[i] * grad_input                    (mappings_pre: pre's share, stream i)
@@ -214,7 +214,6 @@ void mappings_fwd_kernel(const S* x, const A* phi, const A* alpha, const A* bias
 // end: ldt leaves room, and those lanes are never stored); part rows of ldt values. The terms a call
 // does not have are nullptr.
 constexpr int kDxTokens = kVectorRegisters / 4;  // v and dx of each token, and 3 more, in registers
-constexpr int kDxVecs = 1;
 
 template <typename S, typename A>
 struct DxRows {
@@ -233,49 +232,30 @@ template <bool kFull, typename S, typename A>
 void dx_dphi_block(const DxRows<S, A>& r, const A* phi_t, int64_t ldt, int K, int stream, int64_t c0, int len,
                    A* part) {
   const int64_t e0 = stream * r.hidden + c0;
-  Vec<A> v[kDxTokens][kDxVecs], acc[kDxTokens][kDxVecs];
+  Vec<A> v[kDxTokens], acc[kDxTokens];
 #pragma GCC unroll 16
   for (int b = 0; b < kDxTokens; ++b) {
     const int row = std::min(b, r.valid - 1);  // rows past `valid` repeat the last; their dm rows are 0
-#pragma GCC unroll 16
-    for (int j = 0; j < kDxVecs; ++j) {
-      const int64_t e = row * r.width + e0 + j * kVec<A>;
-      const int rest = len - j * kVec<A>;
-      v[b][j] = load_vec<A, kFull>(r.x + e, rest);
-      acc[b][j] = r.rms_term[row] * v[b][j];
-      if (r.grad_x_in != nullptr) acc[b][j] += load_vec<A, kFull>(r.grad_x_in + e, rest);
-      if (r.grad_input != nullptr) {
-        const S* g = r.grad_input + row * r.hidden + c0 + j * kVec<A>;
-        acc[b][j] += r.h_pre[row * r.n + stream] * load_vec<A, kFull>(g, rest);
-      }
-    }
+    const int64_t e = row * r.width + e0;
+    v[b] = load_vec<A, kFull>(r.x + e, len);
+    acc[b] = r.rms_term[row] * v[b];
+    if (r.grad_x_in != nullptr) acc[b] += load_vec<A, kFull>(r.grad_x_in + e, len);
+    if (r.grad_input != nullptr)
+      acc[b] += r.h_pre[row * r.n + stream] * load_vec<A, kFull>(r.grad_input + row * r.hidden + c0, len);
   }
   for (int k = 0; k < K; ++k) {
-    Vec<A> p[kDxVecs], q[kDxVecs], odd[kDxVecs];
-    A* part_row = part + k * ldt + e0;
-#pragma GCC unroll 16
-    for (int j = 0; j < kDxVecs; ++j) {
-      p[j] = load_vec<A, true>(phi_t + k * ldt + e0 + j * kVec<A>, kVec<A>);
-      q[j] = load_vec<A, kFull>(part_row + j * kVec<A>, len - j * kVec<A>);
-    }
+    const Vec<A> p = load_vec<A, true>(phi_t + k * ldt + e0, kVec<A>);
+    Vec<A> even = load_vec<A, kFull>(part + k * ldt + e0, len), odd;  // two chains of FMAs, not one
 #pragma GCC unroll 16
     for (int b = 0; b < kDxTokens; ++b) {
       const A d = r.dm[b * K + k];
-#pragma GCC unroll 16
-      for (int j = 0; j < kDxVecs; ++j) {
-        acc[b][j] += d * p[j];
-        if (b % 2 == 0) q[j] += d * v[b][j];  // two chains of FMAs (even, odd tokens), not one
-        else odd[j] = b == 1 ? d * v[b][j] : odd[j] + d * v[b][j];
-      }
+      acc[b] += d * p;
+      if (b % 2 == 0) even += d * v[b];
+      else odd = b == 1 ? d * v[b] : odd + d * v[b];
     }
-#pragma GCC unroll 16
-    for (int j = 0; j < kDxVecs; ++j) q[j] += odd[j];
-#pragma GCC unroll 16
-    for (int j = 0; j < kDxVecs; ++j) store_vec<A, kFull>(q[j], len - j * kVec<A>, part_row + j * kVec<A>);
+    store_vec<A, kFull>(even + odd, len, part + k * ldt + e0);
   }
-  for (int b = 0; b < r.valid; ++b)
-    for (int j = 0; j < kDxVecs; ++j)
-      store_vec<A, kFull>(acc[b][j], len - j * kVec<A>, r.grad_x + b * r.width + e0 + j * kVec<A>);
+  for (int b = 0; b < r.valid; ++b) store_vec<A, kFull>(acc[b], len, r.grad_x + b * r.width + e0);
 }
 
 // Backward of mappings, and of mappings_pre when `grad_input` is given (then h_pre too, and
@@ -296,8 +276,7 @@ void mappings_bwd_kernel(const A* grad_pre, const A* grad_post, const A* grad_re
   const int64_t width = n * hidden;
 
   // phi^T [K, ldt], so that the dx loop runs along the rows of v; zero past width.
-  constexpr int kDxWidth = kDxVecs * kVec<A>;
-  const int64_t ldt = round_up(width, kDxWidth) + kDxWidth;
+  const int64_t ldt = round_up(width, kVec<A>) + kVec<A>;
   std::vector<A> phi_t(K * ldt, A(0));
   at::parallel_for(0, width, 1024, [&](int64_t begin, int64_t end) {
     for (int64_t e = begin; e < end; ++e)
@@ -355,7 +334,7 @@ void mappings_bwd_kernel(const A* grad_pre, const A* grad_post, const A* grad_re
         // Every row group passes over one block of phi^T and of the partial before the next block:
         // they stay in L1.
         for (int stream = 0; stream < n; ++stream)
-          for_blocks<kDxWidth>(hidden, [&](int64_t c0, int len, auto full) {
+          for_blocks<kVec<A>>(hidden, [&](int64_t c0, int len, auto full) {
             for (int r = 0; r < row_groups; ++r)
               dx_dphi_block<decltype(full)::value>(rows[r], phi_t.data(), ldt, K, stream, c0, len, part);
           });
