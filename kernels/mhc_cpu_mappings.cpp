@@ -213,7 +213,9 @@ void mappings_fwd_kernel(const S* x, const A* phi, const A* alpha, const A* bias
 // both. dm rows of K values; phi_t [K, ldt] is phi transposed (loads of it may run past the stream's
 // end: ldt leaves room, and those lanes are never stored); part rows of ldt values. The terms a call
 // does not have are nullptr.
-constexpr int kDxTokens = kVectorRegisters / 4;  // v and dx of each token, and 3 more, in registers
+// v and dx of each token, and 3 more, in registers; a block never passes its SIMD group (kVec<A> tokens).
+template <typename A>
+constexpr int kDxTokens = std::min(kVectorRegisters / 4, kVec<A>);
 
 template <typename S, typename A>
 struct DxRows {
@@ -232,9 +234,9 @@ template <bool kFull, typename S, typename A>
 void dx_dphi_block(const DxRows<S, A>& r, const A* phi_t, int64_t ldt, int K, int stream, int64_t c0, int len,
                    A* part) {
   const int64_t e0 = stream * r.hidden + c0;
-  Vec<A> v[kDxTokens], acc[kDxTokens];
+  Vec<A> v[kDxTokens<A>], acc[kDxTokens<A>];
 #pragma GCC unroll 16
-  for (int b = 0; b < kDxTokens; ++b) {
+  for (int b = 0; b < kDxTokens<A>; ++b) {
     const int row = std::min(b, r.valid - 1);  // rows past `valid` repeat the last; their dm rows are 0
     const int64_t e = row * r.width + e0;
     v[b] = load_vec<A, kFull>(r.x + e, len);
@@ -247,7 +249,7 @@ void dx_dphi_block(const DxRows<S, A>& r, const A* phi_t, int64_t ldt, int K, in
     const Vec<A> p = load_vec<A, true>(phi_t + k * ldt + e0, kVec<A>);
     Vec<A> even = load_vec<A, kFull>(part + k * ldt + e0, len), odd;  // two chains of FMAs, not one
 #pragma GCC unroll 16
-    for (int b = 0; b < kDxTokens; ++b) {
+    for (int b = 0; b < kDxTokens<A>; ++b) {
       const A d = r.dm[b * K + k];
       acc[b] += d * p;
       if (b % 2 == 0) even += d * v[b];
@@ -284,7 +286,7 @@ void mappings_bwd_kernel(const A* grad_pre, const A* grad_post, const A* grad_re
   });
 
   constexpr int kMatrices = SinkhornGroup<A>::kMatrices;
-  constexpr int kDxRowGroups = (kMatrices + kDxTokens - 1) / kDxTokens;
+  constexpr int kDxRowGroups = kMatrices / kDxTokens<A>;
   const int64_t groups = (tokens + kMatrices - 1) / kMatrices;
   // Chunks of whole SIMD groups, of about kChunkTokens tokens: a few threads share even short inputs.
   constexpr int64_t kChunkTokens = 128;
@@ -323,13 +325,13 @@ void mappings_bwd_kernel(const A* grad_pre, const A* grad_post, const A* grad_re
           rms_term[t] = mappings_projection_backward(dzt, u, u[K], alpha, n, width, dzt + K, dm.data() + t * K);
         }
         DxRows<S, A> rows[kDxRowGroups];
-        const int row_groups = (count + kDxTokens - 1) / kDxTokens;
+        const int row_groups = (count + kDxTokens<A> - 1) / kDxTokens<A>;
         for (int r = 0; r < row_groups; ++r) {
-          const int64_t t = t0 + r * kDxTokens;
+          const int64_t t = t0 + r * kDxTokens<A>;
           rows[r] = {x + t * width, grad_x + t * width, grad_x_in ? grad_x_in + t * width : nullptr,
                      grad_input ? grad_input + t * hidden : nullptr, h_pre ? h_pre + t * n : nullptr,
                      dm.data() + t * K, rms_term.data() + t, width, hidden, n,
-                     std::min(kDxTokens, count - r * kDxTokens)};
+                     std::min(kDxTokens<A>, count - r * kDxTokens<A>)};
         }
         // Every row group passes over one block of phi^T and of the partial before the next block:
         // they stay in L1.
