@@ -30,12 +30,16 @@ namespace cpu {
 // The bytes of one hardware vector register at the level being compiled: a GCC vector type wider
 // than the hardware's is split into pieces that the compiler shuffles through the stack, which made
 // the mappings kernels 8-15x slower at the AVX2 and portable levels when Vec was 64 bytes there.
+// Register blocks of the kernels are sized by the level's number of vector registers.
 #if defined(__AVX512F__)
 constexpr int kVectorBytes = 64;
+constexpr int kVectorRegisters = 32;
 #elif defined(__AVX2__)
 constexpr int kVectorBytes = 32;
+constexpr int kVectorRegisters = 16;
 #else
 constexpr int kVectorBytes = 16;  // SSE2 (x86-64's baseline), NEON
+constexpr int kVectorRegisters = 16;
 #endif
 
 // One hardware vector of A, a GCC vector type: arrays of them indexed by compile-time constants stay

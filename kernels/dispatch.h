@@ -208,10 +208,10 @@ inline Four post_res_bwd_outputs(const at::Tensor& grad_out, const at::Tensor& x
   return {at::empty_like(x), at::empty_like(f), at::empty_like(h_post), at::empty_like(h_res)};
 }
 
-// Tokens per chunk of a weight-gradient reduction, and the number of chunks: it depends on the
-// shapes only (never on threads), and keeps the partial buffer under ~16M values.
-inline int64_t reduction_chunks(int64_t tokens, int64_t partial_size) {
-  const int64_t by_tokens = (tokens + 255) / 256;
+// The number of chunks of a weight-gradient reduction over tokens, of about tokens_per_chunk tokens
+// each: it depends on the shapes only (never on threads), and keeps the partial buffer under ~16M values.
+inline int64_t reduction_chunks(int64_t tokens, int64_t partial_size, int64_t tokens_per_chunk = 256) {
+  const int64_t by_tokens = (tokens + tokens_per_chunk - 1) / tokens_per_chunk;
   const int64_t by_memory = std::max<int64_t>(1, (int64_t{1} << 24) / std::max<int64_t>(partial_size, 1));
   return std::max<int64_t>(1, std::min<int64_t>({by_tokens, by_memory, 32}));
 }

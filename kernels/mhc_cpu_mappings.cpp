@@ -18,35 +18,35 @@ namespace cpu {
 // ---------------------------------------------------------------- sinkhorn
 
 // Sinkhorn of up to kMatrices matrices at once: those in the scale domain as SIMD lanes (one
-// vector of A per entry), the others one at a time in the log domain. Work space of one
-// thread; logits, grad, p: n*n*kMatrices values, sums: sinkhorn_scratch_size * kMatrices.
+// vector of A per entry), the others one at a time in the log domain. Work space of one thread.
 template <typename A>
 struct SinkhornGroup {
   static constexpr int kMatrices = kVec<A>;
   int n, iters;
-  std::vector<A> logits, grad, p, sums;
+  std::vector<Vec<A>> logits, grad, p, sums;  // n*n entries, sums: sinkhorn_scratch_size
+  std::vector<A> log_work, log_sums;           // one matrix in the log domain
   bool scale[kMatrices];
 
   SinkhornGroup(int n_, int iters_)
-      : n(n_), iters(iters_), logits(n * n * kMatrices), grad(n * n * kMatrices), p(n * n * kMatrices),
-        sums(sinkhorn_scratch_size(n, iters) * kMatrices) {}
+      : n(n_), iters(iters_), logits(n * n), grad(n * n), p(n * n), sums(sinkhorn_scratch_size(n, iters)),
+        log_work(n * n), log_sums(sinkhorn_scratch_size(n, iters)) {}
 
   // Loads the logits of `count` matrices (matrix b at in + b * ld) into lanes; the lanes of the
   // log-domain matrices and those past `count` get zeros.
   void load(const A* in, int64_t ld, int count) {
     for (int b = 0; b < kMatrices; ++b) scale[b] = b < count && in_scale_domain(in + b * ld, n, 1);
     for (int k = 0; k < n * n; ++k)
-      for (int b = 0; b < kMatrices; ++b) logits[k * kMatrices + b] = scale[b] ? in[b * ld + k] : A(0);
+      for (int b = 0; b < kMatrices; ++b) logits[k][b] = scale[b] ? in[b * ld + k] : A(0);
   }
 
   // Sinkhorn matrices of the logits in[b * ld], b < count, into out[b * ld_out].
   void forward(const A* in, int64_t ld, A* out, int64_t ld_out, int count) {
     load(in, ld, count);
-    sinkhorn_scale_forward<kMatrices>(logits.data(), n, iters, static_cast<A*>(nullptr));
+    sinkhorn_scale_forward<A>(logits.data(), n, iters, static_cast<Vec<A>*>(nullptr));
     for (int b = 0; b < count; ++b) {
       A* o = out + b * ld_out;
       if (scale[b]) {
-        for (int k = 0; k < n * n; ++k) o[k] = logits[k * kMatrices + b];
+        for (int k = 0; k < n * n; ++k) o[k] = logits[k][b];
       } else {
         std::copy(in + b * ld, in + b * ld + n * n, o);
         sinkhorn_forward(o, n, iters);
@@ -59,14 +59,14 @@ struct SinkhornGroup {
   void backward(const A* in, int64_t ld, const A* g, int64_t ld_g, A* out, int64_t ld_out, int count) {
     load(in, ld, count);
     for (int k = 0; k < n * n; ++k)
-      for (int b = 0; b < kMatrices; ++b) grad[k * kMatrices + b] = scale[b] ? g[b * ld_g + k] : A(0);
-    sinkhorn_scale_backward<kMatrices>(logits.data(), grad.data(), n, iters, p.data(), sums.data());
+      for (int b = 0; b < kMatrices; ++b) grad[k][b] = scale[b] ? g[b * ld_g + k] : A(0);
+    sinkhorn_scale_backward<A>(logits.data(), grad.data(), n, iters, p.data(), sums.data());
     for (int b = 0; b < count; ++b) {
       A* o = out + b * ld_out;
       if (scale[b]) {
-        for (int k = 0; k < n * n; ++k) o[k] = grad[k * kMatrices + b];
+        for (int k = 0; k < n * n; ++k) o[k] = grad[k][b];
       } else {
-        sinkhorn_backward(in + b * ld, g + b * ld_g, o, n, iters, p.data(), sums.data());
+        sinkhorn_backward(in + b * ld, g + b * ld_g, o, n, iters, log_work.data(), log_sums.data());
       }
     }
   }
@@ -203,15 +203,19 @@ void mappings_fwd_kernel(const S* x, const A* phi, const A* alpha, const A* bias
   });
 }
 
-// Backward, the stream gradient of kDxTokens tokens (rows of `width` values from x, grad_x):
+// Backward, per kDxTokens tokens and one vector of values e0 + [0, len) of stream i (kFull: all),
+// e0 = i * hidden + c0, in the tokens' rows of `width` values of x and grad_x:
 //   dx = dm @ phi^T + c * v                       (mappings)
 //      + h_pre[i] * grad_input                    (mappings_pre: pre's share, stream i)
 //      + grad_x_in                                (mappings_pre: the gradient from elsewhere)
-// for kDxVecs vectors of values e0 + [0, len) of stream i (kFull: all), e0 = i * hidden + c0; dm rows
-// of ldm values, phi_t [K, ldt] is phi transposed (loads of it may run past the stream's end: ldt
-// leaves room, and those lanes are never stored). The terms a call does not have are nullptr.
-constexpr int kDxTokens = 4;
-constexpr int kDxVecs = 4;
+// written once; and, while those values of v are in registers, the tokens' share of dphi^T,
+// part[k, e] += sum_b dm[b, k] * v[b, e], added to their chunk's partial: one read of the streams for
+// both. dm rows of K values; phi_t [K, ldt] is phi transposed (loads of it may run past the stream's
+// end: ldt leaves room, and those lanes are never stored); part rows of ldt values. The terms a call
+// does not have are nullptr.
+// v and dx of each token, and 3 more, in registers; a block never passes its SIMD group (kVec<A> tokens).
+template <typename A>
+constexpr int kDxTokens = std::min(kVectorRegisters / 4, kVec<A>);
 
 template <typename S, typename A>
 struct DxRows {
@@ -220,80 +224,50 @@ struct DxRows {
   const S* grad_x_in;  // likewise, or nullptr
   const S* grad_input; // [tokens, hidden], or nullptr
   const A* h_pre;      // [tokens, n] (with grad_input)
-  const A* dm;         // [tokens, ldm]
+  const A* dm;         // [tokens, K], zero rows past the last token
   const A* rms_term;   // [tokens]
-  int64_t width, hidden, ldm;
+  int64_t width, hidden;
   int n, valid;
 };
 
 template <bool kFull, typename S, typename A>
-void dx_block(const DxRows<S, A>& r, const A* phi_t, int64_t ldt, int K, int stream, int64_t c0, int len) {
+void dx_dphi_block(const DxRows<S, A>& r, const A* phi_t, int64_t ldt, int K, int stream, int64_t c0, int len,
+                   A* part) {
   const int64_t e0 = stream * r.hidden + c0;
-  Vec<A> acc[kDxTokens][kDxVecs];
+  Vec<A> v[kDxTokens<A>], acc[kDxTokens<A>];
 #pragma GCC unroll 16
-  for (int b = 0; b < kDxTokens; ++b) {
-    const int row = std::min(b, r.valid - 1);
-#pragma GCC unroll 16
-    for (int j = 0; j < kDxVecs; ++j) {
-      const int64_t e = row * r.width + e0 + j * kVec<A>;
-      const int rest = len - j * kVec<A>;
-      acc[b][j] = r.rms_term[row] * load_vec<A, kFull>(r.x + e, rest);
-      if (r.grad_x_in != nullptr) acc[b][j] += load_vec<A, kFull>(r.grad_x_in + e, rest);
-      if (r.grad_input != nullptr) {
-        const S* g = r.grad_input + row * r.hidden + c0 + j * kVec<A>;
-        acc[b][j] += r.h_pre[row * r.n + stream] * load_vec<A, kFull>(g, rest);
-      }
-    }
+  for (int b = 0; b < kDxTokens<A>; ++b) {
+    const int row = std::min(b, r.valid - 1);  // rows past `valid` repeat the last; their dm rows are 0
+    const int64_t e = row * r.width + e0;
+    v[b] = load_vec<A, kFull>(r.x + e, len);
+    acc[b] = r.rms_term[row] * v[b];
+    if (r.grad_x_in != nullptr) acc[b] += load_vec<A, kFull>(r.grad_x_in + e, len);
+    if (r.grad_input != nullptr)
+      acc[b] += r.h_pre[row * r.n + stream] * load_vec<A, kFull>(r.grad_input + row * r.hidden + c0, len);
   }
   for (int k = 0; k < K; ++k) {
-    Vec<A> p[kDxVecs];
+    const Vec<A> p = load_vec<A, true>(phi_t + k * ldt + e0, kVec<A>);
+    Vec<A> even = load_vec<A, kFull>(part + k * ldt + e0, len), odd;  // two chains of FMAs, not one
 #pragma GCC unroll 16
-    for (int j = 0; j < kDxVecs; ++j) p[j] = load_vec<A, true>(phi_t + k * ldt + e0 + j * kVec<A>, kVec<A>);
-#pragma GCC unroll 16
-    for (int b = 0; b < kDxTokens; ++b) {
-      const A d = r.dm[std::min(b, r.valid - 1) * r.ldm + k];
-#pragma GCC unroll 16
-      for (int j = 0; j < kDxVecs; ++j) acc[b][j] += d * p[j];
+    for (int b = 0; b < kDxTokens<A>; ++b) {
+      const A d = r.dm[b * K + k];
+      acc[b] += d * p;
+      if (b % 2 == 0) even += d * v[b];
+      else odd = b == 1 ? d * v[b] : odd + d * v[b];
     }
+    store_vec<A, kFull>(even + odd, len, part + k * ldt + e0);
   }
-  for (int b = 0; b < r.valid; ++b)
-    for (int j = 0; j < kDxVecs; ++j)
-      store_vec<A, kFull>(acc[b][j], len - j * kVec<A>, r.grad_x + b * r.width + e0 + j * kVec<A>);
-}
-
-// Backward, the share of a token range in dphi: part[k, e] = sum_t v[t, e] * dm_pad[t, k] for
-// kDphiCols columns k from k0 and 2 vectors of values e from e0 (`len` of them; kFull: all).
-constexpr int kDphiCols = 8;
-
-template <bool kFull, typename S, typename A>
-void dphi_block(const S* x, int64_t width, int64_t t_begin, int64_t t_end, const A* dm_pad, int64_t ldm,
-                int k0, int64_t e0, int len, A* part, int64_t ldp) {
-  Vec<A> acc[kDphiCols][2] = {};
-  for (int64_t t = t_begin; t < t_end; ++t) {
-    const S* row = x + t * width + e0;
-    const Vec<A> v0 = load_vec<A, kFull>(row, len);
-    const Vec<A> v1 = load_vec<A, kFull>(row + kVec<A>, len - kVec<A>);
-    const A* d = dm_pad + t * ldm + k0;
-#pragma GCC unroll 16
-    for (int j = 0; j < kDphiCols; ++j) {
-      acc[j][0] += d[j] * v0;
-      acc[j][1] += d[j] * v1;
-    }
-  }
-  for (int j = 0; j < kDphiCols; ++j) {
-    store_vec<A, true>(acc[j][0], kVec<A>, part + (k0 + j) * ldp + e0);
-    store_vec<A, true>(acc[j][1], kVec<A>, part + (k0 + j) * ldp + e0 + kVec<A>);
-  }
+  for (int b = 0; b < r.valid; ++b) store_vec<A, kFull>(acc[b], len, r.grad_x + b * r.width + e0);
 }
 
 // Backward of mappings, and of mappings_pre when `grad_input` is given (then h_pre too, and
-// optionally grad_x_in, a stream gradient to add). Per SIMD group of tokens, while their rows stay
-// in cache: (1) with grad_input, pre's gradient of h_pre (dot products with the streams) added to
-// grad_pre; the coefficient gradients (dz, dm, c); the stream gradient dx of the group's tokens,
-// every term at once, written once. Then (2) dphi = v^T dm in fixed token chunks
-// (reduction_chunks: shapes only, never threads), each chunk's partial [K, width] computed in
-// register blocks, then the chunks summed in order, like dbias and dalpha: bit-identical results
-// run to run.
+// optionally grad_x_in, a stream gradient to add). The tokens are cut into chunks fixed by the shapes
+// (reduction_chunks, never by threads), a chunk to a thread; per SIMD group of a chunk's tokens, while
+// their rows stay in cache: (1) with grad_input, pre's gradient of h_pre (dot products with the
+// streams) added to grad_pre; the coefficient gradients (dz, dm, c); (2) the stream gradient dx of
+// the group's tokens, every term at once, written once, and their share of dphi = v^T dm added to
+// the chunk's partial [K, width] in token order. Then the partials are summed in chunk order, like
+// dbias and dalpha: bit-identical results run to run and for any number of threads.
 template <typename S, typename A>
 void mappings_bwd_kernel(const A* grad_pre, const A* grad_post, const A* grad_res, const S* x,
                          const A* phi, const A* alpha, const A* bias, const A* saved, int64_t tokens,
@@ -301,86 +275,81 @@ void mappings_bwd_kernel(const A* grad_pre, const A* grad_post, const A* grad_re
                          A* grad_bias, const S* grad_input, const A* h_pre, const S* grad_x_in) {
   const int K = num_columns(n);
   const int KZ = K + 3;  // dz, then the three dalpha terms
-  const int64_t ldm = round_up(K, kDphiCols);
   const int64_t width = n * hidden;
 
   // phi^T [K, ldt], so that the dx loop runs along the rows of v; zero past width.
-  constexpr int kDxWidth = kDxVecs * kVec<A>;
-  const int64_t ldt = round_up(width, kDxWidth) + kDxWidth;
+  const int64_t ldt = round_up(width, kVec<A>) + kVec<A>;
   std::vector<A> phi_t(K * ldt, A(0));
   at::parallel_for(0, width, 1024, [&](int64_t begin, int64_t end) {
     for (int64_t e = begin; e < end; ++e)
       for (int k = 0; k < K; ++k) phi_t[k * ldt + e] = phi[e * K + k];
   });
 
-  std::vector<A> dm_pad(tokens * ldm, A(0)), dz(tokens * KZ), rms_term(tokens);
   constexpr int kMatrices = SinkhornGroup<A>::kMatrices;
-  at::parallel_for(0, (tokens + kMatrices - 1) / kMatrices, 1, [&](int64_t begin, int64_t end) {
+  constexpr int kDxRowGroups = kMatrices / kDxTokens<A>;
+  const int64_t groups = (tokens + kMatrices - 1) / kMatrices;
+  // Chunks of whole SIMD groups, of about kChunkTokens tokens: a few threads share even short inputs.
+  constexpr int64_t kChunkTokens = 128;
+  const int64_t wanted_chunks = reduction_chunks(tokens, width * K, kChunkTokens);
+  const int64_t chunk_groups = (groups + wanted_chunks - 1) / wanted_chunks;
+  const int64_t chunks = (groups + chunk_groups - 1) / chunk_groups;
+  std::vector<A> dm(groups * kMatrices * K, A(0)), dz(tokens * KZ), rms_term(tokens);
+  std::unique_ptr<A[]> partial(new A[chunks * K * ldt]);  // zeroed per chunk below
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     SinkhornGroup<A> group(n, iters);
     std::vector<A> z(kMatrices * K), grad_h_pre(kMatrices * n);
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t t0 = i * kMatrices;
-      const int count = static_cast<int>(std::min<int64_t>(kMatrices, tokens - t0));
-      for (int b = 0; b < count; ++b) {
-        const int64_t t = t0 + b;
-        const A* gp = grad_pre + t * n;
-        if (grad_input != nullptr) {
-          A* total = grad_h_pre.data() + b * n;
-          MHC_DISPATCH_STREAMS(n, NT,
-                               stream_dots_row<NT>(x + t * width, grad_input + t * hidden, n, hidden, total));
-          for (int s = 0; s < n; ++s) total[s] += gp[s];
-          gp = total;
+    for (int64_t c = begin; c < end; ++c) {
+      A* part = partial.get() + c * K * ldt;
+      std::fill(part, part + K * ldt, A(0));
+      for (int64_t i = c * chunk_groups; i < std::min(groups, (c + 1) * chunk_groups); ++i) {
+        const int64_t t0 = i * kMatrices;
+        const int count = static_cast<int>(std::min<int64_t>(kMatrices, tokens - t0));
+        for (int b = 0; b < count; ++b) {
+          const int64_t t = t0 + b;
+          const A* gp = grad_pre + t * n;
+          if (grad_input != nullptr) {
+            A* total = grad_h_pre.data() + b * n;
+            MHC_DISPATCH_STREAMS(n, NT,
+                                 stream_dots_row<NT>(x + t * width, grad_input + t * hidden, n, hidden, total));
+            for (int s = 0; s < n; ++s) total[s] += gp[s];
+            gp = total;
+          }
+          mappings_gates_backward(gp, grad_post + t * n, saved + t * (K + 1), alpha, bias, n, z.data() + b * K,
+                                  dz.data() + t * KZ);
         }
-        mappings_gates_backward(gp, grad_post + t * n, saved + t * (K + 1), alpha, bias, n, z.data() + b * K,
-                                dz.data() + t * KZ);
-      }
-      group.backward(z.data() + 2 * n, K, grad_res + t0 * n * n, n * n, dz.data() + t0 * KZ + 2 * n, KZ, count);
-      for (int b = 0; b < count; ++b) {
-        const int64_t t = t0 + b;
-        const A* u = saved + t * (K + 1);
-        A* dzt = dz.data() + t * KZ;
-        rms_term[t] = mappings_projection_backward(dzt, u, u[K], alpha, n, width, dzt + K, dm_pad.data() + t * ldm);
-      }
-      for (int b0 = 0; b0 < count; b0 += kDxTokens) {
-        const int64_t t = t0 + b0;
-        const DxRows<S, A> rows{x + t * width, grad_x + t * width, grad_x_in ? grad_x_in + t * width : nullptr,
-                                grad_input ? grad_input + t * hidden : nullptr, h_pre ? h_pre + t * n : nullptr,
-                                dm_pad.data() + t * ldm, rms_term.data() + t, width, hidden, ldm, n,
-                                std::min(kDxTokens, count - b0)};
+        group.backward(z.data() + 2 * n, K, grad_res + t0 * n * n, n * n, dz.data() + t0 * KZ + 2 * n, KZ, count);
+        for (int b = 0; b < count; ++b) {
+          const int64_t t = t0 + b;
+          const A* u = saved + t * (K + 1);
+          A* dzt = dz.data() + t * KZ;
+          rms_term[t] = mappings_projection_backward(dzt, u, u[K], alpha, n, width, dzt + K, dm.data() + t * K);
+        }
+        DxRows<S, A> rows[kDxRowGroups];
+        const int row_groups = (count + kDxTokens<A> - 1) / kDxTokens<A>;
+        for (int r = 0; r < row_groups; ++r) {
+          const int64_t t = t0 + r * kDxTokens<A>;
+          rows[r] = {x + t * width, grad_x + t * width, grad_x_in ? grad_x_in + t * width : nullptr,
+                     grad_input ? grad_input + t * hidden : nullptr, h_pre ? h_pre + t * n : nullptr,
+                     dm.data() + t * K, rms_term.data() + t, width, hidden, n,
+                     std::min(kDxTokens<A>, count - r * kDxTokens<A>)};
+        }
+        // Every row group passes over one block of phi^T and of the partial before the next block:
+        // they stay in L1.
         for (int stream = 0; stream < n; ++stream)
-          for_blocks<kDxWidth>(hidden, [&](int64_t c0, int len, auto full) {
-            dx_block<decltype(full)::value>(rows, phi_t.data(), ldt, K, stream, c0, len);
+          for_blocks<kVec<A>>(hidden, [&](int64_t c0, int len, auto full) {
+            for (int r = 0; r < row_groups; ++r)
+              dx_dphi_block<decltype(full)::value>(rows[r], phi_t.data(), ldt, K, stream, c0, len, part);
           });
       }
     }
   });
 
-  // dphi: partials [chunks][ldm][ldp]; a task per (chunk, span of kDphiSpan blocks of e), whose
-  // rows of v (1 KiB each in float32) stay in cache while the column groups pass over them.
-  constexpr int kDphiWidth = 2 * kVec<A>;
-  constexpr int kDphiSpan = 8;
-  const int64_t ldp = round_up(width, kDphiWidth);
-  const int64_t spans = (ldp / kDphiWidth + kDphiSpan - 1) / kDphiSpan;
-  const int64_t chunks = reduction_chunks(tokens, width * K);
-  const int64_t chunk = (tokens + chunks - 1) / chunks;
-  std::unique_ptr<A[]> partial(new A[chunks * ldm * ldp]);  // every value is written below
-  at::parallel_for(0, chunks * spans, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t c = task / spans, span = task % spans * kDphiSpan * kDphiWidth;
-      const int64_t t_begin = c * chunk, t_end = std::min(tokens, t_begin + chunk);
-      A* part = partial.get() + c * ldm * ldp;
-      for_blocks<kDphiWidth>(std::min<int64_t>(width - span, kDphiSpan * kDphiWidth), [&](int64_t e0, int len, auto full) {
-        for (int k0 = 0; k0 < K; k0 += kDphiCols)
-          dphi_block<decltype(full)::value>(x, width, t_begin, t_end, dm_pad.data(), ldm, k0, span + e0, len, part, ldp);
-      });
-    }
-  });
   at::parallel_for(0, K, 1, [&](int64_t begin, int64_t end) {
     std::vector<A> total(width);
     for (int64_t k = begin; k < end; ++k) {
-      std::copy(partial.get() + k * ldp, partial.get() + k * ldp + width, total.begin());
+      std::copy(partial.get() + k * ldt, partial.get() + k * ldt + width, total.begin());
       for (int64_t c = 1; c < chunks; ++c) {
-        const A* part = partial.get() + (c * ldm + k) * ldp;
+        const A* part = partial.get() + (c * K + k) * ldt;
         for (int64_t e = 0; e < width; ++e) total[e] += part[e];
       }
       for (int64_t e = 0; e < width; ++e) grad_phi[e * K + k] = total[e];

@@ -7,7 +7,7 @@
 //
 // Every function works on one token (one n x n matrix, or K = n*n + 2n coefficients) held in
 // caller-provided arrays, in the accumulation type A (float, or double for float64 data); the
-// scale-domain Sinkhorn works on L matrices at once (the CPU's SIMD lanes; L = 1 on the GPU).
+// scale-domain Sinkhorn works on a SIMD lane per matrix on the CPU (one matrix on the GPU).
 #pragma once
 
 #include <cmath>
@@ -89,74 +89,77 @@ MHC_HD bool in_scale_domain(const A* m, int n, int stride) {
   return top - bottom <= scale_domain_spread(top);
 }
 
-// Scale domain on L matrices at once (SIMD lanes on the CPU, L = 1 on the GPU): entry k of matrix
-// l is p[k * L + l]. In place: logits -> the Sinkhorn matrices after `iters` iterations. When
-// `sums` is not null it receives every half-step's line sums ([2*iters][n][L], columns first).
-template <int L, typename A>
-MHC_HD void sinkhorn_scale_forward(A* p, int n, int iters, A* sums) {
-  A top[L];
-  for (int l = 0; l < L; ++l) top[l] = p[l];
-  for (int k = 1; k < n * n; ++k)
-    for (int l = 0; l < L; ++l) top[l] = p[k * L + l] > top[l] ? p[k * L + l] : top[l];
-  for (int k = 0; k < n * n; ++k)
-    for (int l = 0; l < L; ++l) p[k * L + l] = exp_of(p[k * L + l] - top[l]);
+// Scale domain on several matrices at once, V holding entry k of each: V = A is one matrix (the
+// GPU, and the CPU's fallback), V a SIMD vector of A is one matrix per lane (the CPU, cpu_vec.h).
+// The code is the same for both: comparisons select per lane, and exp runs lane by lane.
+template <typename A, typename V>
+MHC_HD V exp_lanes(V v) {
+  if constexpr (sizeof(V) == sizeof(A)) {
+    return exp_of(v);
+  } else {
+    for (int l = 0; l < static_cast<int>(sizeof(V) / sizeof(A)); ++l) v[l] = exp_of(v[l]);
+    return v;
+  }
+}
+
+// In place: logits p [n*n] -> the Sinkhorn matrices after `iters` iterations. When `sums` is not
+// null it receives every half-step's line sums ([2*iters][n], columns first).
+template <typename A, typename V>
+MHC_HD void sinkhorn_scale_forward(V* p, int n, int iters, V* sums) {
+  V top = p[0];
+  for (int k = 1; k < n * n; ++k) top = p[k] > top ? p[k] : top;
+  for (int k = 0; k < n * n; ++k) p[k] = exp_lanes<A>(p[k] - top);
   for (int step = 0; step < 2 * iters; ++step) {
     const bool columns = step % 2 == 0;
     for (int line = 0; line < n; ++line) {
-      A total[L] = {};
-      for (int k = 0; k < n; ++k)
-        for (int l = 0; l < L; ++l) total[l] += p[line_index(columns, n, line, k) * L + l];
-      A inverse[L];
-      for (int l = 0; l < L; ++l) inverse[l] = A(1) / total[l];
-      for (int k = 0; k < n; ++k)
-        for (int l = 0; l < L; ++l) p[line_index(columns, n, line, k) * L + l] *= inverse[l];
-      if (sums != nullptr)
-        for (int l = 0; l < L; ++l) sums[(step * n + line) * L + l] = total[l];
+      V total = {};
+      for (int k = 0; k < n; ++k) total += p[line_index(columns, n, line, k)];
+      const V inverse = A(1) / total;
+      for (int k = 0; k < n; ++k) p[line_index(columns, n, line, k)] *= inverse;
+      if (sums != nullptr) sums[step * n + line] = total;
     }
   }
 }
 
-// Gradient w.r.t. the logits of L matrices in the scale domain (layout of sinkhorn_scale_forward).
-// g holds the output gradient and receives the logits' gradient; p (n*n*L values) and sums
-// (sinkhorn_scratch_size(n, iters) * L) are work space. Recomputes the iterations, then runs them in
-// reverse: a half-step y = x / s (s = sum of x along the line) has the vector-Jacobian product
-// gx = (gy - sum(gy * y)) / s along the line, and x = y * s. Then p = exp(L - max) gives
-// g * p, and the max is differentiated like amax (split evenly among ties).
-template <int L, typename A>
-MHC_HD void sinkhorn_scale_backward(const A* logits, A* g, int n, int iters, A* p, A* sums) {
+// Gradient w.r.t. the logits (layout of sinkhorn_scale_forward). g holds the output gradient and
+// receives the logits' gradient; p (n*n values) and sums (sinkhorn_scratch_size(n, iters)) are work
+// space. Recomputes the iterations, then runs them in reverse: a half-step y = x / s (s = sum of x
+// along the line) has the vector-Jacobian product gx = (gy - sum(gy * y)) / s along the line, and
+// x = y * s. Then p = exp(L - max) gives g * p, and the max is differentiated like amax (split evenly
+// among ties).
+template <typename A, typename V>
+MHC_HD void sinkhorn_scale_backward(const V* logits, V* g, int n, int iters, V* p, V* sums) {
   const int nn = n * n;
-  for (int k = 0; k < nn * L; ++k) p[k] = logits[k];
-  sinkhorn_scale_forward<L>(p, n, iters, sums);
+  for (int k = 0; k < nn; ++k) p[k] = logits[k];
+  sinkhorn_scale_forward<A>(p, n, iters, sums);
   for (int step = 2 * iters - 1; step >= 0; --step) {
     const bool columns = step % 2 == 0;
     for (int line = 0; line < n; ++line) {
-      A dot[L] = {};
+      V dot = {};
       for (int k = 0; k < n; ++k) {
-        const int idx = line_index(columns, n, line, k) * L;
-        for (int l = 0; l < L; ++l) dot[l] += g[idx + l] * p[idx + l];
+        const int idx = line_index(columns, n, line, k);
+        dot += g[idx] * p[idx];
       }
-      const A* s = sums + (step * n + line) * L;
+      const V s = sums[step * n + line];
+      const V inverse = A(1) / s;  // one division per line, not per entry
       for (int k = 0; k < n; ++k) {
-        const int idx = line_index(columns, n, line, k) * L;
-        for (int l = 0; l < L; ++l) {
-          g[idx + l] = (g[idx + l] - dot[l]) / s[l];
-          p[idx + l] *= s[l];  // back to the state before this half-step
-        }
+        const int idx = line_index(columns, n, line, k);
+        g[idx] = (g[idx] - dot) * inverse;
+        p[idx] *= s;  // back to the state before this half-step
       }
     }
   }
-  A top[L], total[L] = {}, ties[L] = {};
-  for (int l = 0; l < L; ++l) top[l] = logits[l];
-  for (int k = 1; k < nn; ++k)
-    for (int l = 0; l < L; ++l) top[l] = logits[k * L + l] > top[l] ? logits[k * L + l] : top[l];
-  for (int k = 0; k < nn; ++k)
-    for (int l = 0; l < L; ++l) {
-      g[k * L + l] *= p[k * L + l];
-      total[l] += g[k * L + l];
-      ties[l] += logits[k * L + l] == top[l] ? A(1) : A(0);
-    }
-  for (int k = 0; k < nn; ++k)
-    for (int l = 0; l < L; ++l) g[k * L + l] -= logits[k * L + l] == top[l] ? total[l] / ties[l] : A(0);
+  V top = logits[0];
+  for (int k = 1; k < nn; ++k) top = logits[k] > top ? logits[k] : top;
+  const V zero = {}, one = zero + A(1);
+  V total = {}, ties = {};
+  for (int k = 0; k < nn; ++k) {
+    g[k] *= p[k];
+    total += g[k];
+    ties += logits[k] == top ? one : zero;
+  }
+  const V share = total / ties;
+  for (int k = 0; k < nn; ++k) g[k] -= logits[k] == top ? share : zero;
 }
 
 // Log domain, in place: logits lm [n*n] -> log of the Sinkhorn matrix after `iters` iterations.
@@ -216,7 +219,7 @@ MHC_HD void sinkhorn_log_backward(const A* logits, const A* grad_out, A* grad_in
 template <typename A>
 MHC_HD void sinkhorn_forward(A* m, int n, int iters) {
   if (in_scale_domain(m, n, 1)) {
-    sinkhorn_scale_forward<1>(m, n, iters, static_cast<A*>(nullptr));
+    sinkhorn_scale_forward<A>(m, n, iters, static_cast<A*>(nullptr));
     return;
   }
   sinkhorn_log_forward(m, n, iters, static_cast<A*>(nullptr));
@@ -230,7 +233,7 @@ MHC_HD void sinkhorn_backward(const A* logits, const A* grad_out, A* grad_in, in
                               A* work, A* scratch) {
   if (in_scale_domain(logits, n, 1)) {
     for (int k = 0; k < n * n; ++k) grad_in[k] = grad_out[k];
-    sinkhorn_scale_backward<1>(logits, grad_in, n, iters, work, scratch);
+    sinkhorn_scale_backward<A>(logits, grad_in, n, iters, work, scratch);
   } else {
     sinkhorn_log_backward(logits, grad_out, grad_in, n, iters, work, scratch);
   }
