@@ -147,7 +147,7 @@ def connection_bytes_moved(hc_mode: str, n: int, hidden: int, stream_bytes: int,
     * mhc: the fused kernels ``mappings_pre`` and ``post_res`` (``fused_op_bytes``), post_res's
       stream gradient handed to mappings_pre's backward, which reads it (``S``) and writes the
       sum: no autograd sum;
-    * hc (eager PyTorch, method doc section 4.3): reads ``(5n+1) C + n^2 + 2n`` and writes
+    * hc (eager PyTorch, method doc section 4.3; on a GPU, where hc_mappings_pre has no kernel): reads ``(5n+1) C + n^2 + 2n`` and writes
       ``(3n+1) C + n^2 + 2n`` elements in forward, twice as many in backward.
     """
     row = hidden * stream_bytes
