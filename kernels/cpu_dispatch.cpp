@@ -171,10 +171,31 @@ Four post_res_bwd(const at::Tensor& grad_out, const at::Tensor& x, const at::Ten
   return active().post_res_bwd(grad_out, x, f, h_post, h_res);
 }
 
+Five hc_mappings_pre_fwd(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& alpha,
+                         const at::Tensor& static_pre, const at::Tensor& static_post, const at::Tensor& static_res,
+                         double eps) {
+  return active().hc_mappings_pre_fwd(x, weight, alpha, static_pre, static_post, static_res, eps);
+}
+
+Six hc_mappings_pre_bwd(const at::Tensor& grad_input, const at::Tensor& grad_pre, const at::Tensor& grad_post,
+                        const at::Tensor& grad_res, const std::optional<at::Tensor>& grad_x_in, const at::Tensor& x,
+                        const at::Tensor& weight, const at::Tensor& alpha, const at::Tensor& h_pre,
+                        const at::Tensor& saved) {
+  return active().hc_mappings_pre_bwd(grad_input, grad_pre, grad_post, grad_res, grad_x_in, x, weight, alpha, h_pre,
+                                      saved);
+}
+
 }  // namespace
 }  // namespace mhc
 
 MHC_REGISTER_KERNELS(CPU)
+
+// The ops with CPU kernels only (no CUDA kernel yet: on CUDA tensors the Python side runs the
+// reference, mhc_megatron/ops/fused.py CPU_ONLY_OPS).
+TORCH_LIBRARY_IMPL(mhc_megatron, CPU, m) {
+  m.impl("hc_mappings_pre_fwd", &mhc::hc_mappings_pre_fwd);
+  m.impl("hc_mappings_pre_bwd", &mhc::hc_mappings_pre_bwd);
+}
 
 TORCH_LIBRARY_FRAGMENT(mhc_megatron, m) {
   m.def("cpu_isa() -> str", &mhc::cpu_isa);

@@ -14,7 +14,7 @@
 namespace mhc {
 
 // Bumped whenever the table changes, so that a stale level library is refused, not called.
-constexpr int kCpuKernelsAbi = 2;
+constexpr int kCpuKernelsAbi = 3;
 
 struct CpuKernels {
   int abi;
@@ -39,11 +39,18 @@ struct CpuKernels {
                              const at::Tensor& h_res);
   Four (*post_res_bwd)(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& f,
                        const at::Tensor& h_post, const at::Tensor& h_res);
+  Five (*hc_mappings_pre_fwd)(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& alpha,
+                              const at::Tensor& static_pre, const at::Tensor& static_post,
+                              const at::Tensor& static_res, double eps);
+  Six (*hc_mappings_pre_bwd)(const at::Tensor& grad_input, const at::Tensor& grad_pre, const at::Tensor& grad_post,
+                             const at::Tensor& grad_res, const std::optional<at::Tensor>& grad_x_in,
+                             const at::Tensor& x, const at::Tensor& weight, const at::Tensor& alpha,
+                             const at::Tensor& h_pre, const at::Tensor& saved);
 };
 
 using CpuKernelsGetter = const CpuKernels* (*)();
 
-// The entries of the table, defined in mhc_cpu_{mappings,pre,post_res}.cpp (compiled
+// The entries of the table, defined in mhc_cpu_{mappings,pre,post_res,hc}.cpp (compiled
 // into each level library, never into mhc_megatron._C).
 namespace cpu {
 at::Tensor sinkhorn_fwd(const at::Tensor& logits, int64_t iters);
@@ -64,6 +71,13 @@ std::tuple<at::Tensor, at::Tensor> pre_bwd(const at::Tensor& grad_out, const at:
 at::Tensor post_res_fwd(const at::Tensor& x, const at::Tensor& f, const at::Tensor& h_post, const at::Tensor& h_res);
 Four post_res_bwd(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& f, const at::Tensor& h_post,
                   const at::Tensor& h_res);
+Five hc_mappings_pre_fwd(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& alpha,
+                         const at::Tensor& static_pre, const at::Tensor& static_post, const at::Tensor& static_res,
+                         double eps);
+Six hc_mappings_pre_bwd(const at::Tensor& grad_input, const at::Tensor& grad_pre, const at::Tensor& grad_post,
+                        const at::Tensor& grad_res, const std::optional<at::Tensor>& grad_x_in, const at::Tensor& x,
+                        const at::Tensor& weight, const at::Tensor& alpha, const at::Tensor& h_pre,
+                        const at::Tensor& saved);
 }  // namespace cpu
 constexpr const char* kCpuKernelsSymbol = "mhc_cpu_kernels";
 

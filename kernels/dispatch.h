@@ -163,7 +163,7 @@ inline Five mappings_pre_fwd_outputs(const at::Tensor& x, const at::Tensor& phi,
   return {at::empty(row_shape(x), x.options()), h_pre, h_post, h_res, saved};
 }
 
-// The arguments of mappings_pre_bwd that mappings_bwd does not have.
+// The arguments of mappings_pre_bwd that mappings_bwd does not have (also hc_mappings_pre_bwd's).
 inline void check_mappings_pre_bwd(const at::Tensor& grad_input, const std::optional<at::Tensor>& grad_x_in,
                                    const at::Tensor& x, const at::Tensor& h_pre) {
   const Streams s = check_streams(x);
@@ -179,6 +179,54 @@ inline Four mappings_pre_bwd_outputs(const at::Tensor& grad_input, const at::Ten
                                      const at::Tensor& h_pre, const at::Tensor& saved) {
   check_mappings_pre_bwd(grad_input, grad_x_in, x, h_pre);
   return mappings_bwd_outputs(grad_pre, grad_post, grad_res, x, phi, alpha, bias, saved);
+}
+
+// hc_mappings_pre: weight [C, n + 2], alpha [3], static_pre [n], static_post [n], static_res [n, n]
+// in the coefficient dtype; saved is [T, n, n + 3] (hc_saved_width).
+inline void check_hc_weights(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& alpha) {
+  const Streams s = check_streams(x);
+  const at::ScalarType a = coefficient_type(x.scalar_type());
+  check_input(weight, "weight", 2, a);
+  check_shape(weight, "weight", {s.hidden, hc_columns(s.n)});
+  check_input(alpha, "alpha", 1, a);
+  check_shape(alpha, "alpha", {3});
+}
+
+inline Five hc_mappings_pre_fwd_outputs(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& alpha,
+                                        const at::Tensor& static_pre, const at::Tensor& static_post,
+                                        const at::Tensor& static_res) {
+  const Streams s = check_streams(x);
+  check_hc_weights(x, weight, alpha);
+  const at::ScalarType a = coefficient_type(x.scalar_type());
+  check_input(static_pre, "static_pre", 1, a);
+  check_shape(static_pre, "static_pre", {s.n});
+  check_input(static_post, "static_post", 1, a);
+  check_shape(static_post, "static_post", {s.n});
+  check_input(static_res, "static_res", 2, a);
+  check_shape(static_res, "static_res", {s.n, s.n});
+  const auto opts = weight.options();
+  return {at::empty(row_shape(x), x.options()), at::empty({s.tokens, s.n}, opts), at::empty({s.tokens, s.n}, opts),
+          at::empty({s.tokens, s.n, s.n}, opts), at::empty({s.tokens, s.n, hc_saved_width(s.n)}, opts)};
+}
+
+using Six = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// (grad_x, grad_weight, grad_alpha, grad_static_pre, grad_static_post, grad_static_res).
+inline Six hc_mappings_pre_bwd_outputs(const at::Tensor& grad_input, const at::Tensor& grad_pre,
+                                       const at::Tensor& grad_post, const at::Tensor& grad_res,
+                                       const std::optional<at::Tensor>& grad_x_in, const at::Tensor& x,
+                                       const at::Tensor& weight, const at::Tensor& alpha, const at::Tensor& h_pre,
+                                       const at::Tensor& saved) {
+  const Streams s = check_streams(x);
+  check_hc_weights(x, weight, alpha);
+  check_mappings_pre_bwd(grad_input, grad_x_in, x, h_pre);
+  check_coefficients(grad_pre, "grad_pre", s, x.scalar_type(), {s.n});
+  check_coefficients(grad_post, "grad_post", s, x.scalar_type(), {s.n});
+  check_coefficients(grad_res, "grad_res", s, x.scalar_type(), {s.n, s.n});
+  check_coefficients(saved, "saved", s, x.scalar_type(), {s.n, hc_saved_width(s.n)});
+  const auto opts = weight.options();
+  return {at::empty_like(x), at::empty_like(weight), at::empty_like(alpha), at::empty({s.n}, opts),
+          at::empty({s.n}, opts), at::empty({s.n, s.n}, opts)};
 }
 
 inline at::Tensor pre_fwd_output(const at::Tensor& x, const at::Tensor& h_pre) {

@@ -24,7 +24,8 @@ import shutil
 
 CHOICES = ("auto", "cpu", "cuda", "none")
 SOURCES = ["kernels/registration.cpp", "kernels/cpu_dispatch.cpp"]
-CPU_KERNEL_SOURCES = [f"kernels/{name}.cpp" for name in ("mhc_cpu_mappings", "mhc_cpu_pre", "mhc_cpu_post_res", "cpu_level")]
+CPU_KERNEL_SOURCES = [f"kernels/{name}.cpp" for name in ("mhc_cpu_mappings", "mhc_cpu_pre", "mhc_cpu_post_res", "mhc_cpu_hc",
+                                                         "cpu_level")]
 CUDA_SOURCES = ["kernels/mhc_cuda.cu"]
 DEFAULT_CUDA_ARCHS = "9.0a"
 

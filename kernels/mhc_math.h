@@ -36,6 +36,8 @@ MHC_HD double log_of(double v) { return log(v); }
 
 MHC_HD float sqrt_of(float v) { return sqrtf(v); }
 MHC_HD double sqrt_of(double v) { return sqrt(v); }
+MHC_HD float tanh_of(float v) { return tanhf(v); }
+MHC_HD double tanh_of(double v) { return tanh(v); }
 
 // 1 / r with r = sqrt(mean(v^2) + eps) over the `width` = n*C values of a token.
 template <typename A>
@@ -311,6 +313,61 @@ MHC_HD A mappings_coeff_backward(const A* grad_pre, const A* grad_post, const A*
   mappings_gates_backward(grad_pre, grad_post, u, alpha, bias, n, z, dz);
   sinkhorn_backward(z + 2 * n, grad_res, dz + 2 * n, n, iters, lm, lse);
   return mappings_projection_backward(dz, u, inv_r, alpha, n, width, dalpha, dm);
+}
+
+// ---------------------------------------------------------------- HC (hc_mappings_pre)
+//
+// HC's mappings (mhc_megatron/ops/hc_mappings_pre.py): per stream i of a token, the normalised
+// projection u_i = (x_i @ W) / r_i with r_i = sqrt(mean(x_i^2) + eps) over C, n + 2 columns
+// [pre | post | res (n)], then d = tanh(u) and the static parts. A token's saved values are n rows
+// of hc_saved_width(n): u_i [n + 2], then 1/r_i.
+
+MHC_HD int hc_columns(int n) { return n + 2; }
+MHC_HD int hc_saved_width(int n) { return n + 3; }
+
+// Coefficients of one token from its saved rows s [n][n + 3]: h_pre [n], h_post [n] and
+// h_res [n*n] = A_r^T, A_r[i, j] = alpha[2] * d_i[2 + j] + static_res[i, j] (input i -> output j).
+template <typename A>
+MHC_HD void hc_coefficients(const A* s, const A* alpha, const A* static_pre, const A* static_post,
+                            const A* static_res, int n, A* h_pre, A* h_post, A* h_res) {
+  for (int i = 0; i < n; ++i) {
+    const A* u = s + i * hc_saved_width(n);
+    h_pre[i] = alpha[0] * tanh_of(u[0]) + static_pre[i];
+    h_post[i] = alpha[1] * tanh_of(u[1]) + static_post[i];
+    for (int j = 0; j < n; ++j) h_res[j * n + i] = alpha[2] * tanh_of(u[2 + j]) + static_res[i * n + j];
+  }
+}
+
+// Backward of one token's coefficients, from the gradients of h_pre (all of it: the op's own and
+// the sub-layer input's), h_post and h_res [n*n, output-major] and the saved rows s. Writes per
+// stream i dm [n][n + 2], the gradient of the raw projection x_i @ W, and rms[i], the c of
+// dx_i = dm_i @ W^T + c x_i (the norm's term); adds the token's terms to sums = [dalpha (3) |
+// dstatic_pre (n) | dstatic_post (n) | dstatic_res (n*n, [input, output])].
+template <typename A>
+MHC_HD void hc_coefficients_backward(const A* grad_pre, const A* grad_post, const A* grad_res, const A* s,
+                                     const A* alpha, int n, long hidden, A* dm, A* rms, A* sums) {
+  const int k_count = hc_columns(n);
+  A* dstatic_pre = sums + 3;
+  A* dstatic_post = dstatic_pre + n;
+  A* dstatic_res = dstatic_post + n;
+  for (int i = 0; i < n; ++i) {
+    const A* u = s + i * hc_saved_width(n);
+    const A inv_r = u[k_count];
+    A projected = 0;
+    for (int k = 0; k < k_count; ++k) {
+      const A g = k == 0 ? grad_pre[i] : (k == 1 ? grad_post[i] : grad_res[(k - 2) * n + i]);
+      const int group = k < 2 ? k : 2;
+      const A d = tanh_of(u[k]);
+      const A du = alpha[group] * g * (A(1) - d * d);
+      dm[i * k_count + k] = du * inv_r;
+      projected += du * u[k];
+      sums[group] += g * d;
+    }
+    rms[i] = -projected * inv_r * inv_r / A(hidden);
+    dstatic_pre[i] += grad_pre[i];
+    dstatic_post[i] += grad_post[i];
+    for (int j = 0; j < n; ++j) dstatic_res[i * n + j] += grad_res[j * n + i];
+  }
 }
 
 }  // namespace mhc

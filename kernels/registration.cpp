@@ -11,6 +11,11 @@
 // mappings_pre is mappings followed by pre (layer_input = h_pre x) in one op, reading the streams
 // once in forward; its backward writes the whole stream gradient of both ops at once, plus
 // `grad_x` when given (the gradient that reaches x from elsewhere, e.g. post_res).
+//
+// hc_mappings_pre is the same for HC's mappings (mhc_megatron/ops/hc_mappings_pre.py): weight
+// [C, n + 2], alpha [3], static_pre [n], static_post [n], static_res [n, n]; `saved` is [T, n, n + 3]:
+// per stream the normalised projection u = (x_i @ weight) / r_i and, last, 1/r_i. CPU kernels only
+// (mhc_cpu_hc.cpp).
 #include <Python.h>
 #include <torch/library.h>
 
@@ -37,6 +42,15 @@ TORCH_LIBRARY(mhc_megatron, m) {
   m.def(
       "post_res_bwd(Tensor grad_out, Tensor x, Tensor f, Tensor h_post, Tensor h_res)"
       " -> (Tensor grad_x, Tensor grad_f, Tensor grad_h_post, Tensor grad_h_res)");
+  m.def(
+      "hc_mappings_pre_fwd(Tensor x, Tensor weight, Tensor alpha, Tensor static_pre, Tensor static_post,"
+      " Tensor static_res, float eps)"
+      " -> (Tensor layer_input, Tensor h_pre, Tensor h_post, Tensor h_res, Tensor saved)");
+  m.def(
+      "hc_mappings_pre_bwd(Tensor grad_input, Tensor grad_pre, Tensor grad_post, Tensor grad_res, Tensor? grad_x,"
+      " Tensor x, Tensor weight, Tensor alpha, Tensor h_pre, Tensor saved)"
+      " -> (Tensor grad_x, Tensor grad_weight, Tensor grad_alpha, Tensor grad_static_pre, Tensor grad_static_post,"
+      " Tensor grad_static_res)");
 }
 
 extern "C" PyMODINIT_FUNC PyInit__C(void) {

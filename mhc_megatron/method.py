@@ -92,7 +92,7 @@ class OpBytes:
         return tokens * self.backward_per_token + self.backward_per_call
 
 
-FUSED_OPS = ("sinkhorn", "mappings", "mappings_pre", "pre", "post_res")
+FUSED_OPS = ("sinkhorn", "mappings", "mappings_pre", "pre", "post_res", "hc_mappings_pre")
 
 
 def fused_op_bytes(op: str, n: int, hidden: int, stream_bytes: int, coefficient_bytes: int = FLOAT32_BYTES) -> OpBytes:
@@ -109,7 +109,12 @@ def fused_op_bytes(op: str, n: int, hidden: int, stream_bytes: int, coefficient_
       forward, ``2S + R + (2K+1+n) a`` backward (plus ``S`` when it adds a given stream gradient),
       and the parameters as mappings;
     * pre: ``S + R + n a`` forward, ``2S + R + 2 n a`` backward;
-    * post_res: ``2S + R + (n + n^2) a`` forward, ``3S + 2R + 2 (n + n^2) a`` backward.
+    * post_res: ``2S + R + (n + n^2) a`` forward, ``3S + 2R + 2 (n + n^2) a`` backward;
+    * hc_mappings_pre (HC's mappings and pre in one op, the one HC layers run, CPU only):
+      ``S + R + (2n^2 + 5n) a`` forward (the coefficients and the saved ``n (n + 3)``: per stream
+      the projection and its 1/r), ``2S + R + (2n^2 + 6n) a`` backward (plus ``S`` when it adds a
+      given stream gradient), plus ``weight [C, n + 2]``, ``alpha`` and the static parts per call
+      (backward: ``weight`` and ``alpha`` read, the gradients of all five written).
     """
     if op not in FUSED_OPS:
         raise ValueError(f"op must be one of {', '.join(map(repr, FUSED_OPS))}, got {op!r}")
@@ -125,6 +130,10 @@ def fused_op_bytes(op: str, n: int, hidden: int, stream_bytes: int, coefficient_
                        2 * parameters)
     if op == "pre":
         return OpBytes(streams + row + n * a, 2 * streams + row + 2 * n * a)
+    if op == "hc_mappings_pre":
+        weight_alpha, statics = (hidden * (n + 2) + 3) * a, (2 * n + n * n) * a
+        return OpBytes(streams + row + (2 * n * n + 5 * n) * a, 2 * streams + row + (2 * n * n + 6 * n) * a,
+                       weight_alpha + statics, 2 * weight_alpha + statics)
     return OpBytes(2 * streams + row + (n + n * n) * a, 3 * streams + 2 * row + 2 * (n + n * n) * a)
 
 
@@ -138,7 +147,7 @@ def connection_bytes_moved(hc_mode: str, n: int, hidden: int, stream_bytes: int,
     * mhc: the fused kernels ``mappings_pre`` and ``post_res`` (``fused_op_bytes``), post_res's
       stream gradient handed to mappings_pre's backward, which reads it (``S``) and writes the
       sum: no autograd sum;
-    * hc (eager PyTorch, method doc section 4.3): reads ``(5n+1) C + n^2 + 2n`` and writes
+    * hc (eager PyTorch, method doc section 4.3; on a GPU, where hc_mappings_pre has no kernel): reads ``(5n+1) C + n^2 + 2n`` and writes
       ``(3n+1) C + n^2 + 2n`` elements in forward, twice as many in backward.
     """
     row = hidden * stream_bytes

@@ -46,6 +46,20 @@ def mappings_token(x, phi, alpha, bias, iters, eps):
     return pre, post, sinkhorn_matrix(logits, iters)
 
 
+def hc_mappings_token(x, weight, alpha, static_pre, static_post, static_res, eps):
+    """HC (its eq. 10-13): x: n lists of C floats; weight: C lists of n + 2 floats; returns (pre, post,
+    res) with res[o][i] = A_r[i][o], the weight of input stream i in output stream o."""
+    n, hidden = len(x), len(x[0])
+    dynamic = []
+    for stream in x:
+        r = math.sqrt(sum(value * value for value in stream) / hidden + eps)
+        dynamic.append([math.tanh(sum(stream[c] / r * weight[c][k] for c in range(hidden))) for k in range(n + 2)])
+    pre = [alpha[0] * dynamic[i][0] + static_pre[i] for i in range(n)]
+    post = [alpha[1] * dynamic[i][1] + static_post[i] for i in range(n)]
+    res = [[alpha[2] * dynamic[i][2 + o] + static_res[i][o] for i in range(n)] for o in range(n)]
+    return pre, post, res
+
+
 def pre_token(x, h_pre):
     return [sum(h_pre[i] * x[i][c] for i in range(len(x))) for c in range(len(x[0]))]
 
@@ -72,8 +86,9 @@ def per_token(function, *tensors, token_dims: int):
 
 
 def op_outputs(op: str, inputs) -> tuple:
-    """The float64 outputs of ``op`` (``sinkhorn``, ``mappings``, ``mappings_pre``, ``pre``, ``post_res``) for the
-    arguments the public operator takes, tokens on the first dimension, one token at a time."""
+    """The float64 outputs of ``op`` (``sinkhorn``, ``mappings``, ``mappings_pre``, ``pre``, ``post_res``,
+    ``hc_mappings_pre``) for the arguments the public operator takes, tokens on the first dimension, one
+    token at a time."""
     if op == "sinkhorn":
         logits, iters = inputs
         return (per_token(lambda m: sinkhorn_matrix(m, iters), logits, token_dims=1),)
@@ -88,4 +103,10 @@ def op_outputs(op: str, inputs) -> tuple:
         return (per_token(pre_token, *inputs, token_dims=1),)
     if op == "post_res":
         return (per_token(post_res_token, *inputs, token_dims=1),)
-    raise ValueError(f"op must be one of 'sinkhorn', 'mappings', 'mappings_pre', 'pre', 'post_res', got {op!r}")
+    if op == "hc_mappings_pre":
+        x, *parameters, eps = inputs
+        args = (*(p.tolist() for p in parameters), eps)
+        h_pre, h_post, h_res = per_token(lambda token: hc_mappings_token(token, *args), x, token_dims=1)
+        return per_token(pre_token, x, h_pre, token_dims=1), h_pre, h_post, h_res
+    raise ValueError("op must be one of 'sinkhorn', 'mappings', 'mappings_pre', 'pre', 'post_res', "
+                     f"'hc_mappings_pre', got {op!r}")

@@ -34,6 +34,7 @@ from mhc_megatron.modules import HyperConnection
 from mhc_megatron.ops import (
     backends,
     fused,
+    hc_mappings_pre,
     mhc_mappings,
     mhc_mappings_pre,
     mhc_post_res,
@@ -47,13 +48,18 @@ STREAMS = [1, 2, 3, 4, 8, 16]
 FLOAT64_TOLERANCE = 1e-10
 FLOOR = {torch.float32: 2e-6, torch.bfloat16: 2e-3}
 OPS = {"sinkhorn": sinkhorn, "mappings": mhc_mappings, "mappings_pre": mhc_mappings_pre, "pre": mhc_pre,
-       "post_res": mhc_post_res}
+       "post_res": mhc_post_res, "hc_mappings_pre": hc_mappings_pre}
+# The ops whose first input is the streams and whose other inputs are parameters (not per token).
+MAPPING_OPS = ("mappings", "mappings_pre", "hc_mappings_pre")
+# The op that reads the sub-layer input and takes post_res's stream gradient, per mode.
+TAKERS = {"mhc": "mappings_pre", "hc": "hc_mappings_pre"}
 # 29 tokens: 3 full projection blocks of 8 tokens (mappings), dx blocks of up to 4 in 3 to 14 float64
 # SIMD groups of Sinkhorn (8, 4 or 2 lanes by level), each with a ragged tail; hidden 13: one to six
 # full float64 vectors and a partial one, and n*13 values per token leave partial dx and dphi blocks
 # for every n.
 VALUE_TOKENS, HIDDEN = 29, 13
-# 600 tokens: the dphi reduction of mappings runs over 3 token chunks (256 tokens each at most).
+# 600 tokens: the dphi reduction of mappings (dW of hc_mappings_pre) runs over 3 token chunks (256
+# tokens each at most).
 CHUNKED_TOKENS = 600
 
 
@@ -87,12 +93,22 @@ def make_inputs(op: str, n: int, hidden: int, tokens: int, logit_scale: float = 
         alpha = torch.tensor([0.7, 1.1, 1.5], dtype=torch.float64) * logit_scale
         return [randn(tokens, n, hidden), randn(n * hidden, width, scale=(n * hidden) ** -0.5), alpha,
                 randn(width, scale=0.5), 20, 1e-6]
+    if op == "hc_mappings_pre":  # weight at the scale that puts tanh's argument near 1
+        alpha = torch.tensor([0.7, 1.1, 1.5], dtype=torch.float64)
+        return [randn(tokens, n, hidden), randn(hidden, n + 2, scale=hidden ** -0.5), alpha, randn(n), randn(n),
+                randn(n, n), 1e-6]
     x = randn(tokens, n, hidden)
     h_pre = torch.rand(tokens, n, dtype=torch.float64, generator=generator)
     if op == "pre":
         return [x, h_pre]
     h_res = sinkhorn(randn(tokens, n, n)).detach()
     return [x, randn(tokens, hidden), 2 * h_pre, h_res]
+
+
+def require_kernel(op: str, device: torch.device) -> None:
+    """Skip ``op`` on a device it has no fused kernel for (``fused.CPU_ONLY_OPS`` on CUDA: the reference runs)."""
+    if device.type == "cuda" and op in fused.CPU_ONLY_OPS:
+        pytest.skip(f"no CUDA kernel for {op}: the reference runs")
 
 
 def run(op: str, inputs, backend: str, device: torch.device, dtype: torch.dtype):
@@ -125,6 +141,7 @@ def loop_reference_outputs(op: str, n: int) -> tuple:
 @pytest.mark.parametrize("op", list(OPS))
 def test_float64_values_match_the_loop_reference(op, n, target):
     """Forward values against the independent loop reference (plain Python floats, one token at a time)."""
+    require_kernel(op, target)
     inputs = [t.to(target) if isinstance(t, torch.Tensor) else t
               for t in make_inputs(op, n, hidden=HIDDEN, tokens=VALUE_TOKENS)]
     with backends.use_backend("fused"):
@@ -140,6 +157,7 @@ def test_float64_values_match_the_loop_reference(op, n, target):
 def test_float64_values_and_gradients_match_the_reference_over_several_chunks(op, n, target):
     """Outputs and every input gradient against the PyTorch reference in float64, at a token count
     that splits the weight-gradient reduction into several chunks."""
+    require_kernel(op, target)
     inputs = make_inputs(op, n, hidden=HIDDEN, tokens=CHUNKED_TOKENS)
     want = run(op, inputs, "reference", torch.device("cpu"), torch.float64)
     got = run(op, inputs, "fused", target, torch.float64)
@@ -149,11 +167,12 @@ def test_float64_values_and_gradients_match_the_reference_over_several_chunks(op
 
 
 @pytest.mark.parametrize("lead", [(), (2, 3)])
-@pytest.mark.parametrize("op", ["mappings", "mappings_pre", "pre", "post_res"])
+@pytest.mark.parametrize("op", [*MAPPING_OPS, "pre", "post_res"])
 def test_streams_with_any_leading_dimensions(op, lead, target):
     """x [n, C] or [s, b, n, C] reaches the kernels as it is (no reshape); results as the reference."""
+    require_kernel(op, target)
     inputs = make_inputs(op, n=3, hidden=5, tokens=math.prod(lead))
-    if op in ("mappings", "mappings_pre"):
+    if op in MAPPING_OPS:
         inputs[0] = inputs[0].reshape(*lead, 3, 5)
     else:  # every input is per token: x, then f / h_pre / h_post / h_res
         inputs = [t.reshape(*lead, *t.shape[1:]) for t in inputs]
@@ -169,6 +188,7 @@ def test_low_precision_within_twice_the_reference_error(op, dtype, target):
     """40 tokens: several float32 SIMD groups (16, 8 or 4 lanes by level) and a ragged tail (at
     AVX-512, two projection blocks of 8 in each 16-token block of mappings); hidden 129: full float32
     vectors and one value."""
+    require_kernel(op, target)
     rounded = [t.to(dtype).double() if isinstance(t, torch.Tensor) else t
                for t in make_inputs(op, n=4, hidden=129, tokens=40)]
     gold = run(op, rounded, "reference", torch.device("cpu"), torch.float64)
@@ -234,6 +254,7 @@ def restore_threads():
 def test_backward_is_bit_identical_run_to_run_and_at_any_thread_count(op, target, restore_threads):
     """No float atomics, weight gradients reduced in a fixed order that depends on the shapes only:
     the same bits every run, with 1 thread and with 2 (CPU)."""
+    require_kernel(op, target)
     inputs = make_inputs(op, n=4, hidden=96, tokens=700)  # several token chunks of the dphi reduction
     thread_counts = [1, 2] if target.type == "cpu" else [torch.get_num_threads()]
     runs = []
@@ -243,14 +264,20 @@ def test_backward_is_bit_identical_run_to_run_and_at_any_thread_count(op, target
     assert all(torch.equal(a, b) for other in runs[1:] for a, b in zip(runs[0], other))
 
 
+@pytest.mark.parametrize("mode", ["mhc", "hc"])
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
-def test_compiled_module_with_fused_ops_matches_eager_reference(device):
+def test_compiled_module_with_fused_ops_matches_eager_reference(device, mode):
     """torch.compile(fullgraph=True) traces the fused ops (fake + autograd registrations) into its graph."""
     from torch._inductor.compile_fx import compile_fx
 
     target = require_fused(device)
+    taker = TAKERS[mode]
+    require_kernel(taker, target)
     torch.manual_seed(0)
-    module = HyperConnection(hidden_size=12, num_streams=4, mode="mhc", alpha_init=0.5).to(target)
+    module = HyperConnection(hidden_size=12, num_streams=4, mode=mode, alpha_init=0.5).to(target)
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.add_(0.1 * torch.randn_like(parameter))
     streams = torch.randn(3, 2, 4 * 12, device=target)
     graphs = []
 
@@ -266,7 +293,7 @@ def test_compiled_module_with_fused_ops_matches_eager_reference(device):
 
     want = out_and_grads(module, "reference")
     got = out_and_grads(torch.compile(module, fullgraph=True, backend=recording_inductor), "fused")
-    assert any("mhc_megatron.mappings_pre_fwd" in code and "mhc_megatron.post_res_fwd" in code for code in graphs)
+    assert any(f"mhc_megatron.{taker}_fwd" in code and "mhc_megatron.post_res_fwd" in code for code in graphs)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=2e-5, rtol=2e-5)
 
@@ -305,16 +332,28 @@ def connection_gradients(module, streams, backend, hand_off=True, fused_op=None)
     return [g.cpu() for g in grads], counts
 
 
-def test_the_stream_gradient_is_written_once_and_matches_the_reference(target):
-    """post_res hands its gradient of the streams to mappings_pre's backward, which writes the sum:
-    no addition of stream-sized tensors in backward (without the hand-off autograd makes one), and
-    the gradients of the streams and every parameter as the reference's in float64."""
+def connection(mode: str, n: int, device: torch.device) -> HyperConnection:
+    """A float64 connection of ``mode`` with every parameter moved off its initial value."""
     torch.manual_seed(0)
-    module = HyperConnection(hidden_size=13, num_streams=4, mode="mhc", alpha_init=0.5).double().to(target)
+    module = HyperConnection(hidden_size=13, num_streams=n, mode=mode, alpha_init=0.5).double()
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.add_(0.1 * torch.randn_like(parameter))
+    return module.to(device)
+
+
+@pytest.mark.parametrize("mode", list(TAKERS))
+def test_the_stream_gradient_is_written_once_and_matches_the_reference(mode, target):
+    """post_res hands its gradient of the streams to the backward of the op that read the sub-layer
+    input (mappings_pre, hc_mappings_pre), which writes the sum: no addition of stream-sized tensors
+    in backward (without the hand-off autograd makes one), and the gradients of the streams and every
+    parameter as the reference's in float64."""
+    require_kernel(TAKERS[mode], target)
+    module = connection(mode, 4, target)
     streams = torch.randn(7, 3, 4 * 13, dtype=torch.float64, device=target)
     want, _ = connection_gradients(module, streams, "reference")
     got, counts = connection_gradients(module, streams, "fused")
-    assert counts.calls["mappings_pre_bwd"] == 1 and counts.calls["post_res_bwd"] == 1
+    assert counts.calls[f"{TAKERS[mode]}_bwd"] == 1 and counts.calls["post_res_bwd"] == 1
     assert counts.stream_additions == 0, counts.calls
     assert relative_error(got, want) <= FLOAT64_TOLERANCE
     unhanded, counts = connection_gradients(module, streams, "fused", hand_off=False)
@@ -322,11 +361,12 @@ def test_the_stream_gradient_is_written_once_and_matches_the_reference(target):
     assert relative_error(unhanded, want) <= FLOAT64_TOLERANCE
 
 
-@pytest.mark.parametrize("fused_op", ["mappings_pre", "post_res"])
-def test_the_hand_off_needs_both_ops_fused(fused_op, target):
+@pytest.mark.parametrize("mode, fused_op", [("mhc", "mappings_pre"), ("mhc", "post_res"),
+                                           ("hc", "hc_mappings_pre"), ("hc", "post_res")])
+def test_the_hand_off_needs_both_ops_fused(mode, fused_op, target):
     """With only one of the two ops on the fused backend, no gradient is handed off, none is lost."""
-    torch.manual_seed(0)
-    module = HyperConnection(hidden_size=13, num_streams=3, mode="mhc", alpha_init=0.5).double().to(target)
+    require_kernel(fused_op, target)
+    module = connection(mode, 3, target)
     streams = torch.randn(5, 3 * 13, dtype=torch.float64, device=target)
     want, _ = connection_gradients(module, streams, "reference")
     got, counts = connection_gradients(module, streams, "reference", fused_op=fused_op)

@@ -15,6 +15,7 @@ from fused_kernels import require_fused
 from mhc_megatron.method import FUSED_OPS, fused_op_bytes
 from mhc_megatron.ops import (
     backends,
+    hc_mappings_pre,
     mhc_mappings,
     mhc_mappings_pre,
     mhc_post_res,
@@ -49,6 +50,8 @@ def op_inputs(op, tokens, n, hidden, dtype):
     if op in ("mappings", "mappings_pre"):
         function = mhc_mappings if op == "mappings" else mhc_mappings_pre
         return function, [x, leaf(n * hidden, num_mapping_columns(n)), leaf(3), leaf(num_mapping_columns(n))]
+    if op == "hc_mappings_pre":
+        return hc_mappings_pre, [x, leaf(hidden, n + 2), leaf(3), leaf(n), leaf(n), leaf(n, n)]
     if op == "pre":
         return mhc_pre, [x, leaf(tokens, n)]
     return mhc_post_res, [x, leaf(tokens, hidden, dt=dtype), leaf(tokens, n), leaf(tokens, n, n)]
@@ -71,5 +74,6 @@ def test_each_kernel_moves_what_the_account_says(op, n, dtype):
 
 
 def test_the_account_refuses_an_unknown_op():
-    with pytest.raises(ValueError, match="op must be one of 'sinkhorn', 'mappings', 'mappings_pre', 'pre', 'post_res', got 'hc'"):
+    with pytest.raises(ValueError, match="op must be one of 'sinkhorn', 'mappings', 'mappings_pre', 'pre', 'post_res', "
+                                         "'hc_mappings_pre', got 'hc'"):
         fused_op_bytes("hc", 4, 8, 4)

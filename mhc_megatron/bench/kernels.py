@@ -1,7 +1,8 @@
 """Time each mHC operator, forward and backward, for the backends reference | compile | fused.
 
-For every op (sinkhorn, mappings, mappings_pre, pre, post_res, and ``hc``: the full hyper-connection
-of one sub-layer as an mHC layer runs it, mappings_pre + post_res with an identity sub-layer) and
+For every op (sinkhorn, mappings, mappings_pre, pre, post_res, hc_mappings_pre (HC's mappings and
+read), and ``hc``: the full hyper-connection of one sub-layer as an mHC layer runs it, mappings_pre +
+post_res with an identity sub-layer) and
 backend it reports the median time of the forward and of forward + backward (backward = the
 difference), the bytes of the op's
 minimal memory traffic (every input read once, every output written once), the achieved GB/s and
@@ -25,6 +26,7 @@ from mhc_megatron.method import SINKHORN_ITERS, fused_op_bytes
 from mhc_megatron.ops import (
     backends,
     fused,
+    hc_mappings_pre,
     mhc_mappings,
     mhc_mappings_pre,
     mhc_post_res,
@@ -33,7 +35,7 @@ from mhc_megatron.ops import (
     sinkhorn,
 )
 
-OPS = ("sinkhorn", "mappings", "mappings_pre", "pre", "post_res", "hc")
+OPS = ("sinkhorn", "mappings", "mappings_pre", "pre", "post_res", "hc_mappings_pre", "hc")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 DEFAULTS = {  # device type -> (tokens, hidden, streams, dtype)
     "cpu": (4096, 1024, 4, "float32"),
@@ -111,6 +113,7 @@ def make_case(op: str, tokens: int, hidden: int, n: int, dtype: torch.dtype, ite
     phi, alpha, bias = leaf(n * hidden, k, scale=(n * hidden) ** -0.5), leaf(3), leaf(k, scale=0.1)
     h_pre, h_post, h_res = leaf(tokens, n), leaf(tokens, n), leaf(tokens, n, n)
     f = leaf(tokens, hidden, dt=dtype)
+    hc_parameters = [leaf(hidden, n + 2, scale=hidden ** -0.5), leaf(3), leaf(n), leaf(n), leaf(n, n)]
 
     def hc():
         layer_input, _, post, res = mhc_mappings_pre(x, phi, alpha, bias, iters)
@@ -123,6 +126,7 @@ def make_case(op: str, tokens: int, hidden: int, n: int, dtype: torch.dtype, ite
         "mappings_pre": ((lambda: mhc_mappings_pre(x, phi, alpha, bias, iters)), [x, phi, alpha, bias]),
         "pre": ((lambda: mhc_pre(x, h_pre)), [x, h_pre]),
         "post_res": ((lambda: mhc_post_res(x, f, h_post, h_res)), [x, f, h_post, h_res]),
+        "hc_mappings_pre": ((lambda: hc_mappings_pre(x, *hc_parameters)), [x, *hc_parameters]),
         "hc": (hc, [x, phi, alpha, bias]),
     }
     forward, inputs = cases[op]
@@ -183,7 +187,7 @@ def run(args: argparse.Namespace) -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_description()
     print(f"mhc-bench kernels: {name}; tokens {args.tokens}, C {args.hidden}, n {args.streams}, {args.dtype}; "
           f"copy bandwidth {copy_gbps:.1f} GB/s")
-    print(f"{'op':9} {'backend':9} {'fwd ms':>9} {'bwd ms':>9} {'fwd+bwd':>9} {'GB/s':>7} {'of copy':>7}")
+    print(f"{'op':15} {'backend':9} {'fwd ms':>9} {'bwd ms':>9} {'fwd+bwd':>9} {'GB/s':>7} {'of copy':>7}")
     results = []
     for op in args.ops:
         for backend in args.backends:
@@ -191,12 +195,12 @@ def run(args: argparse.Namespace) -> None:
             r["gbps"] = (r["bytes_forward"] + r["bytes_backward"]) / (r["forward_backward_ms"] * 1e6)
             r["fraction_of_copy"] = r["gbps"] / copy_gbps
             results.append(r)
-            print(f"{op:9} {backend:9} {r['forward_ms']:9.3f} {r['backward_ms']:9.3f} "
+            print(f"{op:15} {backend:9} {r['forward_ms']:9.3f} {r['backward_ms']:9.3f} "
                   f"{r['forward_backward_ms']:9.3f} {r['gbps']:7.1f} {r['fraction_of_copy']:7.1%}")
         times = {r["backend"]: r["forward_backward_ms"] for r in results if r["op"] == op}
         if "fused" in times:
             ratios = ", ".join(f"{times[b] / times['fused']:.2f}x vs {b}" for b in times if b != "fused")
-            print(f"{op:9} fused fwd+bwd: {ratios}")
+            print(f"{op:15} fused fwd+bwd: {ratios}")
     report = {
         "command": "mhc-bench kernels " + " ".join(sys.argv[2:]),
         "date": datetime.datetime.now().isoformat(timespec="seconds"),

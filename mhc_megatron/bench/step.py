@@ -14,7 +14,7 @@ maximum.
 
 Then the decomposition (``step_parts.StepParts``), in separate recorded steps after the timed
 rounds (again in rotated rounds, after the same warm-up): each step split into embedding,
-expand/collapse, the hyper-connection ops (mappings, pre, post_res), the megatron layer proper,
+expand/collapse, the hyper-connection ops (mappings with the read of the sub-layer input, post_res), the megatron layer proper,
 block recompute, head, optimizer and the rest. Per variant and part the fastest of the recorded
 steps is reported (ms per step), and each variant's extra time over the residual model per part:
 their sum is what the decomposition explains of the measured extra (the difference of the

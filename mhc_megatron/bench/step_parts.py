@@ -10,11 +10,9 @@ of the step). The parts (``PARTS``):
 - ``expand_collapse``: copying the embedding into the n streams (layer 1) and collapsing them
   (the last layer), forward and backward;
 - ``mappings``: the connection's coefficients ``h_pre, h_post, h_res`` (mHC: projection and
-  Sinkhorn; HC: tanh of the normalised projection), forward and backward, the accumulation of
-  their parameters' gradients included; for mHC also the sub-layer input ``u = h_pre x``, which
-  its fused op ``mhc_mappings_pre`` computes with them (one read of the streams);
-- ``pre``: reading the sub-layer input ``u = h_pre x`` from the streams, where it is an op of its
-  own (HC);
+  Sinkhorn; HC: tanh of the normalised projections), forward and backward, the accumulation of
+  their parameters' gradients included, and the sub-layer input ``u = h_pre x``, which their one
+  op (``mhc_mappings_pre``, ``hc_mappings_pre``) computes with them (one read of the streams);
 - ``post_res``: writing the next streams ``h_res x + h_post f``; in residual mode the residual add
   ``x + f``;
 - ``layer``: the megatron layer proper: norms, attention, MLP, bias and dropout, and the
@@ -28,15 +26,15 @@ of the step). The parts (``PARTS``):
   tables), the work between layers, zeroing the gradient buffers, ``finalize_model_grads``.
 
 How. Forward: calls made with autograd on are wrapped while recording (the connections'
-``mappings_and_read`` (mHC) or ``mappings`` and ``read`` (HC), and ``post_res``, the first layer's ``_stream_state``, the collapse, the
+``mappings_and_read`` and ``post_res``, the first layer's ``_stream_state``, the collapse, the
 embedding, each layer, block recompute's ``after_sublayer``, the optimizer's ``step`` and
 ``zero_grad``): the time inside a call goes to its part, nested calls to theirs. Backward: the CPU
 autograd engine runs the graph's nodes one at a time in this thread, among the ready nodes the most
 recently created first, so the backward of an op starts when the gradient of its output is complete.
 A tensor hook on each wrapped op's output (and on the sub-layer output ``f``, for ``layer``)
 switches the part there, and the op's backward lasts until the next switch. Per sub-layer that is
-``x'`` (post_res) -> ``f`` (layer) -> ``u`` (pre; mHC: mappings) -> ``h_pre, h_post, h_res``
-(mappings) -> ``x`` (post_res of the sub-layer before). Calls without autograd (block recompute's replays, made by its
+``x'`` (post_res) -> ``f`` (layer) -> ``u``, ``h_pre, h_post, h_res`` (mappings) -> ``x`` (post_res of
+the sub-layer before). Calls without autograd (block recompute's replays, made by its
 rebuild in backward) stay in the part that made them: ``recompute``, through the tracker's
 ``_rebuild``, wrapped too.
 
@@ -56,9 +54,9 @@ import torch
 
 from mhc_megatron.bench.part_timing import schedule_steps
 
-PARTS = ("embedding", "expand_collapse", "mappings", "pre", "post_res", "layer", "recompute", "head",
+PARTS = ("embedding", "expand_collapse", "mappings", "post_res", "layer", "recompute", "head",
          "optimizer", "other")
-CONNECTION_PARTS = ("mappings", "pre", "post_res")  # the hyper-connection ops
+CONNECTION_PARTS = ("mappings", "post_res")  # the hyper-connection ops
 PHASES = ("forward", "backward", "step")
 
 
@@ -159,18 +157,9 @@ class _Patches:
         self._attributes, self._handles = [], []
 
 
-def _mappings_gradients(clock: _Clock, coefficients, *args, **kwargs) -> None:
-    for tensor in coefficients:
-        clock.on_gradient(tensor, "mappings")
-
-
 def _mappings_and_read_gradients(clock: _Clock, outputs, *args, **kwargs) -> None:
-    for tensor in outputs:  # layer_input, h_pre, h_post, h_res: one fused op
+    for tensor in outputs:  # layer_input, h_pre, h_post, h_res: one op
         clock.on_gradient(tensor, "mappings")
-
-
-def _read_gradients(clock: _Clock, layer_input, streams, *args, **kwargs) -> None:
-    clock.on_gradient(layer_input, "pre")
 
 
 def _post_res_gradients(clock: _Clock, next_streams, streams, output, *args, **kwargs) -> None:
@@ -231,11 +220,8 @@ class StepParts:
             last = index == len(self.layers) - 1
             patches.charge_module(layer, "layer", clock, after=(lambda output: clock.switch("head")) if last else None)
             for connection in (layer.attention_hyper_connection, layer.mlp_hyper_connection):
-                if connection.mode == "mhc":
+                if connection.mode != "residual":
                     patches.wrap(connection, "mappings_and_read", "mappings", clock, _mappings_and_read_gradients)
-                elif connection.mode == "hc":
-                    patches.wrap(connection, "mappings", "mappings", clock, _mappings_gradients)
-                    patches.wrap(connection, "read", "pre", clock, _read_gradients)
                 patches.wrap(connection, "post_res", "post_res", clock, _post_res_gradients)
             if layer.expands_embedding and layer.num_streams > 1:
                 patches.wrap(layer, "_stream_state", "expand_collapse", clock, _expand_gradients)

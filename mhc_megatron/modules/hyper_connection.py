@@ -5,9 +5,10 @@ A sub-layer ``F`` (which includes its own pre-norm) turns the stream state of a 
     residual:  x' = x + F(x)                                   streams [..., C] (n = 1)
     hc, mhc:   x' = h_res x + h_post^T F(h_pre x)              streams [..., n*C], viewed [..., n, C]
 
-``hc`` is ByteDance's dynamic Hyper-Connections (Zhu et al., 2409.19606, eq. 10-13): per-stream RMS
-norm, ``tanh`` dynamic part scaled by ``alpha``, static part initialised to Pre-Norm (stream
-``layer_index mod n`` is read, every stream is written, identity mixing). Unconstrained.
+``hc`` is ByteDance's dynamic Hyper-Connections (Zhu et al., 2409.19606, eq. 10-13), through
+``mhc_megatron.ops.hc_mappings_pre``: per-stream RMS norm, ``tanh`` dynamic part scaled by ``alpha``,
+static part initialised to Pre-Norm (stream ``layer_index mod n`` is read, every stream is
+written, identity mixing). Unconstrained.
 
 ``mhc`` is DeepSeek's manifold-constrained version (Xie et al., 2512.24880, eq. 7-9), through
 ``mhc_megatron.ops.mhc_mappings``: ``h_res`` is projected onto doubly stochastic matrices.
@@ -32,15 +33,15 @@ from torch import nn
 
 from mhc_megatron.method import ALPHA_INIT, EPS, HC_MODES, NUM_STREAMS, SINKHORN_ITERS
 from mhc_megatron.modules.streams import as_stream_matrix
-from mhc_megatron.ops import mhc_mappings, mhc_mappings_pre, mhc_post_res, mhc_pre, num_mapping_columns
-from mhc_megatron.ops.checks import check_choice, check_int, check_positive_float, coefficient_dtype
+from mhc_megatron.ops import hc_mappings_pre, mhc_mappings, mhc_mappings_pre, mhc_post_res, mhc_pre, num_mapping_columns
+from mhc_megatron.ops.checks import check_choice, check_int, check_positive_float
 from mhc_megatron.ops.fused import StreamGradient
 
 
 class Mixing(NamedTuple):
     """What ``pre`` computed for ``post_res``: the coefficients ``h_post [..., n]`` and ``h_res
-    [..., n, n]``; ``h_pre [..., n]``, with which ``read`` recomputes the sub-layer input; and (mHC)
-    the hand-off of the stream gradient from post_res's backward to the mappings' (``StreamGradient``)."""
+    [..., n, n]``; ``h_pre [..., n]``, with which ``read`` recomputes the sub-layer input; and the
+    hand-off of the stream gradient from post_res's backward to the mappings' (``StreamGradient``)."""
 
     h_post: torch.Tensor
     h_res: torch.Tensor
@@ -116,26 +117,21 @@ class HyperConnection(nn.Module):
         if self.mode == "mhc":
             return mhc_mappings(x, self.phi, self.alpha, self.bias, self.sinkhorn_iters, self.eps)
         if self.mode == "hc":
-            return self._hc_mappings(x)
+            return self._hc_mappings_pre(x)[1:]
         raise RuntimeError("mode 'residual' has no mappings")
 
-    def _hc_mappings(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        dtype = coefficient_dtype(x.dtype)
-        xs = x.to(dtype)
-        normed = xs * torch.rsqrt(xs.square().mean(dim=-1, keepdim=True) + self.eps)
-        dynamic = torch.tanh(normed @ self.weight.to(dtype))  # [..., n, n + 2], row = stream
-        alpha = self.alpha.to(dtype)
-        h_pre = alpha[0] * dynamic[..., 0] + self.static_pre.to(dtype)
-        h_post = alpha[1] * dynamic[..., 1] + self.static_post.to(dtype)
-        a_res = alpha[2] * dynamic[..., 2:] + self.static_res.to(dtype)  # [input, output]
-        return h_pre, h_post, a_res.transpose(-1, -2)
+    def _hc_mappings_pre(
+        self, x: torch.Tensor, stream_gradient: StreamGradient | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return hc_mappings_pre(x, self.weight, self.alpha, self.static_pre, self.static_post, self.static_res, self.eps,
+                               stream_gradient)
 
     def pre(self, streams: torch.Tensor) -> tuple[torch.Tensor, Mixing | None]:
         """Sub-layer input ``[..., C]`` from ``streams [..., n*C]``, and the mixing for ``post_res``."""
         if self.mode == "residual":
             as_stream_matrix(streams, 1, self.hidden_size)
             return streams, None
-        stream_gradient = StreamGradient() if self.mode == "mhc" else None
+        stream_gradient = StreamGradient()
         layer_input, h_pre, h_post, h_res = self.mappings_and_read(streams, stream_gradient)
         if self.mapping_observer is not None:
             self.mapping_observer(self, h_res.detach())
@@ -144,14 +140,15 @@ class HyperConnection(nn.Module):
     def mappings_and_read(
         self, streams: torch.Tensor, stream_gradient: StreamGradient | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(layer_input [..., C], h_pre, h_post, h_res)`` from ``streams [..., n*C]``: ``mhc`` in one
-        op (``mhc_mappings_pre``: the fused kernels read the streams once; ``stream_gradient`` as
-        there), ``hc`` as ``mappings`` then ``read``."""
+        """``(layer_input [..., C], h_pre, h_post, h_res)`` from ``streams [..., n*C]`` in one op
+        (``mhc_mappings_pre`` or ``hc_mappings_pre``: the fused kernels read the streams once;
+        ``stream_gradient`` as there)."""
         x = as_stream_matrix(streams, self.num_streams, self.hidden_size)
         if self.mode == "mhc":
             return mhc_mappings_pre(x, self.phi, self.alpha, self.bias, self.sinkhorn_iters, self.eps, stream_gradient)
-        h_pre, h_post, h_res = self.mappings(x)
-        return self.read(streams, h_pre), h_pre, h_post, h_res
+        if self.mode == "hc":
+            return self._hc_mappings_pre(x, stream_gradient)
+        raise RuntimeError("mode 'residual' has no mappings")
 
     def read(self, streams: torch.Tensor, h_pre: torch.Tensor) -> torch.Tensor:
         """The sub-layer input ``h_pre x [..., C]`` from ``streams [..., n*C]`` and ``h_pre [..., n]``."""

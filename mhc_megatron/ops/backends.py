@@ -6,7 +6,8 @@
 
 The default is ``fused``, or the value of ``MHC_BACKEND`` read at import; ``set_backend`` and
 ``use_backend`` change it for all ops or one op. Where ``fused`` cannot run (extension not built,
-or built without CUDA for a CUDA tensor) the op runs the reference and says so once, in one line.
+built without CUDA for a CUDA tensor, or an op of ``fused.CPU_ONLY_OPS`` on a CUDA tensor) the op
+runs the reference and says so once, in one line.
 Argument validation happens before any backend is chosen, so every backend sees valid arguments.
 """
 
@@ -22,7 +23,7 @@ import torch
 from mhc_megatron.ops import fused
 from mhc_megatron.ops.checks import check_choice
 
-OPS = ("sinkhorn", "mappings", "mappings_pre", "pre", "post_res")
+OPS = ("sinkhorn", "mappings", "mappings_pre", "pre", "post_res", "hc_mappings_pre")
 BACKENDS = ("reference", "compile", "fused")
 ENV_VAR = "MHC_BACKEND"
 
@@ -67,7 +68,7 @@ def resolve(op: str, device: torch.device) -> str:
     backend = get_backend(op)
     if backend != "fused":
         return backend
-    reason = fused.unavailable_reason(device)
+    reason = fused.unavailable_reason(device, op)
     if reason is None:
         return "fused"
     if reason not in _noticed:

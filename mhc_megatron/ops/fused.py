@@ -1,8 +1,9 @@
 """The fused C++/CUDA operators (``torch.ops.mhc_megatron.*``) with autograd and fake tensors.
 
 The extension ``mhc_megatron._C`` (built from ``kernels/`` by setup.py, see kernels/extension.py)
-defines the ops ``{sinkhorn, mappings, mappings_pre, pre, post_res}_{fwd, bwd}`` and their CPU and
-CUDA kernels. This module registers, when the extension is present:
+defines the ops ``{sinkhorn, mappings, mappings_pre, pre, post_res, hc_mappings_pre}_{fwd, bwd}``
+and their CPU and CUDA kernels (``CPU_ONLY_OPS`` have CPU kernels only: on CUDA tensors the
+reference runs, see ``unavailable_reason``). This module registers, when the extension is present:
 
 * fake (meta) implementations, so ``torch.compile`` traces the ops without a graph break;
 * autograd: each ``*_fwd`` op is differentiated by its ``*_bwd`` op.
@@ -31,6 +32,7 @@ import torch
 from mhc_megatron.ops.checks import check_choice, coefficient_dtype
 
 CPU_ISA_LEVELS = ("scalar", "avx2", "avx512")
+CPU_ONLY_OPS = ("hc_mappings_pre",)
 CPU_ISA_VARIABLE = "MHC_CPU_ISA"
 if os.environ.get(CPU_ISA_VARIABLE, "auto") != "auto":
     check_choice(CPU_ISA_VARIABLE, os.environ[CPU_ISA_VARIABLE], CPU_ISA_LEVELS + ("auto",))
@@ -44,14 +46,16 @@ else:
     _IMPORT_ERROR = ""
 
 
-def unavailable_reason(device: torch.device) -> str | None:
-    """Why the fused ops cannot run on ``device`` (None when they can)."""
+def unavailable_reason(device: torch.device, op: str | None = None) -> str | None:
+    """Why the fused ops (or the fused ``op``, when given) cannot run on ``device`` (None when they can)."""
     if _C is None:
         return f"extension mhc_megatron._C not built or not loadable: {_IMPORT_ERROR}"
     if device.type == "cuda" and not _C.with_cuda:
         return "extension built without CUDA (MHC_BUILD=cpu, or no nvcc at build time)"
     if device.type not in ("cpu", "cuda"):
         return f"no kernels for device type {device.type!r}"
+    if device.type == "cuda" and op in CPU_ONLY_OPS:
+        return f"no CUDA kernel for {op}"
     return None
 
 
@@ -121,11 +125,17 @@ def mappings(x, phi, alpha, bias, iters, eps):
 
 def mappings_pre(x, phi, alpha, bias, iters, eps, stream_gradient: StreamGradient | None = None):
     """As the reference; with ``stream_gradient``, its backward adds the gradient post_res hands off."""
-    args = _mapping_arguments(x, phi, alpha, bias, iters, eps)
-    if _hands_off(stream_gradient):
-        outputs = _MappingsPreHandingOff.apply(*args, stream_gradient)
-    else:
-        outputs = torch.ops.mhc_megatron.mappings_pre_fwd(*args)
+    outputs = _taking_hand_off("mappings_pre", _mapping_arguments(x, phi, alpha, bias, iters, eps), stream_gradient)
+    layer_input, h_pre, h_post, h_res, _ = outputs
+    return layer_input, *_per_token(x, h_pre, h_post, h_res)
+
+
+def hc_mappings_pre(x, weight, alpha, static_pre, static_post, static_res, eps,
+                    stream_gradient: StreamGradient | None = None):
+    """As the reference; with ``stream_gradient``, its backward adds the gradient post_res hands off."""
+    dtype = coefficient_dtype(x.dtype)
+    parameters = (_coefficients(t, dtype) for t in (weight, alpha, static_pre, static_post, static_res))
+    outputs = _taking_hand_off("hc_mappings_pre", (x.contiguous(), *parameters, eps), stream_gradient)
     layer_input, h_pre, h_post, h_res, _ = outputs
     return layer_input, *_per_token(x, h_pre, h_post, h_res)
 
@@ -156,15 +166,15 @@ def _grad(grad: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
 
 
 class StreamGradient:
-    """The hand-off of one connection's stream gradient from ``post_res`` to ``mappings_pre``.
+    """The hand-off of one connection's stream gradient from ``post_res`` to ``mappings_pre`` (mHC)
+    or ``hc_mappings_pre`` (HC), the op that read the sub-layer input: the taker.
 
     The streams ``x`` of a sub-layer feed both ops, so autograd would add their two gradients of
     ``x`` (a pass over ``3 n C`` values per token). With a hand-off, post_res's backward keeps its
-    gradient here and returns none, and mappings_pre's backward, which runs after it (post_res
-    reads its outputs), adds it while writing its own: the stream gradient is written once.
-    ``accepting`` is set by the fused ``mappings_pre`` that will take it; a ``post_res`` that sees
-    it unset (another backend ran mappings_pre, or it ran without autograd) returns its gradient to
-    autograd as usual.
+    gradient here and returns none, and the taker's backward, which runs after it (post_res reads
+    its outputs), adds it while writing its own: the stream gradient is written once.
+    ``accepting`` is set by the fused taker; a ``post_res`` that sees it unset (another backend ran
+    the taker, or it ran without autograd) returns its gradient to autograd as usual.
     """
 
     __slots__ = ("accepting", "_grad")
@@ -187,6 +197,19 @@ def _hands_off(stream_gradient: StreamGradient | None) -> bool:
     return stream_gradient is not None and torch.is_grad_enabled() and not torch.compiler.is_compiling()
 
 
+def _taking_hand_off(op: str, args: tuple, stream_gradient: StreamGradient | None) -> tuple:
+    """The outputs of the taker ``op``'s forward kernel on ``args``, through ``_TakingHandOff`` when
+    ``stream_gradient`` is to be handed to it."""
+    if _hands_off(stream_gradient):
+        return _TakingHandOff.apply(op, stream_gradient, *args)
+    return getattr(torch.ops.mhc_megatron, f"{op}_fwd")(*args)
+
+
+def _handed(ctx) -> torch.Tensor | None:
+    """The stream gradient post_res handed to a taker's backward, if any."""
+    return None if ctx.stream_gradient is None else ctx.stream_gradient.take()
+
+
 def _mappings_pre_setup(ctx, inputs, output) -> None:
     x, phi, alpha, bias, ctx.iters, _ = inputs
     _, h_pre, h_post, h_res, saved = output
@@ -196,13 +219,35 @@ def _mappings_pre_setup(ctx, inputs, output) -> None:
 
 def _mappings_pre_backward(ctx, grad_input, grad_pre, grad_post, grad_res, _grad_saved):
     x, phi, alpha, bias, h_pre, h_post, h_res, saved = ctx.saved_tensors
-    handed = None if ctx.stream_gradient is None else ctx.stream_gradient.take()
+    handed = _handed(ctx)
     grads = torch.ops.mhc_megatron.mappings_pre_bwd(
         _grad(grad_input, x[..., 0, :]), _grad(grad_pre, h_pre), _grad(grad_post, h_post),
         _grad(grad_res, h_res), None if handed is None else _grad(handed, x), x, phi, alpha, bias, h_pre, saved,
         ctx.iters,
     )
     return (*grads, None, None)
+
+
+def _hc_mappings_pre_setup(ctx, inputs, output) -> None:
+    x, weight, alpha, *_ = inputs
+    _, h_pre, h_post, h_res, saved = output
+    ctx.save_for_backward(x, weight, alpha, h_pre, h_post, h_res, saved)
+    ctx.stream_gradient = None
+
+
+def _hc_mappings_pre_backward(ctx, grad_input, grad_pre, grad_post, grad_res, _grad_saved):
+    x, weight, alpha, h_pre, h_post, h_res, saved = ctx.saved_tensors
+    handed = _handed(ctx)
+    grads = torch.ops.mhc_megatron.hc_mappings_pre_bwd(
+        _grad(grad_input, x[..., 0, :]), _grad(grad_pre, h_pre), _grad(grad_post, h_post), _grad(grad_res, h_res),
+        None if handed is None else _grad(handed, x), x, weight, alpha, h_pre, saved,
+    )
+    return (*grads, None)
+
+
+# The taker ops of the hand-off: their setup_context and backward (register_autograd's).
+_TAKERS = {"mappings_pre": (_mappings_pre_setup, _mappings_pre_backward),
+           "hc_mappings_pre": (_hc_mappings_pre_setup, _hc_mappings_pre_backward)}
 
 
 def _post_res_setup(ctx, inputs, output) -> None:
@@ -219,21 +264,23 @@ def _post_res_backward(ctx, grad):
     return None, *grads[1:]
 
 
-class _MappingsPreHandingOff(torch.autograd.Function):
-    """``mappings_pre_fwd`` whose backward adds the gradient ``post_res`` hands off."""
+class _TakingHandOff(torch.autograd.Function):
+    """The forward kernel of a taker ``op`` (``_TAKERS``) whose backward adds the gradient ``post_res``
+    hands off."""
 
     @staticmethod
-    def forward(ctx, x, phi, alpha, bias, iters, eps, stream_gradient):
-        output = torch.ops.mhc_megatron.mappings_pre_fwd(x, phi, alpha, bias, iters, eps)
-        _mappings_pre_setup(ctx, (x, phi, alpha, bias, iters, eps), output)
+    def forward(ctx, op, stream_gradient, *args):
+        setup, ctx.backward_of_op = _TAKERS[op]
+        output = getattr(torch.ops.mhc_megatron, f"{op}_fwd")(*args)
+        setup(ctx, args, output)
         ctx.stream_gradient = stream_gradient
         stream_gradient.accepting = True
-        ctx.mark_non_differentiable(output[4])
+        ctx.mark_non_differentiable(output[-1])
         return output
 
     @staticmethod
     def backward(ctx, *grads):
-        return *_mappings_pre_backward(ctx, *grads), None
+        return None, None, *ctx.backward_of_op(ctx, *grads)
 
 
 class _PostResHandingOff(torch.autograd.Function):
@@ -278,6 +325,18 @@ def _register() -> None:
     @torch.library.register_fake(lib + "mappings_pre_bwd")
     def _(grad_input, grad_pre, grad_post, grad_res, grad_x, x, phi, alpha, bias, h_pre, saved, iters):
         return torch.empty_like(x), torch.empty_like(phi), torch.empty_like(alpha), torch.empty_like(bias)
+
+    @torch.library.register_fake(lib + "hc_mappings_pre_fwd")
+    def _(x, weight, alpha, static_pre, static_post, static_res, eps):
+        tokens, n = x.shape[:-2].numel(), x.shape[-2]
+        return (x.new_empty(*x.shape[:-2], x.shape[-1]), weight.new_empty(tokens, n), weight.new_empty(tokens, n),
+                weight.new_empty(tokens, n, n), weight.new_empty(tokens, n, n + 3))
+
+    @torch.library.register_fake(lib + "hc_mappings_pre_bwd")
+    def _(grad_input, grad_pre, grad_post, grad_res, grad_x, x, weight, alpha, h_pre, saved):
+        n = x.shape[-2]
+        return (torch.empty_like(x), torch.empty_like(weight), torch.empty_like(alpha), weight.new_empty(n),
+                weight.new_empty(n), weight.new_empty(n, n))
 
     @torch.library.register_fake(lib + "pre_fwd")
     def _(x, h_pre):
@@ -326,6 +385,8 @@ def _register() -> None:
     torch.library.register_autograd(lib + "mappings_fwd", mappings_backward, setup_context=mappings_setup)
     torch.library.register_autograd(lib + "mappings_pre_fwd", _mappings_pre_backward,
                                     setup_context=_mappings_pre_setup)
+    torch.library.register_autograd(lib + "hc_mappings_pre_fwd", _hc_mappings_pre_backward,
+                                    setup_context=_hc_mappings_pre_setup)
     torch.library.register_autograd(lib + "pre_fwd", pre_backward, setup_context=pre_setup)
     torch.library.register_autograd(lib + "post_res_fwd", _post_res_backward, setup_context=_post_res_setup)
 

@@ -31,7 +31,8 @@ def mhc_post_res(
         h_post: ``[..., n]`` write weights.
         h_res: ``[..., n, n]`` mixing matrices, ``h_res[..., i, j]`` = weight of input stream j in
             output stream i.
-        stream_gradient: the one ``mhc_mappings_pre`` of this connection got (see there).
+        stream_gradient: the one ``mhc_mappings_pre`` (or ``hc_mappings_pre``) of this connection got
+            (see there).
 
     Returns:
         ``[..., n, C]`` in the dtype of ``x``, accumulated in float32 (float64 for float64 ``x``).

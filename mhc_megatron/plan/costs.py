@@ -10,7 +10,7 @@ Per layer and micro-batch (``T = s b`` tokens, ``e`` bytes per element, ``C`` hi
   connection moves per token in forward and in backward (``method.connection_bytes_moved``):
   residual, the add and autograd's sum of two gradients; mHC, the byte account of its fused
   kernels (``method.fused_op_bytes`` of ``mappings_pre`` and ``post_res``, the stream gradient
-  handed from one to the other); HC, eager PyTorch (method doc, section 4.3), backward twice its forward. Plus
+  handed from one to the other); HC, eager PyTorch on a GPU (method doc, section 4.3), backward twice its forward. Plus
   the ``phi`` projection (``2 n C (n^2 + 2n)`` FLOPs per token, twice in backward) as a matrix
   product. Sinkhorn's iterations on n x n per token are left out (a few hundred FLOPs, on chip).
 - **Recompute**: ``block`` rebuilds one sub-layer at a time in backward (docs/memory.md): its state

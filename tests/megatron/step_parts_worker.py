@@ -35,8 +35,7 @@ CASES = {
     "post_res forward, replayed": ("mhc+recompute", "post_res", "forward", ("post_res", "forward"),
                                    ("recompute", "backward")),
     "mappings and pre backward": ("mhc", "mappings_pre", "backward", None, ("mappings", "backward")),
-    "hc mappings backward": ("hc", "hc_mappings", "backward", None, ("mappings", "backward")),
-    "hc pre backward": ("hc", "pre", "backward", None, ("pre", "backward")),
+    "hc mappings and pre backward": ("hc", "hc_mappings_pre", "backward", None, ("mappings", "backward")),
     "expand forward": ("mhc", "expand", "forward", ("expand_collapse", "forward"), None),
     "mlp backward": ("mhc", "mlp", "backward", None, ("layer", "backward")),
     "residual mlp backward": ("residual", "mlp", "backward", None, ("layer", "backward")),
@@ -80,8 +79,7 @@ def delayed(function, direction: str, sleeps: Sleeps, argument: int | None = Non
 TARGETS = {
     "post_res": (hyper_connection, "mhc_post_res", None),
     "mappings_pre": (hyper_connection, "mhc_mappings_pre", 0),  # the streams x: after the op's own backward
-    "hc_mappings": (hyper_connection.HyperConnection, "_hc_mappings", 1),  # x (after self): likewise
-    "pre": (hyper_connection, "mhc_pre", 1),  # h_pre: after pre's backward, before the mappings'
+    "hc_mappings_pre": (hyper_connection, "hc_mappings_pre", 0),  # likewise
     "expand": (layer_module, "expand_streams", None),
     "mlp": (MLP, "forward", None),
 }

@@ -141,8 +141,9 @@ def parts(tmp_path_factory):
 
 
 BASE_PARTS = {"embedding", "post_res", "layer", "head", "optimizer", "other"}
-EXPECTED_PARTS = {"residual": BASE_PARTS, "hc": BASE_PARTS | {"expand_collapse", "mappings", "pre"},
-                  "mhc": BASE_PARTS | {"expand_collapse", "mappings"},  # pre is fused into the mappings
+EXPECTED_PARTS = {"residual": BASE_PARTS,  # hc, mhc: the read of the sub-layer input is in the mappings' op
+                  "hc": BASE_PARTS | {"expand_collapse", "mappings"},
+                  "mhc": BASE_PARTS | {"expand_collapse", "mappings"},
                   "mhc+recompute": BASE_PARTS | {"expand_collapse", "mappings", "recompute"}}
 
 
@@ -167,7 +168,7 @@ def test_the_parts_add_up_to_the_step(parts, variant):
 
 
 @pytest.mark.parametrize("case", ["post_res forward", "post_res forward, replayed", "mappings and pre backward",
-                                  "hc mappings backward", "hc pre backward", "expand forward", "mlp backward",
+                                  "hc mappings and pre backward", "expand forward", "mlp backward",
                                   "residual mlp backward"])
 def test_a_delay_lands_in_its_part_and_nowhere_else(parts, case):
     """Each sleep of the case lies in the part and phase it was put in (with autograd on: in
