@@ -291,8 +291,8 @@ void mappings_bwd_kernel(const A* grad_pre, const A* grad_post, const A* grad_re
   // Chunks of whole SIMD groups, of about kChunkTokens tokens: a few threads share even short inputs.
   constexpr int64_t kChunkTokens = 128;
   const int64_t wanted_chunks = reduction_chunks(tokens, width * K, kChunkTokens);
-  const int64_t chunk_groups = (groups + wanted_chunks - 1) / wanted_chunks;
-  const int64_t chunks = (groups + chunk_groups - 1) / chunk_groups;
+  const int64_t chunk_groups = std::max<int64_t>(1, (groups + wanted_chunks - 1) / wanted_chunks);
+  const int64_t chunks = std::max<int64_t>(1, (groups + chunk_groups - 1) / chunk_groups);  // 1 for 0 tokens
   std::vector<A> dm(groups * kMatrices * K, A(0)), dz(tokens * KZ), rms_term(tokens);
   std::unique_ptr<A[]> partial(new A[chunks * K * ldt]);  // zeroed per chunk below
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {

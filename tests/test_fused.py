@@ -166,6 +166,18 @@ def test_float64_values_and_gradients_match_the_reference_over_several_chunks(op
     assert relative_error(got, want) <= FLOAT64_TOLERANCE
 
 
+@pytest.mark.parametrize("op", list(OPS))
+def test_no_tokens_give_empty_outputs_and_zero_weight_gradients(op, target):
+    """T = 0: the fused op returns what the reference returns, empty per-token tensors and all-zero
+    gradients of the parameters (the weight-gradient reductions still have one, empty, chunk)."""
+    require_kernel(op, target)
+    inputs = make_inputs(op, n=4, hidden=HIDDEN, tokens=0)
+    want = run(op, inputs, "reference", torch.device("cpu"), torch.float64)
+    got = run(op, inputs, "fused", target, torch.float64)
+    assert [g.shape for g in got] == [w.shape for w in want]
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
 @pytest.mark.parametrize("lead", [(), (2, 3)])
 @pytest.mark.parametrize("op", [*MAPPING_OPS, "pre", "post_res"])
 def test_streams_with_any_leading_dimensions(op, lead, target):
