@@ -5,7 +5,8 @@ process started by ``torchrun`` (it reads ``RANK``, ``WORLD_SIZE``, ``MASTER_ADD
 ``destroy_parallel`` is the last call. Between the two, megatron-core runs with the project's
 adaptations: ``fixes.MegatronFixes`` on every device and, without CUDA, the CPU layer
 (``cpu.CpuLayer``) and gloo. ``destroy_parallel`` undoes them, as does an ``initialize_parallel``
-that fails.
+that fails. Without CUDA it also keeps glibc's heap from being trimmed between steps
+(``cpu_heap.keep_freed_heap``, for the rest of the process).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import os
 import torch
 from megatron.core import ModelParallelConfig, parallel_state, tensor_parallel
 
+from mhc_megatron.megatron.cpu_heap import keep_freed_heap
 from mhc_megatron.megatron.fixes import MegatronFixes
 from mhc_megatron.megatron.patching import Adaptation
 
@@ -44,6 +46,8 @@ def initialize_parallel(
     try:
         if fresh:
             _apply_adaptations(on_gpu)
+        if not on_gpu:
+            keep_freed_heap()
         if not torch.distributed.is_initialized():
             if on_gpu:
                 torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))

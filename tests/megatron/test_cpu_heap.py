@@ -1,0 +1,98 @@
+"""``cpu_heap.keep_freed_heap``: freed tensors serve the next step without page faults, counted.
+
+Each case runs in a fresh interpreter (the setting is process-wide and cannot be undone): it frees
+a few stream-sized tensors at the top of the heap, as a training step does at its end, allocates
+and fills them again, and counts the minor page faults of the refill (``getrusage``). Counting
+pages, not timing, so the test is deterministic on a noisy host.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+BLOCK_FLOATS = 2 * 1024 * 1024  # 8 MiB per tensor: above glibc's starting mmap threshold, below 32 MiB
+BLOCKS = 3
+PAGES_PER_REFILL = BLOCKS * BLOCK_FLOATS * 4 // 4096
+
+REFILL = f"""
+import resource, sys, torch
+from mhc_megatron.megatron import cpu_heap
+state = cpu_heap.keep_freed_heap() if sys.argv[1] == "keep" else "default"
+def step():
+    blocks = [torch.ones({BLOCK_FLOATS}) for _ in range({BLOCKS})]
+    del blocks
+for _ in range(3):  # glibc's defaults settle their thresholds on the first frees
+    step()
+faults = []
+for _ in range(4):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    step()
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(state, max(faults))
+"""
+
+glibc_only = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
+
+
+def _environment(**extra: str) -> dict[str, str]:
+    """This process's environment without any malloc tuning, the package importable, plus ``extra``."""
+    env = {name: value for name, value in os.environ.items()
+           if not name.startswith("MALLOC_") and name != "GLIBC_TUNABLES"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    return {**env, **extra}
+
+
+def _refill(mode: str, **environment: str) -> tuple[str, int]:
+    result = subprocess.run([sys.executable, "-c", REFILL, mode], capture_output=True, text=True, timeout=120,
+                            env=_environment(**environment))
+    assert result.returncode == 0, result.stderr
+    state, faults = result.stdout.split()
+    return state, int(faults)
+
+
+@glibc_only
+def test_glibc_defaults_fault_the_refilled_pages_again():
+    """The control: without the setting the refill faults in most of its pages, every step."""
+    state, faults = _refill("default")
+    assert state == "default"
+    assert faults > PAGES_PER_REFILL // 2, faults
+
+
+@glibc_only
+def test_kept_heap_refills_without_page_faults():
+    state, faults = _refill("keep")
+    assert state == "kept"
+    assert faults < PAGES_PER_REFILL // 100, faults
+
+
+@glibc_only
+@pytest.mark.parametrize("environment", [{"MALLOC_TRIM_THRESHOLD_": "1048576"},
+                                         {"MALLOC_MMAP_THRESHOLD_": "131072"},
+                                         {"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=1048576"}])
+def test_a_malloc_setting_in_the_environment_is_left_alone(environment):
+    state, faults = _refill("keep", **environment)
+    assert state == "user"
+    assert faults > PAGES_PER_REFILL // 2, faults
+
+
+def test_initialize_parallel_keeps_the_heap_on_cpu():
+    code = ("from mhc_megatron.megatron import initialize_parallel, destroy_parallel, cpu_heap\n"
+            "initialize_parallel()\n"
+            "print(cpu_heap.keep_freed_heap())\n"
+            "destroy_parallel()\n")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    env = _environment(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK="0", WORLD_SIZE="1")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180, env=env)
+    assert result.returncode == 0, result.stderr
+    expected = "kept" if platform.libc_ver()[0] == "glibc" else "not glibc"
+    assert result.stdout.split()[-1] == expected
