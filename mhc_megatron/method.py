@@ -137,6 +137,24 @@ def fused_op_bytes(op: str, n: int, hidden: int, stream_bytes: int, coefficient_
     return OpBytes(2 * streams + row + (n + n * n) * a, 3 * streams + 2 * row + 2 * (n + n * n) * a)
 
 
+def fused_op_product_flops(op: str, n: int, hidden: int) -> tuple[int, int]:
+    """FLOPs per token of the contractions in ``op`` (one of ``FUSED_OPS``), ``(forward, backward)``,
+    a multiply-add counted as 2, as the reference writes them (tests/test_fused_bytes.py counts the
+    reference's matrix products): the projection of the flattened streams (mappings and
+    mappings_pre ``2 n C K``, ``K = n^2 + 2n``; hc_mappings_pre one ``[C] x [C, n + 2]`` per stream,
+    ``2 n C (n + 2)``), the read of the streams (pre, and inside mappings_pre and hc_mappings_pre,
+    ``2 n C``) and the stream mixing ``h_res x`` (post_res, ``2 n^2 C``). Backward does each
+    product twice (the gradients of both factors). Sinkhorn holds none."""
+    if op not in FUSED_OPS:
+        raise ValueError(f"op must be one of {', '.join(map(repr, FUSED_OPS))}, got {op!r}")
+    read = 2 * n * hidden
+    forward = {"sinkhorn": 0, "pre": read, "post_res": 2 * n * n * hidden,
+               "mappings": 2 * n * hidden * num_mapping_columns(n),
+               "mappings_pre": 2 * n * hidden * num_mapping_columns(n) + read,
+               "hc_mappings_pre": 2 * n * hidden * (n + 2) + read}[op]
+    return forward, 2 * forward
+
+
 def connection_bytes_moved(hc_mode: str, n: int, hidden: int, stream_bytes: int,
                            coefficient_bytes: int = FLOAT32_BYTES) -> tuple[int, int]:
     """Bytes one sub-layer's connection reads plus writes per token, ``(forward, backward)``, as a

@@ -1,8 +1,11 @@
 """The byte account of the fused kernels (``method.fused_op_bytes``) against the tensors each kernel
-actually takes and returns, counted at the dispatcher in forward and backward.
+actually takes and returns, counted at the dispatcher in forward and backward; and the FLOP account
+of their contractions (``method.fused_op_product_flops``) against the matrix products the
+reference runs, counted by torch's FLOP counter.
 
 A kernel that starts to read or write another tensor (a saved intermediate, an extra output) or
-the account drifting from the code makes this fail; ``mhc-bench kernels`` divides by the account.
+the account drifting from the code makes this fail; ``mhc-bench kernels`` divides by the account
+and computes each op's floor from it.
 """
 
 import collections
@@ -10,9 +13,10 @@ import collections
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
 
 from fused_kernels import require_fused
-from mhc_megatron.method import FUSED_OPS, fused_op_bytes
+from mhc_megatron.method import FUSED_OPS, fused_op_bytes, fused_op_product_flops
 from mhc_megatron.ops import (
     backends,
     hc_mappings_pre,
@@ -73,7 +77,23 @@ def test_each_kernel_moves_what_the_account_says(op, n, dtype):
     assert counter.bytes == {f"{op}_fwd": account.forward(tokens), f"{op}_bwd": account.backward(tokens)}
 
 
-def test_the_account_refuses_an_unknown_op():
+@pytest.mark.parametrize("n", [2, 4, 8])  # at n = 1 torch runs one-term contractions as products the counter skips
+@pytest.mark.parametrize("op", FUSED_OPS)
+def test_the_flop_account_counts_the_references_products(op, n):
+    tokens, hidden = 5, 24
+    function, inputs = op_inputs(op, tokens, n, hidden, torch.float64)
+    with backends.use_backend("reference"):
+        with FlopCounterMode(display=False) as forward:
+            outputs = function(*inputs)
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        with FlopCounterMode(display=False) as backward:
+            torch.autograd.backward(outputs, [torch.ones_like(out) for out in outputs])
+    per_token = fused_op_product_flops(op, n, hidden)
+    assert (forward.get_total_flops(), backward.get_total_flops()) == (tokens * per_token[0], tokens * per_token[1])
+
+
+@pytest.mark.parametrize("account", [lambda op: fused_op_bytes(op, 4, 8, 4), lambda op: fused_op_product_flops(op, 4, 8)])
+def test_the_account_refuses_an_unknown_op(account):
     with pytest.raises(ValueError, match="op must be one of 'sinkhorn', 'mappings', 'mappings_pre', 'pre', 'post_res', "
                                          "'hc_mappings_pre', got 'hc'"):
-        fused_op_bytes("hc", 4, 8, 4)
+        account("hc")

@@ -26,7 +26,7 @@ LAYERS = [
     ("mhc_megatron.modules",),
     ("mhc_megatron.demo",),
     ("mhc_megatron.megatron.patching",),  # from here on megatron-core is imported
-    ("mhc_megatron.megatron.fixes", "mhc_megatron.megatron.cpu"),
+    ("mhc_megatron.megatron.fixes", "mhc_megatron.megatron.cpu", "mhc_megatron.megatron.cpu_heap"),
     ("mhc_megatron.megatron.parallel",),
     ("mhc_megatron.megatron.model",),
     ("mhc_megatron.megatron.pipeline",),

@@ -6,7 +6,10 @@ post_res with an identity sub-layer) and
 backend it reports the median time of the forward and of forward + backward (backward = the
 difference), the bytes of the op's
 minimal memory traffic (every input read once, every output written once), the achieved GB/s and
-its fraction of the device's copy bandwidth, measured in the same run. Writes everything as JSON.
+its fraction of the device's copy bandwidth, measured in the same run, and the op's floor: per pass
+(forward, backward) the longer of its bytes at that copy bandwidth and its matrix products' FLOPs
+(``method.fused_op_product_flops``) at the rate of a square matrix product measured in the same run
+(a roofline: no kernel of the op can be faster), the two passes added. Writes everything as JSON.
 """
 
 from __future__ import annotations
@@ -19,10 +22,12 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 
 import torch
 
-from mhc_megatron.method import SINKHORN_ITERS, fused_op_bytes
+from mhc_megatron.megatron.cpu_heap import keep_freed_heap
+from mhc_megatron.method import SINKHORN_ITERS, fused_op_bytes, fused_op_product_flops
 from mhc_megatron.ops import (
     backends,
     fused,
@@ -91,20 +96,45 @@ def copy_bandwidth(device: torch.device, timer: Timer) -> float:
     return 2 * src.numel() * 4 / (timer.median_ms(lambda: dst.copy_(src)) * 1e6)
 
 
-def traffic(op: str, tokens: int, hidden: int, n: int, stream_bytes: int, coefficient_bytes: int) -> tuple[int, int]:
-    """``(forward, backward)`` bytes of ``op`` (a fused op, or ``hc``: mappings_pre + post_res)
-    from the byte account of ``method.fused_op_bytes``: what the fused kernels read plus write."""
+def gemm_gflops(device: torch.device, dtype: torch.dtype, timer: Timer) -> float:
+    """GFLOP/s of a square matrix product in ``dtype`` (2048 on the CPU, 8192 on a GPU), into a
+    buffer allocated once: the best rate the projections of the mappings could run at."""
+    size = 8192 if device.type == "cuda" else 2048
+    a, b = (torch.randn(size, size, device=device).to(dtype) for _ in range(2))
+    out = torch.empty_like(a)
+    return 2 * size**3 / (timer.median_ms(lambda: torch.mm(a, b, out=out)) * 1e6)
+
+
+@dataclass(frozen=True)
+class Work:
+    """What one op must do per call, forward and backward: bytes read plus written
+    (``method.fused_op_bytes``) and FLOPs of its matrix products (``method.fused_op_product_flops``)."""
+
+    bytes_forward: int
+    bytes_backward: int
+    flops_forward: int
+    flops_backward: int
+
+    def floor_ms(self, copy_gbps: float, gemm_gflops: float) -> float:
+        """Per pass the longer of the bytes at ``copy_gbps`` and the FLOPs at ``gemm_gflops``, summed."""
+        passes = ((self.bytes_forward, self.flops_forward), (self.bytes_backward, self.flops_backward))
+        return sum(max(moved / (copy_gbps * 1e6), flops / (gemm_gflops * 1e6)) for moved, flops in passes)
+
+
+def work(op: str, tokens: int, hidden: int, n: int, stream_bytes: int, coefficient_bytes: int) -> Work:
+    """The ``Work`` of ``op`` (a fused op, or ``hc``: mappings_pre + post_res) on ``tokens`` tokens."""
     ops = ("mappings_pre", "post_res") if op == "hc" else (op,)
     accounts = [fused_op_bytes(name, n, hidden, stream_bytes, coefficient_bytes) for name in ops]
-    return sum(a.forward(tokens) for a in accounts), sum(a.backward(tokens) for a in accounts)
+    flops = [fused_op_product_flops(name, n, hidden) for name in ops]
+    return Work(sum(a.forward(tokens) for a in accounts), sum(a.backward(tokens) for a in accounts),
+                tokens * sum(f[0] for f in flops), tokens * sum(f[1] for f in flops))
 
 
 def make_case(op: str, tokens: int, hidden: int, n: int, dtype: torch.dtype, iters: int, device: torch.device):
-    """``(forward, inputs, bytes_forward, bytes_backward)`` of one op at one shape."""
+    """``(forward, inputs, work)`` of one op at one shape."""
     coeff = torch.float64 if dtype == torch.float64 else torch.float32
     k = num_mapping_columns(n)
-    bytes_forward, bytes_backward = traffic(op, tokens, hidden, n, torch.finfo(dtype).bits // 8,
-                                            torch.finfo(coeff).bits // 8)
+    op_work = work(op, tokens, hidden, n, torch.finfo(dtype).bits // 8, torch.finfo(coeff).bits // 8)
 
     def leaf(*shape, dt=coeff, scale=1.0):
         return (torch.randn(*shape, device=device, dtype=coeff) * scale).to(dt).requires_grad_()
@@ -130,12 +160,12 @@ def make_case(op: str, tokens: int, hidden: int, n: int, dtype: torch.dtype, ite
         "hc": (hc, [x, phi, alpha, bias]),
     }
     forward, inputs = cases[op]
-    return forward, inputs, bytes_forward, bytes_backward
+    return forward, inputs, op_work
 
 
 def measure(op: str, backend: str, args, device: torch.device, dtype: torch.dtype, timer: Timer) -> dict:
     tokens, hidden, n = args.tokens, args.hidden, args.streams
-    forward, inputs, bytes_fwd, bytes_bwd = make_case(op, tokens, hidden, n, dtype, args.iters, device)
+    forward, inputs, op_work = make_case(op, tokens, hidden, n, dtype, args.iters, device)
 
     def outputs():
         out = forward()
@@ -153,7 +183,7 @@ def measure(op: str, backend: str, args, device: torch.device, dtype: torch.dtyp
         fwd_bwd = timer.median_ms(forward_backward)
     return {"op": op, "backend": backend, "forward_ms": fwd, "forward_inference_ms": fwd_inference,
             "forward_backward_ms": fwd_bwd, "backward_ms": fwd_bwd - fwd,
-            "bytes_forward": bytes_fwd, "bytes_backward": bytes_bwd}
+            **asdict(op_work)}
 
 
 def cpu_model() -> str:
@@ -181,22 +211,29 @@ def run(args: argparse.Namespace) -> None:
     args.streams, args.dtype = args.streams or streams, args.dtype or dtype_name
     if args.threads:
         torch.set_num_threads(args.threads)
+    if device.type == "cpu":
+        keep_freed_heap()  # as in a training step on CPU (initialize_parallel), for every backend alike
     dtype = DTYPES[args.dtype]
     timer = Timer(device, args.warmup, args.repeats)
-    copy_gbps = copy_bandwidth(device, timer)
+    copy_gbps, gemm = copy_bandwidth(device, timer), gemm_gflops(device, dtype, timer)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_description()
     print(f"mhc-bench kernels: {name}; tokens {args.tokens}, C {args.hidden}, n {args.streams}, {args.dtype}; "
-          f"copy bandwidth {copy_gbps:.1f} GB/s")
-    print(f"{'op':15} {'backend':9} {'fwd ms':>9} {'bwd ms':>9} {'fwd+bwd':>9} {'GB/s':>7} {'of copy':>7}")
+          f"copy bandwidth {copy_gbps:.1f} GB/s, matrix product {gemm:.0f} GFLOP/s")
+    print(f"{'op':15} {'backend':9} {'fwd ms':>9} {'bwd ms':>9} {'fwd+bwd':>9} {'GB/s':>7} {'of copy':>7} "
+          f"{'floor':>7} {'x floor':>7}")
     results = []
     for op in args.ops:
         for backend in args.backends:
             r = measure(op, backend, args, device, dtype, timer)
             r["gbps"] = (r["bytes_forward"] + r["bytes_backward"]) / (r["forward_backward_ms"] * 1e6)
             r["fraction_of_copy"] = r["gbps"] / copy_gbps
+            r["floor_ms"] = Work(r["bytes_forward"], r["bytes_backward"], r["flops_forward"],
+                                 r["flops_backward"]).floor_ms(copy_gbps, gemm)
+            r["times_floor"] = r["forward_backward_ms"] / r["floor_ms"]
             results.append(r)
             print(f"{op:15} {backend:9} {r['forward_ms']:9.3f} {r['backward_ms']:9.3f} "
-                  f"{r['forward_backward_ms']:9.3f} {r['gbps']:7.1f} {r['fraction_of_copy']:7.1%}")
+                  f"{r['forward_backward_ms']:9.3f} {r['gbps']:7.1f} {r['fraction_of_copy']:7.1%} "
+                  f"{r['floor_ms']:7.2f} {r['times_floor']:7.2f}")
         times = {r["backend"]: r["forward_backward_ms"] for r in results if r["op"] == op}
         if "fused" in times:
             ratios = ", ".join(f"{times[b] / times['fused']:.2f}x vs {b}" for b in times if b != "fused")
@@ -204,7 +241,7 @@ def run(args: argparse.Namespace) -> None:
     report = {
         "command": "mhc-bench kernels " + " ".join(sys.argv[2:]),
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "device": name, "torch": torch.__version__, "copy_gbps": copy_gbps,
+        "device": name, "torch": torch.__version__, "copy_gbps": copy_gbps, "gemm_gflops": gemm,
         "shape": {"tokens": args.tokens, "hidden": args.hidden, "streams": args.streams, "dtype": args.dtype,
                   "iters": args.iters},
         "results": results,
