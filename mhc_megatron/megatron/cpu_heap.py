@@ -12,11 +12,15 @@ allocator.
 ``keep_freed_heap()`` sets, once per process, through glibc's ``mallopt``:
 
 * ``M_TRIM_THRESHOLD = -1``: the heap is never trimmed; what a step frees serves the next step.
-  The resident set stays at the step's peak, which every step reaches again anyway.
-* ``M_MMAP_THRESHOLD = 32 MiB``: blocks below it come from the heap. Setting any malloc parameter
-  stops glibc from moving this threshold itself (between 128 KiB and 32 MiB, as large blocks are
-  freed), so it is set to the top of that range; larger blocks are mapped and unmapped per use
-  as before (the fused CPU kernels ask for huge pages on their outputs, ``kernels/cpu_vec.h``).
+* ``M_MMAP_MAX = 0``: no block is mapped on its own, whatever its size; by default blocks above
+  the mmap threshold (128 KiB growing to at most 32 MiB) are, and each is unmapped when freed and
+  faulted in again when next allocated: a 64 MB stream state (T 4096, C 1024, n 4, fp32) costs a
+  few milliseconds of page faults per allocation even in huge pages. (Where the heap cannot grow,
+  glibc still maps memory: nothing fails for want of it.)
+
+The cost: the resident set stays at the largest heap the process has used, which a training loop
+reaches again every step anyway; memory a run frees for good (a checkpoint loaded into CPU tensors
+and copied into the model) stays with the process, for its later steps to reuse.
 
 ``initialize_parallel`` calls it in a process without CUDA, so residual, HC and mHC runs in the
 same process, or run one after another, get the same allocator. It changes nothing where the C
@@ -33,10 +37,10 @@ import platform
 
 # mallopt's parameter numbers (<malloc.h>)
 M_TRIM_THRESHOLD = -1
-M_MMAP_THRESHOLD = -3
+M_MMAP_MAX = -4
 
 NEVER_TRIM = -1
-MMAP_THRESHOLD_BYTES = 32 * 1024 * 1024  # glibc's own upper bound for its moving threshold (64-bit)
+NO_MAPPED_BLOCKS = 0
 
 MALLOC_ENVIRONMENT = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")
 
@@ -62,7 +66,7 @@ def keep_freed_heap() -> str:
     else:
         libc = ctypes.CDLL(None)
         libc.mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-        for parameter, value in ((M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES), (M_TRIM_THRESHOLD, NEVER_TRIM)):
+        for parameter, value in ((M_MMAP_MAX, NO_MAPPED_BLOCKS), (M_TRIM_THRESHOLD, NEVER_TRIM)):
             if libc.mallopt(parameter, value) != 1:
                 raise RuntimeError(f"glibc's mallopt({parameter}, {value}) failed")
         _state = "kept"

@@ -1,9 +1,11 @@
 """``cpu_heap.keep_freed_heap``: freed tensors serve the next step without page faults, counted.
 
 Each case runs in a fresh interpreter (the setting is process-wide and cannot be undone): it frees
-a few stream-sized tensors at the top of the heap, as a training step does at its end, allocates
-and fills them again, and counts the minor page faults of the refill (``getrusage``). Counting
-pages, not timing, so the test is deterministic on a noisy host.
+a few stream-sized tensors, as a training step does at its end, allocates and fills them again, and
+counts the minor page faults of the refill (``getrusage``). Two sizes: 8 MiB blocks, which glibc's
+defaults take from the heap and lose when the freed top of the heap is trimmed, and 48 MiB blocks,
+above any mmap threshold glibc picks, mapped and unmapped per use. Counting pages, not timing, so
+the test is deterministic on a noisy host.
 """
 
 from __future__ import annotations
@@ -18,16 +20,22 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-BLOCK_FLOATS = 2 * 1024 * 1024  # 8 MiB per tensor: above glibc's starting mmap threshold, below 32 MiB
 BLOCKS = 3
-PAGES_PER_REFILL = BLOCKS * BLOCK_FLOATS * 4 // 4096
+MIB_FLOATS = 1024 * 1024 // 4
+BLOCK_FLOATS = {"heap": 8 * MIB_FLOATS, "mapped": 48 * MIB_FLOATS}
+
+
+def pages_per_refill(size: str) -> int:
+    return BLOCKS * BLOCK_FLOATS[size] * 4 // 4096
+
 
 REFILL = f"""
 import resource, sys, torch
 from mhc_megatron.megatron import cpu_heap
 state = cpu_heap.keep_freed_heap() if sys.argv[1] == "keep" else "default"
+block_floats = int(sys.argv[2])
 def step():
-    blocks = [torch.ones({BLOCK_FLOATS}) for _ in range({BLOCKS})]
+    blocks = [torch.ones(block_floats) for _ in range({BLOCKS})]
     del blocks
 for _ in range(3):  # glibc's defaults settle their thresholds on the first frees
     step()
@@ -50,27 +58,29 @@ def _environment(**extra: str) -> dict[str, str]:
     return {**env, **extra}
 
 
-def _refill(mode: str, **environment: str) -> tuple[str, int]:
-    result = subprocess.run([sys.executable, "-c", REFILL, mode], capture_output=True, text=True, timeout=120,
-                            env=_environment(**environment))
+def _refill(mode: str, size: str, **environment: str) -> tuple[str, int]:
+    result = subprocess.run([sys.executable, "-c", REFILL, mode, str(BLOCK_FLOATS[size])], capture_output=True,
+                            text=True, timeout=120, env=_environment(**environment))
     assert result.returncode == 0, result.stderr
     state, faults = result.stdout.split()
     return state, int(faults)
 
 
 @glibc_only
-def test_glibc_defaults_fault_the_refilled_pages_again():
+@pytest.mark.parametrize("size", BLOCK_FLOATS)
+def test_glibc_defaults_fault_the_refilled_pages_again(size):
     """The control: without the setting the refill faults in most of its pages, every step."""
-    state, faults = _refill("default")
+    state, faults = _refill("default", size)
     assert state == "default"
-    assert faults > PAGES_PER_REFILL // 2, faults
+    assert faults > pages_per_refill(size) // 2, faults
 
 
 @glibc_only
-def test_kept_heap_refills_without_page_faults():
-    state, faults = _refill("keep")
+@pytest.mark.parametrize("size", BLOCK_FLOATS)
+def test_kept_heap_refills_without_page_faults(size):
+    state, faults = _refill("keep", size)
     assert state == "kept"
-    assert faults < PAGES_PER_REFILL // 100, faults
+    assert faults < pages_per_refill(size) // 100, faults
 
 
 @glibc_only
@@ -78,9 +88,9 @@ def test_kept_heap_refills_without_page_faults():
                                          {"MALLOC_MMAP_THRESHOLD_": "131072"},
                                          {"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=1048576"}])
 def test_a_malloc_setting_in_the_environment_is_left_alone(environment):
-    state, faults = _refill("keep", **environment)
+    state, faults = _refill("keep", "heap", **environment)
     assert state == "user"
-    assert faults > PAGES_PER_REFILL // 2, faults
+    assert faults > pages_per_refill("heap") // 2, faults
 
 
 def test_initialize_parallel_keeps_the_heap_on_cpu():
