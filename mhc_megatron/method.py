@@ -25,6 +25,7 @@ from dataclasses import dataclass
 HC_MODES = ("residual", "hc", "mhc")
 COLLAPSE_MODES = ("mean", "weighted")
 RECOMPUTE_MODES = ("none", "block")
+REBUILD_SCHEMES = ("sublayer", "block")  # how block recompute rebuilds a block's states in backward
 
 NUM_STREAMS = 4
 SINKHORN_ITERS = 20

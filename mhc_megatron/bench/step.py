@@ -1,5 +1,9 @@
 """Training-step time of residual, HC, mHC and mHC + block recompute on one GPT shape, in rounds.
 
+The block recompute variants: ``mhc+recompute`` rebuilds the states sub-layer by sub-layer (the
+default, least memory), ``mhc+recompute-block`` a block at once (the paper's scheme, fewest
+replays; ``MhcTransformerConfig.mhc_recompute_rebuild``).
+
 Every variant's model is built once, in one process (PP = 1, a gloo world of one), with the same
 initial weights (one seed, ``model/initialization.py``), and runs megatron's own forward and
 backward (``pipeline.step.forward_backward``; with ``--optimizer`` the whole ``train_step``) on one
@@ -41,9 +45,10 @@ from mhc_megatron.bench.memory import cpu_model
 from mhc_megatron.bench.step_parts import CONNECTION_PARTS, PARTS, StepParts
 from mhc_megatron.method import NUM_STREAMS, default_block_size
 
-# name -> (hc_mode, block recompute)
-VARIANTS = {"residual": ("residual", False), "hc": ("hc", False), "mhc": ("mhc", False),
-            "mhc+recompute": ("mhc", True)}
+# name -> (hc_mode, how block recompute rebuilds, or None: no block recompute)
+VARIANTS = {"residual": ("residual", None), "hc": ("hc", None), "mhc": ("mhc", None),
+            "mhc+recompute": ("mhc", "sublayer"), "mhc+recompute-block": ("mhc", "block")}
+RECOMPUTE_VARIANTS = [name for name, (_, rebuild) in VARIANTS.items() if rebuild is not None]
 BASELINE = "residual"
 MIN_ROUNDS = 3
 BYTE_LEVEL_VOCAB = 512  # the byte-level tokenizer of the default job (data/tokenizers.py), a multiple of 128
@@ -92,7 +97,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
                         help=f"which to time; {BASELINE} is the baseline and must be among them")
     parser.add_argument("--block-size", type=_at_least(1), default=None,
-                        help="L_r of mhc+recompute (default sqrt(n L / (n + 2)) for the 2 x layers sub-layers)")
+                        help="L_r of the recompute variants (default sqrt(n L / (n + 2)) for the 2 x layers sub-layers)")
     parser.add_argument("--optimizer", action="store_true", help="time the optimizer step too (megatron's Adam)")
     parser.add_argument("--rounds", type=_at_least(MIN_ROUNDS, " (minimums over fewer rounds are noise)"),
                         default=12, help="timed rounds, every variant back to back in each, order rotated")
@@ -129,12 +134,14 @@ class Variant:
         from mhc_megatron.megatron import MhcTransformerConfig, build_model_chunks
         from mhc_megatron.megatron.pipeline.step import MicroBatch, build_optimizer, wrap_with_ddp
 
-        hc_mode, recompute = VARIANTS[name]
+        hc_mode, rebuild = VARIANTS[name]
+        recompute = rebuild is not None
         self.name = name
         self.config = MhcTransformerConfig(
             num_layers=shape.layers, hidden_size=shape.hidden, ffn_hidden_size=shape.ffn,
             num_attention_heads=shape.heads, hc_mode=hc_mode, num_streams=shape.streams,
             mhc_recompute="block" if recompute else "none", mhc_recompute_block=block_size if recompute else None,
+            mhc_recompute_rebuild=rebuild or "sublayer",
             normalization="RMSNorm", add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0,
             init_method_std=0.02, use_cpu_initialization=True, params_dtype=torch.float32,
             pipeline_dtype=torch.float32,
@@ -205,15 +212,17 @@ def compare(times: list[float], baseline: list[float]) -> dict:
 
 def summarize(rounds: list[dict], names: list[str]) -> dict:
     """Per variant: fastest and median round (s), and ``compare`` against the residual model (and,
-    for mhc+recompute, against mhc); ``rounds[r]["round_s"][name]`` is a variant's time in round ``r``."""
+    for the recompute variants, against mhc); ``rounds[r]["round_s"][name]`` is a variant's time in
+    round ``r``."""
     per_variant = {name: [r["round_s"][name] for r in rounds] for name in names}
     summary = {}
     for name, times in per_variant.items():
         summary[name] = {"min_s": min(times), "median_s": statistics.median(times)}
         if name != BASELINE:
             summary[name]["vs_residual"] = compare(times, per_variant[BASELINE])
-    if "mhc+recompute" in per_variant and "mhc" in per_variant:
-        summary["mhc+recompute"]["vs_mhc"] = compare(per_variant["mhc+recompute"], per_variant["mhc"])
+    for name in RECOMPUTE_VARIANTS:
+        if name in per_variant and "mhc" in per_variant:
+            summary[name]["vs_mhc"] = compare(per_variant[name], per_variant["mhc"])
     return summary
 
 
@@ -382,10 +391,10 @@ def print_report(report: dict) -> None:
     optimizer = "with" if settings["optimizer"] else "without"
     print(f"\n{settings['rounds']} rounds x {settings['steps']} steps, {optimizer} the optimizer step; "
           "per round the median step")
-    print(f"{'variant':15} {'fastest':>9} {'median':>9} {'ratio of min':>12} "
+    print(f"{'variant':20} {'fastest':>9} {'median':>9} {'ratio of min':>12} "
           f"{'per-round ratio: median [min, max]':>36}")
     for name, numbers in summary.items():
-        line = f"{name:15} {numbers['min_s']:8.3f}s {numbers['median_s']:8.3f}s"
+        line = f"{name:20} {numbers['min_s']:8.3f}s {numbers['median_s']:8.3f}s"
         if "vs_residual" in numbers:
             vs = numbers["vs_residual"]
             ratio = vs["per_round_ratio"]

@@ -354,7 +354,8 @@ def _scale_section(scale: ScaleOverheads, config: dict) -> list[str]:
         f"{value('hidden_size')}, sequence {value('seq_length')}). At a small width the fixed cost of each op "
         "(dispatch, small kernels, the Sinkhorn iterations) weighs as much as the layer's own work; the overhead "
         "falls with width, because a layer's matrix products grow as C^2 per token while the connection grows as C. "
-        "At the shapes that matter (`mhc+recompute` is mHC with block recompute):",
+        "At the shapes that matter (`mhc+recompute` is mHC with block recompute, its states rebuilt sub-layer by "
+        "sub-layer; `mhc+recompute-block`, where measured, rebuilds each block at once, the paper's scheme):",
     ]
     if scale.measured:
         lines += ["", "### Measured: `mhc-bench step` (CPU)", "",

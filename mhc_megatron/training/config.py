@@ -33,7 +33,7 @@ _DERIVED_MODEL_FIELDS = {"params_dtype", "pipeline_dtype", "autocast_dtype"}
 # Written to every resolved config, set or not: what a reader of a run directory asks first.
 SUMMARY_MODEL_FIELDS = (
     "hc_mode", "num_streams", "sinkhorn_iters", "hc_alpha_init", "hc_eps", "hc_collapse",
-    "mhc_recompute", "mhc_recompute_block", "overlap_p2p_comm", "pipeline_extra_warmup",
+    "mhc_recompute", "mhc_recompute_block", "mhc_recompute_rebuild", "overlap_p2p_comm", "pipeline_extra_warmup",
     "pipeline_exchange_thread", "pipeline_bf16_transfer", "mhc_post_res_high_priority_stream",
     "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_moe_experts", "bf16",
     "tensor_model_parallel_size", "pipeline_model_parallel_size", "virtual_pipeline_model_parallel_size",

@@ -2,18 +2,21 @@
 
 Builds the same tiny float64 GPT (same seed) once per ``mhc_recompute`` variant, runs forward and
 backward over fixed micro-batches with megatron's schedule (1F1B or interleaved under PP), and
-writes, per variant, every parameter gradient's largest absolute difference from the ``none``
-variant (0.0 means bitwise equal), the loss, and how many stream states and sub-layer inputs the
-block recomputation freed in forward and rebuilt in backward. Rank 0 of every pipeline stage writes its part.
+writes, per variant (``block`` recompute: each ``L_r`` with each rebuild scheme), every parameter
+gradient's largest absolute difference from the ``none`` variant (0.0 means bitwise equal), the
+loss, how many stream states and sub-layer inputs the block recomputation freed in forward and
+rebuilt in backward, and how many post_res it replayed. Rank 0 of every pipeline stage writes its part.
 """
 
 import argparse
+import itertools
 import json
 
 import torch
 
 from mhc_megatron.megatron import MhcTransformerConfig, build_model_chunks, destroy_parallel, initialize_parallel
 from mhc_megatron.megatron.pipeline.step import MicroBatch, run_schedule
+from mhc_megatron.method import REBUILD_SCHEMES
 
 VOCAB, SEQ, MICRO_BATCH, MICRO_BATCHES = 64, 16, 2, 4
 
@@ -37,11 +40,12 @@ def parse_args():
     return parser.parse_args()
 
 
-def make_config(args, mhc_recompute: str, block: int | None) -> MhcTransformerConfig:
+def make_config(args, mhc_recompute: str, block: int | None, rebuild: str = "sublayer") -> MhcTransformerConfig:
     return MhcTransformerConfig(
         **RECOMPUTE[args.megatron_recompute],
         num_layers=args.layers, hidden_size=16, ffn_hidden_size=32, num_attention_heads=2,
         hc_mode="mhc", num_streams=4, hc_alpha_init=0.3, mhc_recompute=mhc_recompute, mhc_recompute_block=block,
+        mhc_recompute_rebuild=rebuild,
         pipeline_model_parallel_size=args.pp, virtual_pipeline_model_parallel_size=args.vpp,
         num_moe_experts=args.experts, moe_router_topk=2, moe_router_load_balancing_type="none",
         moe_token_dispatcher_type="allgather",
@@ -59,17 +63,17 @@ def micro_batches() -> list[MicroBatch]:
     ]
 
 
-def gradients(args, mhc_recompute: str, block: int | None):
-    """(loss or None, {parameter name: gradient}) of one forward-backward pass."""
+def gradients(args, mhc_recompute: str, block: int | None, rebuild: str = "sublayer"):
+    """(loss or None, {parameter name: gradient}, the trackers' counters) of one forward-backward pass."""
     torch.manual_seed(11)
-    config = make_config(args, mhc_recompute, block)
+    config = make_config(args, mhc_recompute, block, rebuild)
     chunks = build_model_chunks(config, VOCAB, SEQ, backend="local")
     losses = run_schedule(chunks, config, micro_batches(), forward_only=False)
     loss = torch.stack([entry["lm loss"] for entry in losses]).mean().item() if losses else None
     trackers = {id(t): t for chunk in chunks for layer in chunk.decoder.layers if (t := layer.block_recompute)}
     counters = {
         name: sum(getattr(t, name) for t in trackers.values())
-        for name in ("freed_states", "rebuilt_states", "freed_inputs", "rebuilt_inputs")
+        for name in ("freed_states", "rebuilt_states", "freed_inputs", "rebuilt_inputs", "replayed_post_res")
     }
     grads = {
         f"{index}.{name}": param.grad.clone()
@@ -88,10 +92,10 @@ def main():
 
     reference_loss, reference, _ = gradients(args, "none", None)
     record = {"none": {"loss": reference_loss, "parameters": len(reference)}}
-    for block in [None, *map(int, args.block_sizes.split(","))]:
-        loss, grads, counters = gradients(args, "block", block)
+    for block, rebuild in itertools.product([None, *map(int, args.block_sizes.split(","))], REBUILD_SCHEMES):
+        loss, grads, counters = gradients(args, "block", block, rebuild)
         assert grads.keys() == reference.keys()
-        record[f"block-{block}"] = {
+        record[f"{rebuild}-{block}"] = {
             "loss": loss,
             **counters,
             "max_grad_difference": max((grads[k] - reference[k]).abs().max().item() for k in reference),

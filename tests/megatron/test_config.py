@@ -39,6 +39,8 @@ def test_batched_p2p_is_off_on_cpu():
      r"mhc_recompute_block \(L_r\) must be an int >= 1 or None \(the default size\), got 0"),
     ({"mhc_recompute": "block", "mhc_recompute_block": 1.5}, r"mhc_recompute_block \(L_r\) must be an int >= 1"),
     ({"mhc_recompute": "block", "hc_mode": "residual"}, "hc_mode='residual' has none"),
+    ({"mhc_recompute": "block", "mhc_recompute_rebuild": "layer"},
+     "mhc_recompute_rebuild must be one of 'sublayer', 'block', got 'layer'"),
     ({"pipeline_exchange_thread": "yes"}, "pipeline_exchange_thread must be true or false, got 'yes'"),
 ])
 def test_bad_config_raises(fields, words):

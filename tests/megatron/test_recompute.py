@@ -2,11 +2,13 @@
 sub-layer inputs really freed and rebuilt, under PP (1F1B and interleaved), megatron's own
 recomputation and MoE."""
 
+import itertools
 import json
 
 import pytest
 
 from conftest import run_workers
+from mhc_megatron.method import REBUILD_SCHEMES
 
 BLOCK_SIZES = ["None", "1", "2", "3", "100"]
 
@@ -34,18 +36,24 @@ def test_block_recompute_gives_the_gradients_of_none(tmp_path, nproc, args):
     stages = run_recompute_case(tmp_path, nproc, *args)
     assert len(stages) == (2 if "--pp" in args else 1)
     for record in stages:
-        for size in BLOCK_SIZES:
-            variant = record[f"block-{size}"]
-            assert variant["max_grad_difference"] == 0.0, (size, variant)
+        for size, rebuild in itertools.product(BLOCK_SIZES, REBUILD_SCHEMES):
+            variant = record[f"{rebuild}-{size}"]
+            assert variant["max_grad_difference"] == 0.0, (size, rebuild, variant)
             assert variant["loss"] == record["none"]["loss"]
             assert variant["freed_states"] == variant["rebuilt_states"]
             assert variant["freed_inputs"] == variant["rebuilt_inputs"]
+        for size in BLOCK_SIZES:  # the same tensors freed and rebuilt; the paper's scheme replays fewer
+            sublayer, block = record[f"sublayer-{size}"], record[f"block-{size}"]
+            assert block["rebuilt_states"] == sublayer["rebuilt_states"]
+            assert block["replayed_post_res"] == block["rebuilt_states"]
+            assert sublayer["replayed_post_res"] >= block["replayed_post_res"]
         if "full" in args:  # megatron reruns every layer (uniform); block recompute has nothing to add
-            assert all(record[f"block-{size}"]["freed_inputs"] == 0 for size in BLOCK_SIZES)
+            assert all(record[f"sublayer-{size}"]["freed_inputs"] == 0 for size in BLOCK_SIZES)
         else:  # every sub-layer input is rebuilt; L_r = 1 keeps every state, longer blocks free some
-            assert all(record[f"block-{size}"]["freed_inputs"] > 0 for size in BLOCK_SIZES)
-            assert record["block-1"]["freed_states"] == 0
-            assert record["block-100"]["freed_states"] > 0
+            assert all(record[f"sublayer-{size}"]["freed_inputs"] > 0 for size in BLOCK_SIZES)
+            assert record["sublayer-1"]["freed_states"] == 0
+            assert record["sublayer-100"]["freed_states"] > 0
+            assert record["sublayer-100"]["replayed_post_res"] > record["block-100"]["replayed_post_res"]
 
 
 def _toy_pass(weights, x, tracker=None, cut_at=None):
@@ -69,7 +77,8 @@ def _toy_pass(weights, x, tracker=None, cut_at=None):
     return x
 
 
-def test_tracker_rebuilds_exact_values_after_a_cut_forward_pass():
+@pytest.mark.parametrize("rebuild, replays", [("sublayer", 3), ("block", 2)])
+def test_tracker_rebuilds_exact_values_after_a_cut_forward_pass(rebuild, replays):
     import torch
 
     from mhc_megatron.megatron.model.recompute import BlockRecompute
@@ -83,14 +92,24 @@ def test_tracker_rebuilds_exact_values_after_a_cut_forward_pass():
         return [w.grad for w in weights] + [x.grad]
 
     reference = gradients(None, cut_first=False)
-    tracker = BlockRecompute(sublayers=4, block_size=3)
+    tracker = BlockRecompute(sublayers=4, block_size=3, rebuild=rebuild)
     for got, want in zip(gradients(tracker, cut_first=True), reference):
         assert torch.equal(got, want)
-    # blocks {0, 1, 2} and {3}: states 1 and 2 and every input rebuilt once, nothing of the cut pass
+    # blocks {0, 1, 2} and {3}: states 1 and 2 and every input rebuilt once, nothing of the cut pass;
+    # sub-layer by sub-layer, state 2 replays two post_res and state 1 one; the whole block, two
     assert tracker.rebuilt_inputs == 4 and tracker.rebuilt_states == 2
+    assert tracker.replayed_post_res == replays
 
 
-def test_tracker_keeps_nothing_after_backward():
+def test_tracker_refuses_an_unknown_rebuild_scheme():
+    from mhc_megatron.megatron.model.recompute import BlockRecompute
+
+    with pytest.raises(ValueError, match="mhc_recompute_rebuild must be one of 'sublayer', 'block', got 'layer'"):
+        BlockRecompute(sublayers=4, block_size=3, rebuild="layer")
+
+
+@pytest.mark.parametrize("rebuild", REBUILD_SCHEMES)
+def test_tracker_keeps_nothing_after_backward(rebuild):
     """Once a pass's backward is done, its states, layer inputs and outputs are garbage: the hooks the
     tracker puts on the states must not keep them alive (a reference cycle through autograd's hooks,
     which Python's collector does not see, leaked every step's tensors before)."""
@@ -101,7 +120,7 @@ def test_tracker_keeps_nothing_after_backward():
 
     from mhc_megatron.megatron.model.recompute import BlockRecompute
 
-    tracker = BlockRecompute(sublayers=4, block_size=3)
+    tracker = BlockRecompute(sublayers=4, block_size=3, rebuild=rebuild)
     seen = []
     original = tracker.after_sublayer
 

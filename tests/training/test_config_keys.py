@@ -45,6 +45,7 @@ CONSUMERS = {
     "hc_collapse": "mhc_megatron.megatron.model.adapters:MegatronStreamCollapse.__init__",
     "mhc_recompute": "mhc_megatron.megatron.model.specs:get_hyper_connection_block_spec",
     "mhc_recompute_block": "mhc_megatron.megatron.model.specs:get_hyper_connection_block_spec",
+    "mhc_recompute_rebuild": "mhc_megatron.megatron.model.specs:get_hyper_connection_block_spec",
     "mhc_post_res_high_priority_stream": "mhc_megatron.megatron.model.layer:HyperConnectionTransformerLayer.__init__",
     "pipeline_extra_warmup": "mhc_megatron.megatron.pipeline.schedules:forward_backward_pipelining_overlapped",
     "pipeline_bf16_transfer": "mhc_megatron.megatron.model.layer:HyperConnectionTransformerLayer.forward",

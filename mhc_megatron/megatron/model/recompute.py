@@ -8,12 +8,19 @@ Without it, every hyper-connected sub-layer ``l`` keeps for backward its input s
 consecutive sub-layers and only the state at a block's start is kept; the other states and every
 layer input are freed as soon as forward no longer needs them.
 
-Backward rebuilds them one sub-layer at a time, just before that sub-layer's backward: ``x_l`` by
-replaying ``x_{k+1} = post_res(x_k, f_k, h_post_k, h_res_k)`` from the block start with the kept
-outputs and coefficients, then ``u_l = read(x_l, h_pre_l)``; both are freed again when the
-sub-layer's backward is done. So at most one rebuilt state per chunk is held at any time, for a
-replay of up to ``L_r - 1`` ``post_res`` per sub-layer (memory-bound and small next to the layer's
-matrix products). The replay runs the same operators on the same inputs as forward, so the rebuilt
+Backward rebuilds the states by replaying ``x_{k+1} = post_res(x_k, f_k, h_post_k, h_res_k)`` from
+the block start with the kept outputs and coefficients, and each ``u_l = read(x_l, h_pre_l)`` just
+before sub-layer ``l``'s backward; each is freed again when that backward is done. Two schemes
+(``rebuild``, ``MhcTransformerConfig.mhc_recompute_rebuild``):
+
+* ``sublayer`` (default): ``x_l`` is replayed just before sub-layer ``l``'s backward, from the
+  block start. At most one rebuilt state per chunk is held at any time, for ``L_r (L_r - 1) / 2``
+  replayed ``post_res`` per block.
+* ``block`` (the paper's): when the block's backward begins, one replay from the block start
+  rebuilds all its states: ``L_r - 1`` ``post_res`` per block, and up to ``L_r - 1`` rebuilt states
+  held until their sub-layers' backward is done.
+
+Either way the replay runs the same operators on the same inputs as forward, so the rebuilt
 tensors, and every gradient, are bitwise those of ``none``.
 
 Mechanics: a freed tensor stays (autograd holds it) but its storage shrinks to zero bytes; the
@@ -33,6 +40,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+
+from mhc_megatron.method import REBUILD_SCHEMES
 
 def _free(tensor: torch.Tensor) -> None:
     tensor.untyped_storage().resize_(0)
@@ -63,6 +72,7 @@ class _SubLayer:
     layer_input: torch.Tensor | None
     read: Callable[[torch.Tensor], torch.Tensor] | None
     advance: Callable[[torch.Tensor], torch.Tensor] | None
+    state_rebuilt: bool = False
 
     def release(self) -> None:
         """Free what backward rebuilt and drop every reference: nothing later in backward reads this
@@ -84,13 +94,6 @@ class _Block:
 
     sublayers: list[_SubLayer] = field(default_factory=list)
 
-    def state_of(self, index: int) -> torch.Tensor:
-        """The input state of ``sublayers[index]``, replayed from the block start."""
-        state = self.sublayers[0].state
-        for sublayer in self.sublayers[:index]:
-            state = sublayer.advance(state)
-        return state
-
 
 class BlockRecompute:
     """Block bookkeeping for the hyper-connected sub-layers of one pipeline chunk.
@@ -102,15 +105,20 @@ class BlockRecompute:
     megatron recomputes, at the start of a chunk) are skipped: the first one it sees starts a block.
     """
 
-    def __init__(self, sublayers: int, block_size: int) -> None:
+    def __init__(self, sublayers: int, block_size: int, rebuild: str = "sublayer") -> None:
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
             raise ValueError(f"mhc_recompute_block must be an int >= 1, got {block_size!r}")
+        if rebuild not in REBUILD_SCHEMES:
+            raise ValueError(f"mhc_recompute_rebuild must be one of {', '.join(map(repr, REBUILD_SCHEMES))}, "
+                             f"got {rebuild!r}")
         self.sublayers = sublayers
         self.block_size = block_size
+        self.rebuild = rebuild
         self._open: _Block | None = None
         # Counters over the tracker's life, for tests and benchmarks.
         self.freed_states = self.rebuilt_states = 0
         self.freed_inputs = self.rebuilt_inputs = 0
+        self.replayed_post_res = 0
         # Called after each rebuild, while the rebuilt tensors are held (benchmarks measure there).
         self.rebuild_observer: Callable[[], None] | None = None
 
@@ -165,12 +173,21 @@ class BlockRecompute:
         return on_gradient
 
     def _rebuild(self, block: _Block, index: int) -> None:
-        """Rebuild the input state and layer input of ``block.sublayers[index]`` for its backward."""
+        """Rebuild the input state (with ``block`` rebuilding: those of the sub-layers before it in
+        the block too) and the layer input of ``block.sublayers[index]`` for its backward."""
         sublayer = block.sublayers[index]
         with torch.no_grad():
-            if sublayer.state_freed:
-                _restore(sublayer.state, block.state_of(index))
-                self.rebuilt_states += 1
+            if sublayer.state_freed and not sublayer.state_rebuilt:
+                first = 1 if self.rebuild == "block" else index
+                state = block.sublayers[0].state
+                for position in range(1, index + 1):
+                    state = block.sublayers[position - 1].advance(state)
+                    self.replayed_post_res += 1
+                    target = block.sublayers[position]
+                    if position >= first and target.state_freed and not target.state_rebuilt:
+                        _restore(target.state, state)
+                        target.state_rebuilt = True
+                        self.rebuilt_states += 1
             _restore(sublayer.layer_input, sublayer.read(sublayer.state))
             self.rebuilt_inputs += 1
         if self.rebuild_observer is not None:

@@ -103,5 +103,6 @@ def get_hyper_connection_block_spec(
         # One tracker per chunk: blocks are cut within the chunk's 2 * count sub-layers.
         sublayers = 2 * count
         size = config.mhc_recompute_block or default_block_size(config.stream_count, sublayers)
-        layer = dataclasses.replace(layer, params={**layer.params, "block_recompute": BlockRecompute(sublayers, size)})
+        tracker = BlockRecompute(sublayers, size, config.mhc_recompute_rebuild)
+        layer = dataclasses.replace(layer, params={**layer.params, "block_recompute": tracker})
     return TransformerBlockSubmodules(layer_specs=[layer] * count, layer_norm=final_norm_builder(config, backend))

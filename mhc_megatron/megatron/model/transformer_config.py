@@ -18,6 +18,7 @@ from mhc_megatron.method import (
     EPS,
     HC_MODES,
     NUM_STREAMS,
+    REBUILD_SCHEMES,
     RECOMPUTE_MODES,
     SINKHORN_ITERS,
     stream_count,
@@ -46,6 +47,11 @@ class MhcTransformerConfig(TransformerConfig):
             (mHC paper, section 4.3; see ``recompute.py``).
         mhc_recompute_block: ``L_r``, sub-layers per block; ``None``: ``sqrt(n L / (n + 2))`` for
             the ``L`` sub-layers of each chunk (``method.default_block_size``).
+        mhc_recompute_rebuild: how backward rebuilds a block's states: ``sublayer`` (default) one
+            at a time, each replayed from the block start (at most one rebuilt state held, ``L_r
+            (L_r - 1) / 2`` post_res replays per block), or ``block``, the paper's scheme: all at
+            once when the block's backward begins (``L_r - 1`` replays, up to ``L_r - 1`` rebuilt
+            states held). Gradients are bitwise the same.
         pipeline_extra_warmup: with ``overlap_p2p_comm`` and no virtual pipeline, warm-up forwards
             that every stage but the last runs ahead of 1F1B's, so that the exchange can hide behind
             them (``pipeline/schedules.py``); each holds one more micro-batch of activations. 0: plain 1F1B.
@@ -75,6 +81,7 @@ class MhcTransformerConfig(TransformerConfig):
     hc_collapse: str = "mean"
     mhc_recompute: str = "none"
     mhc_recompute_block: int | None = None
+    mhc_recompute_rebuild: str = "sublayer"
     mhc_post_res_high_priority_stream: bool = False
     pipeline_extra_warmup: int = 0
     pipeline_bf16_transfer: bool = False
@@ -101,6 +108,7 @@ class MhcTransformerConfig(TransformerConfig):
             ("hc_mode", HC_MODES),
             ("hc_collapse", COLLAPSE_MODES),
             ("mhc_recompute", RECOMPUTE_MODES),
+            ("mhc_recompute_rebuild", REBUILD_SCHEMES),
         ):
             value = getattr(self, name)
             _require(value in allowed, f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
