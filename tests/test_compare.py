@@ -374,9 +374,12 @@ def planner_overheads():
                      cluster("H100", nodes=2)),
     }
     return {
-        name: {variant: 100 * evaluate(model.with_mode(mode), replace(layout, recompute=recompute), machine).overhead
-               for variant, (mode, recompute) in {"hc": ("hc", "none"), "mhc": ("mhc", "none"),
-                                                  "mhc+recompute": ("mhc", "block")}.items()}
+        name: {variant: 100 * evaluate(model.with_mode(mode), replace(layout, recompute=recompute, rebuild=rebuild),
+                                       machine).overhead
+               for variant, (mode, recompute, rebuild) in {"hc": ("hc", "none", "sublayer"),
+                                                           "mhc": ("mhc", "none", "sublayer"),
+                                                           "mhc+recompute": ("mhc", "block", "sublayer"),
+                                                           "mhc+recompute-block": ("mhc", "block", "block")}.items()}
         for name, (model, layout, machine) in settings.items()
     }
 
@@ -430,7 +433,7 @@ def test_report_shows_the_overheads_at_model_scale(tmp_path):
     planned = [line for line in lines if line.startswith(("| the paper's setting", "| GPT-1.3B"))]
     assert len(planned) == 2
     for line, overheads in zip(planned, planner_overheads().values()):
-        cells = " | ".join(f"{overheads[variant]:+.1f} %" for variant in ("hc", "mhc", "mhc+recompute"))
+        cells = " | ".join(f"{overheads[variant]:+.1f} %" for variant in scale.PLANNER_VARIANTS)
         assert line.endswith(f" | {cells} | 0.45, 0.8 |")
     assert "Left out" not in text
 

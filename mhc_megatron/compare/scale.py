@@ -32,8 +32,9 @@ from mhc_megatron.plan.evaluate import evaluate
 REPO = Path(__file__).resolve().parents[2]  # the checkout holding mhc_megatron/, docs/ and configs/
 BENCH_FILES = (REPO / "docs" / "bench-step-125m-after.json", REPO / "docs" / "bench-step-350m-after.json")
 BENCH_BASELINE = "residual"
-# variant (named as mhc-bench step names them) -> (hc_mode, recompute) in the planner
-PLANNER_VARIANTS = {"hc": ("hc", "none"), "mhc": ("mhc", "none"), "mhc+recompute": ("mhc", "block")}
+# variant (named as mhc-bench step names them) -> (hc_mode, recompute, rebuild) in the planner
+PLANNER_VARIANTS = {"hc": ("hc", "none", "sublayer"), "mhc": ("mhc", "none", "sublayer"),
+                    "mhc+recompute": ("mhc", "block", "sublayer"), "mhc+recompute-block": ("mhc", "block", "block")}
 
 
 @dataclass(frozen=True)
@@ -200,8 +201,9 @@ def predict(setting: PlannerSetting) -> PlannedOverheads:
         args.config = str(REPO / args.config)
     model, layout, machine = inputs(args)
     overheads = {
-        variant: 100 * evaluate(model.with_mode(hc_mode), replace(layout, recompute=recompute), machine).overhead
-        for variant, (hc_mode, recompute) in PLANNER_VARIANTS.items()
+        variant: 100 * evaluate(model.with_mode(hc_mode), replace(layout, recompute=recompute, rebuild=rebuild),
+                                machine).overhead
+        for variant, (hc_mode, recompute, rebuild) in PLANNER_VARIANTS.items()
     }
     return PlannedOverheads(setting, overheads, machine.mfu, machine.hbm_efficiency)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import fields, replace
 
-from mhc_megatron.method import HC_MODES
+from mhc_megatron.method import HC_MODES, REBUILD_SCHEMES
 from mhc_megatron.plan.evaluate import Evaluation, evaluate
 from mhc_megatron.plan.hardware import GB, TFLOPS, ClusterSpec, cluster
 from mhc_megatron.plan.model import RECOMPUTE, Layout, ModelSpec, model_from_yaml
@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     layout.add_argument("--vpp", type=int, default=1, help="virtual stages (model chunks) per pipeline stage")
     layout.add_argument("--ep", type=int, default=1)
     layout.add_argument("--recompute", choices=RECOMPUTE, default="none")
+    layout.add_argument("--rebuild", choices=REBUILD_SCHEMES, default="sublayer",
+                        help="how --recompute block rebuilds a block's states: one sub-layer at a time (least "
+                             "memory) or the whole block at once (the paper's scheme, fewest replays)")
     layout.add_argument("--overlap", action="store_true", help="communication beside compute (DualPipe-like)")
     layout.add_argument("--recommend", action="store_true", help="search PP, VPP, micro-batch size and recompute")
     return parser
@@ -86,7 +89,9 @@ def inputs(args: argparse.Namespace) -> tuple[ModelSpec, Layout, ClusterSpec]:
     machine = cluster(args.gpu, gpus_per_node=args.gpus_per_node, nodes=args.nodes,
                       link_latency=None if args.latency_us is None else args.latency_us * 1e-6,
                       mfu=args.mfu, hbm_efficiency=args.hbm_efficiency, **device)
-    return model, Layout(pp=args.pp, vpp=args.vpp, tp=args.tp, ep=args.ep, recompute=args.recompute, overlap=args.overlap), machine
+    layout = Layout(pp=args.pp, vpp=args.vpp, tp=args.tp, ep=args.ep, recompute=args.recompute, rebuild=args.rebuild,
+                    overlap=args.overlap)
+    return model, layout, machine
 
 
 def _describe(model: ModelSpec, machine: ClusterSpec) -> str:
@@ -105,7 +110,8 @@ def _describe(model: ModelSpec, machine: ClusterSpec) -> str:
 def _layout_text(e: Evaluation) -> str:
     l = e.layout
     return (f"TP {l.tp} PP {l.pp} VPP {l.vpp} EP {l.ep}, micro-batch {e.model.micro_batch_size} x {e.micro_batches}, "
-            f"recompute {l.recompute}, {'overlapped' if l.overlap else 'blocking'} communication")
+            f"recompute {l.recompute}{f' (rebuild {l.rebuild})' if l.recompute == 'block' else ''}, "
+            f"{'overlapped' if l.overlap else 'blocking'} communication")
 
 
 def _row(label: str, e: Evaluation) -> str:

@@ -13,10 +13,12 @@ Per layer and micro-batch (``T = s b`` tokens, ``e`` bytes per element, ``C`` hi
   handed from one to the other); HC, eager PyTorch on a GPU (method doc, section 4.3), backward twice its forward. Plus
   the ``phi`` projection (``2 n C (n^2 + 2n)`` FLOPs per token, twice in backward) as a matrix
   product. Sinkhorn's iterations on n x n per token are left out (a few hundred FLOPs, on chip).
-- **Recompute**: ``block`` rebuilds one sub-layer at a time in backward (docs/memory.md): its state
-  by replaying post_res from the block start (``k (k-1) / 2`` post_res per block of ``k``, each
-  ``(2n+1) C`` elements), its layer input by ``pre`` (``(n+1) C``), and copies the rebuilt tensors
-  into their storages (``2 n C`` per freed state, ``2 C`` per input); ``full`` replays the whole
+- **Recompute**: ``block`` rebuilds the freed states in backward (docs/memory.md) by replaying
+  post_res from the block start, each ``(2n+1) C`` elements: ``k (k-1) / 2`` per block of ``k``
+  rebuilt one sub-layer at a time (``layout.rebuild = "sublayer"``, one rebuilt state held),
+  ``k - 1`` rebuilt a block at once (``"block"``, the paper's; up to ``k - 1`` held, counted in the
+  stage's memory); each layer input by ``pre`` (``(n+1) C``), and the rebuilt tensors copied into
+  their storages (``2 n C`` per freed state, ``2 C`` per input); ``full`` replays the whole
   layer's forward in backward.
 - **Tensor parallel** (sequence parallel): 2 all-gathers + 2 reduce-scatters of ``T C e`` per layer
   and pass, each moving ``(tp-1)/tp`` of it per GPU over NVLink. **Expert parallel**: dispatch and
@@ -92,12 +94,13 @@ def block_size(model: ModelSpec, layers: int) -> int:
     return default_block_size(model.num_streams, 2 * layers)
 
 
-def block_replay_elements_per_layer(model: ModelSpec, layers: int) -> float:
-    """Elements block recompute moves per token in backward, averaged over a chunk's ``layers``."""
+def block_replay_elements_per_layer(model: ModelSpec, layers: int, rebuild: str = "sublayer") -> float:
+    """Elements block recompute moves per token in backward, averaged over a chunk's ``layers``,
+    its states rebuilt as ``rebuild`` says (``Layout.rebuild``)."""
     n, c = model.num_streams, model.hidden_size
     sublayers, size = 2 * layers, block_size(model, layers)
     blocks = [min(size, sublayers - start) for start in range(0, sublayers, size)]
-    replays = sum(k * (k - 1) // 2 for k in blocks)
+    replays = sum(k - 1 if rebuild == "block" else k * (k - 1) // 2 for k in blocks)
     freed_states = sublayers - len(blocks)
     elements = replays * (2 * n + 1) * c + sublayers * (n + 1) * c + freed_states * 2 * n * c + sublayers * 2 * c
     return elements / layers
@@ -157,7 +160,7 @@ def layer_time(model: ModelSpec, layout: Layout, cluster: ClusterSpec, layers_pe
     if layout.recompute == "full":
         recompute = gemm + connection_forward
     elif model.hc_mode == "mhc" and layout.recompute == "block":
-        elements = block_replay_elements_per_layer(model, layers_per_chunk)
+        elements = block_replay_elements_per_layer(model, layers_per_chunk, layout.rebuild)
         recompute = sharded * elements * e / cluster.memory_bandwidth
     comm = 0.0
     if layout.tp > 1:
@@ -291,4 +294,7 @@ def stage_memory(model: ModelSpec, layout: Layout, cluster: ClusterSpec, micro_b
     activations = in_flight(layout, micro_batches, stage) * layers * tokens * activation_bytes_per_token_layer(model, layout, layers)
     if layout.recompute == "full":  # one layer's full set rebuilt at a time in backward
         activations += tokens * activation_bytes_per_token_layer(model, replace(layout, recompute="none"), layers)
+    elif model.hc_mode == "mhc" and layout.recompute == "block":  # the rebuilt states held in backward
+        held = block_size(model, layers) - 1 if layout.rebuild == "block" else 1
+        activations += tokens * held * stream_state_bytes(model.streams, model.hidden_size, e) / layout.tp
     return {"weights": weights, "activations": activations, "total": weights + activations}

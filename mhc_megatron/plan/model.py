@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from mhc_megatron.method import HC_MODES, NUM_STREAMS, RECOMPUTE_MODES, stream_count
+from mhc_megatron.method import HC_MODES, NUM_STREAMS, REBUILD_SCHEMES, RECOMPUTE_MODES, stream_count
 
 RECOMPUTE = (*RECOMPUTE_MODES, "full")  # mHC's block recompute, or megatron's full-layer one
 
@@ -90,7 +90,9 @@ class Layout:
     """How the job is split: tensor (``tp``), pipeline (``pp``, ``vpp`` chunks per stage), expert
     (``ep``) parallel sizes; the rest of the GPUs is data parallel. ``recompute``: ``none``,
     ``block`` (mHC block recompute of the stream states, ``L_r`` = the paper's optimum) or ``full``
-    (megatron's full-layer recompute). ``overlap``: communication (pipeline p2p, TP/EP collectives,
+    (megatron's full-layer recompute); ``rebuild``: how ``block`` rebuilds a block's states in
+    backward, ``sublayer`` (one at a time, each replayed from the block start) or ``block`` (the
+    paper's: all at once, one replay per state, up to ``L_r - 1`` held). ``overlap``: communication (pipeline p2p, TP/EP collectives,
     the data-parallel gradient reduction) runs beside compute, DualPipe-like; otherwise it blocks."""
 
     pp: int = 1
@@ -98,6 +100,7 @@ class Layout:
     tp: int = 1
     ep: int = 1
     recompute: str = "none"
+    rebuild: str = "sublayer"
     overlap: bool = False
     distributed_optimizer: bool = True
 
@@ -108,3 +111,5 @@ class Layout:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.recompute not in RECOMPUTE:
             raise ValueError(f"recompute must be one of {RECOMPUTE}, got {self.recompute!r}")
+        if self.rebuild not in REBUILD_SCHEMES:
+            raise ValueError(f"rebuild must be one of {REBUILD_SCHEMES}, got {self.rebuild!r}")
