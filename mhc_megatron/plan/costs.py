@@ -17,9 +17,8 @@ Per layer and micro-batch (``T = s b`` tokens, ``e`` bytes per element, ``C`` hi
   post_res from the block start, each ``(2n+1) C`` elements: ``k (k-1) / 2`` per block of ``k``
   rebuilt one sub-layer at a time (``layout.rebuild = "sublayer"``, one rebuilt state held),
   ``k - 1`` rebuilt a block at once (``"block"``, the paper's; up to ``k - 1`` held, counted in the
-  stage's memory); each layer input by ``pre`` (``(n+1) C``), and the rebuilt tensors copied into
-  their storages (``2 n C`` per freed state, ``2 C`` per input); ``full`` replays the whole
-  layer's forward in backward.
+  stage's memory); each layer input by ``pre`` (``(n+1) C``); the rebuilt tensors take the
+  replay's memory, no copy. ``full`` replays the whole layer's forward in backward.
 - **Tensor parallel** (sequence parallel): 2 all-gathers + 2 reduce-scatters of ``T C e`` per layer
   and pass, each moving ``(tp-1)/tp`` of it per GPU over NVLink. **Expert parallel**: dispatch and
   combine all-to-alls of ``T topk C e (ep-1)/ep`` per GPU and pass, over NVLink while ``tp ep`` fits
@@ -101,8 +100,7 @@ def block_replay_elements_per_layer(model: ModelSpec, layers: int, rebuild: str 
     sublayers, size = 2 * layers, block_size(model, layers)
     blocks = [min(size, sublayers - start) for start in range(0, sublayers, size)]
     replays = sum(k - 1 if rebuild == "block" else k * (k - 1) // 2 for k in blocks)
-    freed_states = sublayers - len(blocks)
-    elements = replays * (2 * n + 1) * c + sublayers * (n + 1) * c + freed_states * 2 * n * c + sublayers * 2 * c
+    elements = replays * (2 * n + 1) * c + sublayers * (n + 1) * c
     return elements / layers
 
 

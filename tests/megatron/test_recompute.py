@@ -135,3 +135,20 @@ def test_tracker_keeps_nothing_after_backward(rebuild):
     gc.collect()
     assert len(seen) == 12 and tracker.rebuilt_inputs == 4
     assert [ref() is None for ref in seen] == [True] * len(seen)
+
+
+def test_a_rebuilt_tensor_takes_the_replays_memory_without_a_copy():
+    import torch
+
+    from mhc_megatron.megatron.model.recompute import _free, _restore
+
+    freed = torch.arange(12.0).reshape(3, 4)
+    view = freed[1:]  # what autograd may hold: another tensor on the same storage
+    _free(freed)
+    values = torch.full((3, 4), 7.0)
+    address = values.data_ptr()
+    _restore(freed, values)
+    assert freed.data_ptr() == address and torch.equal(view, torch.full((2, 4), 7.0))
+    assert values.untyped_storage().nbytes() == 0
+    with pytest.raises(RuntimeError, match=r"rebuilt a tensor of shape \(4, 3\)"):
+        _restore(torch.empty(3, 4), torch.empty(4, 3))

@@ -24,8 +24,9 @@ Either way the replay runs the same operators on the same inputs as forward, so 
 tensors, and every gradient, are bitwise those of ``none``.
 
 Mechanics: a freed tensor stays (autograd holds it) but its storage shrinks to zero bytes; the
-rebuild writes the values back into that storage, below autograd's version counters, the way
-megatron-core's ``CheckpointWithoutOutput`` restores its outputs. The rebuild of sub-layer ``l`` is
+rebuild gives that storage the replayed values (the replay's memory, handed over without a copy),
+below autograd's version counters, as megatron-core's ``CheckpointWithoutOutput`` restores its
+outputs. The rebuild of sub-layer ``l`` is
 a hook on the gradient of its output state ``x_{l+1}``, which autograd runs before any backward of
 ``l``; the same hook frees what sub-layer ``l + 1`` used, whose backward is then complete. Blocks
 never cross a pipeline chunk: the chunk's input and output are block boundaries.
@@ -48,14 +49,25 @@ def _free(tensor: torch.Tensor) -> None:
 
 
 def _restore(freed: torch.Tensor, values: torch.Tensor) -> None:
-    """Write ``values`` into the storage of ``freed``, which had exactly their layout."""
-    if values.shape != freed.shape or values.stride() != freed.stride() or values.dtype != freed.dtype:
+    """Give the storage of ``freed``, which had exactly the layout of ``values``, their values.
+
+    ``values`` is a fresh tensor that nothing else holds (a replay's output): its memory is handed
+    over to ``freed``'s storage (``UntypedStorage._swap_data_ptr_``, how FSDP refills storages it
+    resized to 0), without a copy, and ``values`` is left with none. A torch without that method
+    copies."""
+    if (values.shape != freed.shape or values.stride() != freed.stride() or values.dtype != freed.dtype
+            or values.storage_offset() != freed.storage_offset()):
         raise RuntimeError(
             f"block recompute rebuilt a tensor of shape {tuple(values.shape)}, strides {values.stride()}, "
-            f"{values.dtype}; forward had {tuple(freed.shape)}, {freed.stride()}, {freed.dtype}"
+            f"offset {values.storage_offset()}, {values.dtype}; forward had {tuple(freed.shape)}, "
+            f"{freed.stride()}, offset {freed.storage_offset()}, {freed.dtype}"
         )
-    freed.untyped_storage().resize_(values.untyped_storage().nbytes())
-    freed.untyped_storage().copy_(values.untyped_storage())
+    storage = freed.untyped_storage()
+    if hasattr(storage, "_swap_data_ptr_"):
+        storage._swap_data_ptr_(values.untyped_storage())
+    else:
+        storage.resize_(values.untyped_storage().nbytes())
+        storage.copy_(values.untyped_storage())
 
 
 @dataclass
@@ -64,7 +76,8 @@ class _SubLayer:
 
     ``state`` is its input stream state (freed unless it starts the block), ``layer_input`` the
     input it gave the sub-layer (always freed); ``read(state)`` recomputes ``layer_input`` and
-    ``advance(state)`` the next state, both with the coefficients and output kept from forward.
+    ``advance(state)`` the next state, both with the coefficients and output kept from forward,
+    each into a fresh tensor (the rebuild hands its memory to the freed one).
     """
 
     state: torch.Tensor | None
@@ -186,6 +199,7 @@ class BlockRecompute:
                     target = block.sublayers[position]
                     if position >= first and target.state_freed and not target.state_rebuilt:
                         _restore(target.state, state)
+                        state = target.state  # the replay's values now live there
                         target.state_rebuilt = True
                         self.rebuilt_states += 1
             _restore(sublayer.layer_input, sublayer.read(sublayer.state))
