@@ -411,7 +411,8 @@ def test_the_committed_step_benchmarks_are_readable():
     assert [(shape.source, shape.layers, shape.hidden) for shape in found.measured] == [
         ("docs/bench-step-125m-after.json", 12, 768), ("docs/bench-step-350m-after.json", 24, 1024)
     ]
-    assert all([cost.variant for cost in shape.overheads] == ["hc", "mhc", "mhc+recompute"] for shape in found.measured)
+    assert all([cost.variant for cost in shape.overheads] == ["hc", "mhc", "mhc+recompute", "mhc+recompute-block"]
+               for shape in found.measured)
 
 
 def test_report_shows_the_overheads_at_model_scale(tmp_path):
