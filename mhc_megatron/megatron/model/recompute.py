@@ -26,10 +26,10 @@ tensors, and every gradient, are bitwise those of ``none``.
 Mechanics: a freed tensor stays (autograd holds it) but its storage shrinks to zero bytes; the
 rebuild gives that storage the replayed values (the replay's memory, handed over without a copy),
 below autograd's version counters, as megatron-core's ``CheckpointWithoutOutput`` restores its
-outputs. The rebuild of sub-layer ``l`` is
-a hook on the gradient of its output state ``x_{l+1}``, which autograd runs before any backward of
-``l``; the same hook frees what sub-layer ``l + 1`` used, whose backward is then complete. Blocks
-never cross a pipeline chunk: the chunk's input and output are block boundaries.
+outputs. The rebuild of sub-layer ``l`` is a hook on the gradient of its output state ``x_{l+1}``,
+which autograd runs before any backward of ``l``; the same hook frees what sub-layer ``l + 1``
+used, whose backward is then complete. Blocks never cross a pipeline chunk: the chunk's input and
+output are block boundaries.
 
 Layers that megatron-core itself recomputes (``recompute_granularity="full"``) keep only their
 chunk's input already; block recomputation leaves them alone.
@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 import torch
 
 from mhc_megatron.method import REBUILD_SCHEMES
+
 
 def _free(tensor: torch.Tensor) -> None:
     tensor.untyped_storage().resize_(0)
