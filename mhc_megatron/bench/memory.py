@@ -47,6 +47,7 @@ import torch
 from mhc_megatron.method import (
     FLOAT32_BYTES,
     NUM_STREAMS,
+    REBUILD_SCHEMES,
     connection_kept_bytes,
     default_block_size,
     kept_state_fraction,
@@ -113,25 +114,29 @@ def activation_bytes_per_token_layer(shape: SliceShape, hc_mode: str, block_size
 
 
 def sampled_max_bytes_per_token_layer(shape: SliceShape, hc_mode: str, block_size: int | None,
-                                      scores: bool = True) -> float:
+                                      scores: bool = True, rebuild: str = "sublayer") -> float:
     """The model of the largest saved-bytes sample: the end of forward plus, with block recompute,
-    what is rebuilt for the slice's last sub-layer at the start of backward, while almost everything
-    else is still held: its layer input (C) and, unless it starts a block, its input state (n C).
-    Later rebuilds come after backward has released more than they hold."""
+    what is rebuilt at the start of backward, while almost everything else is still held: the
+    slice's last sub-layer's layer input (C) and the states rebuilt then (n C each), the last
+    sub-layer's unless it starts a block (``rebuild="sublayer"``) or all of the last block's but
+    its start (``"block"``). Later rebuilds come after backward has released more than they hold."""
     total = activation_bytes_per_token_layer(shape, hc_mode, block_size, scores)
     if hc_mode == "mhc" and block_size is not None:
         e = torch.finfo(shape.dtype).bits // 8
-        last_state_rebuilt = (2 * shape.layers - 1) % block_size != 0
-        total += (last_state_rebuilt * shape.streams + 1) * shape.hidden * e / shape.layers
+        freed_in_last_block = (2 * shape.layers - 1) % block_size
+        states = freed_in_last_block if rebuild == "block" else min(freed_in_last_block, 1)
+        total += (states * shape.streams + 1) * shape.hidden * e / shape.layers
     return total
 
 
-def modelled_saved_bytes(shape: SliceShape, hc_mode: str, block_size: int | None) -> dict:
+def modelled_saved_bytes(shape: SliceShape, hc_mode: str, block_size: int | None, rebuild: str = "sublayer") -> dict:
     """The model at both sampling moments, with and without s x s attention scores."""
+    def largest(*args):
+        return sampled_max_bytes_per_token_layer(*args, rebuild=rebuild)
+
     return {
         moment: {"model": count(shape, hc_mode, block_size), "model_no_scores": count(shape, hc_mode, block_size, False)}
-        for moment, count in (("end_of_forward", activation_bytes_per_token_layer),
-                              ("max_sampled", sampled_max_bytes_per_token_layer))
+        for moment, count in (("end_of_forward", activation_bytes_per_token_layer), ("max_sampled", largest))
     }
 
 
@@ -145,6 +150,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--streams", type=int, default=NUM_STREAMS)
     parser.add_argument("--block-sizes", type=int, nargs="*", default=[],
                         help="L_r values to measure besides the default sqrt(n L / (n + 2))")
+    parser.add_argument("--rebuilds", nargs="+", choices=REBUILD_SCHEMES, default=["sublayer"],
+                        help="how block recompute rebuilds a block's states (mhc_recompute_rebuild), each measured "
+                             "at every L_r")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--repeats", type=int, default=3,
                         help="timed rounds: one forward + backward of every variant per round")
@@ -156,22 +164,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", default="mhc-bench-memory.json", help="where to write the results")
 
 
-def _variants(args) -> list[tuple[str, str, int | None]]:
+def _variants(args) -> list[tuple[str, str, int | None, str]]:
+    """``(label, hc_mode, L_r or None, rebuild)`` of each variant to measure."""
     default = default_block_size(args.streams, 2 * args.layers)
     sizes = sorted({default, *args.block_sizes})
-    return [("residual", "residual", None), ("mhc", "mhc", None)] + [
-        (f"mhc + block recompute L_r={size}{' (default)' if size == default else ''}", "mhc", size) for size in sizes
+    return [("residual", "residual", None, "sublayer"), ("mhc", "mhc", None, "sublayer")] + [
+        (f"mhc + block recompute L_r={size}{' (default)' if size == default else ''}"
+         f"{', block rebuild' if rebuild == 'block' else ''}", "mhc", size, rebuild)
+        for rebuild in args.rebuilds for size in sizes
     ]
 
 
-def _build_decoder(shape: SliceShape, hc_mode: str, block_size: int | None, device: torch.device):
+def _build_decoder(shape: SliceShape, hc_mode: str, block_size: int | None, device: torch.device, rebuild: str):
     from mhc_megatron.megatron import MhcTransformerConfig, build_model_chunks
 
     config = MhcTransformerConfig(
         num_layers=shape.layers, hidden_size=shape.hidden, ffn_hidden_size=shape.ffn,
         num_attention_heads=shape.heads, hc_mode=hc_mode, num_streams=shape.streams,
         mhc_recompute="none" if block_size is None else "block", mhc_recompute_block=block_size,
-        normalization="RMSNorm", add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0,
+        mhc_recompute_rebuild=rebuild, normalization="RMSNorm", add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0,
         use_cpu_initialization=device.type == "cpu", params_dtype=shape.dtype, pipeline_dtype=shape.dtype,
         bf16=shape.dtype == torch.bfloat16,
     )
@@ -364,15 +375,15 @@ def _measure_all(shape: SliceShape, variants, repeats: int, high_water_steps: in
     during the run shifts every variant alike); then each step's high-water mark."""
     per_token_layer = 1 / (shape.seq * shape.micro_batch * shape.layers)
     results, runs = {}, {}
-    for label, hc_mode, block_size in variants:
-        model = _build_decoder(shape, hc_mode, block_size, device)
+    for label, hc_mode, block_size, rebuild in variants:
+        model = _build_decoder(shape, hc_mode, block_size, device, rebuild)
         hidden = torch.randn(shape.seq, shape.micro_batch, shape.hidden, dtype=shape.dtype, device=device,
                              requires_grad=True)
         rotary = model.rotary_pos_emb(shape.seq)
         end_of_forward, sampled_max = _saved_bytes(model, hidden, rotary)  # also the untimed first step
         model.zero_grad(set_to_none=True)
         runs[label] = _Variant(hc_mode, block_size, model, hidden, rotary)
-        modelled = modelled_saved_bytes(shape, hc_mode, block_size)
+        modelled = modelled_saved_bytes(shape, hc_mode, block_size, rebuild)
         modelled["end_of_forward"]["measured"] = end_of_forward * per_token_layer
         modelled["max_sampled"]["measured"] = sampled_max * per_token_layer
         gradients = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
@@ -422,8 +433,8 @@ def run(args: argparse.Namespace) -> None:
         micro_batch=args.micro_batch, streams=args.streams, dtype=getattr(torch, args.dtype),
     )
     if args.model_only:
-        results = {label: {"saved_bytes_per_token_layer": modelled_saved_bytes(shape, hc_mode, block_size)}
-                   for label, hc_mode, block_size in _variants(args)}
+        results = {label: {"saved_bytes_per_token_layer": modelled_saved_bytes(shape, hc_mode, block_size, rebuild)}
+                   for label, hc_mode, block_size, rebuild in _variants(args)}
         _print_model(shape, results)
         _write(args, shape, {"results": results}, "analytic model only")
         return

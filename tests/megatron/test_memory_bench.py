@@ -23,7 +23,7 @@ def report(tmp_path_factory):
     command = [
         sys.executable, "-m", "mhc_megatron.bench.cli", "memory", "--layers", str(LAYERS), "--hidden", str(HIDDEN),
         "--ffn", "80", "--heads", "3", "--seq", str(SEQ), "--micro-batch", str(MICRO_BATCH), "--streams", "4",
-        "--block-sizes", "1", "8", "--repeats", str(REPEATS), "--json", str(out),
+        "--block-sizes", "1", "8", "--rebuilds", "sublayer", "block", "--repeats", str(REPEATS), "--json", str(out),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "MASTER_PORT": "29537"}
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
@@ -48,16 +48,31 @@ def test_block_recompute_keeps_fewer_bytes_the_longer_the_blocks(report):
     assert kept["residual"] < kept["mhc + block recompute L_r=8"] < kept["mhc + block recompute L_r=1"] < kept["mhc"]
 
 
+def largest_extra(numbers):
+    return saved(numbers, "max_sampled")["measured"] - saved(numbers, "end_of_forward")["measured"]
+
+
 def test_backward_holds_one_rebuilt_state_and_input_at_a_time(report):
     # one sub-layer at a time: the largest sample exceeds the end of forward by at most n C + C values
     # per token (float32), spread over the slice's 4 layers, however long the block
     bound = (4 + 1) * HIDDEN * 4 / LAYERS
-    block_variants = [name for name in report["results"] if "block recompute" in name]
+    block_variants = [name for name in report["results"] if "block recompute" in name and "block rebuild" not in name]
     assert len(block_variants) == 3  # L_r = 1, 8 and the default
     for name in block_variants:
-        numbers = report["results"][name]
-        extra = saved(numbers, "max_sampled")["measured"] - saved(numbers, "end_of_forward")["measured"]
+        extra = largest_extra(report["results"][name])
         assert 0 <= extra <= bound, (name, extra)
+
+
+def test_the_block_rebuild_holds_the_last_blocks_states_at_once(report):
+    # L_r = 8 over the slice's 8 sub-layers: one block, whose 7 freed states are all rebuilt when
+    # backward begins, with the last sub-layer's input; by then the final norm's backward has released
+    # its input, normalised input and 1/rms. L_r = 1 frees no state, so both schemes agree
+    results = report["results"]
+    final_norm = 2 * HIDDEN * 4 + 4
+    assert largest_extra(results["mhc + block recompute L_r=8, block rebuild"]) == pytest.approx(
+        ((7 * 4 + 1) * HIDDEN * 4 - final_norm) / LAYERS)
+    assert largest_extra(results["mhc + block recompute L_r=1, block rebuild"]) == pytest.approx(
+        largest_extra(results["mhc + block recompute L_r=1"]))
 
 
 def test_the_step_high_water_marks_hold_at_least_what_autograd_saved(report):
