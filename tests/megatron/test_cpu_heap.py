@@ -69,10 +69,12 @@ def _refill(mode: str, size: str, **environment: str) -> tuple[str, int]:
 @glibc_only
 @pytest.mark.parametrize("size", BLOCK_FLOATS)
 def test_glibc_defaults_fault_the_refilled_pages_again(size):
-    """The control: without the setting the refill faults in most of its pages, every step."""
+    """The control: without the setting the refill faults its pages in again, every step (here: 2 of
+    the 3 blocks at 8 MiB, all 3 at 48 MiB; asserted loosely, the split depends on glibc's moving
+    mmap threshold)."""
     state, faults = _refill("default", size)
     assert state == "default"
-    assert faults > pages_per_refill(size) // 2, faults
+    assert faults > pages_per_refill(size) // 4, faults
 
 
 @glibc_only
