@@ -2,7 +2,9 @@
 
 Each case runs in a fresh interpreter (the setting is process-wide and cannot be undone): it frees
 a few stream-sized tensors, as a training step does at its end, allocates and fills them again, and
-counts the minor page faults of the refill (``getrusage``). Two sizes: 8 MiB blocks, which glibc
+counts the minor page faults of the refill (``getrusage``), the median of 7 steps: with the heap
+kept, a step may still grow it once where a small allocation has split the freed space (one block
+faulted in one of the 7, seen in CI), and the steps after it fault nothing. Two sizes: 8 MiB blocks, which glibc
 may map per use or take from its heap and trim, depending on the thresholds it has moved to by
 then (so the defaults' control is not asserted for them: whether they fault depends on what the
 interpreter allocated before), and 48 MiB blocks, above any mmap threshold glibc picks, always
@@ -42,11 +44,11 @@ def step():
 for _ in range(3):  # glibc's defaults settle their thresholds on the first frees
     step()
 faults = []
-for _ in range(4):
+for _ in range(7):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     step()
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print(state, max(faults))
+print(state, sorted(faults)[len(faults) // 2])
 """
 
 glibc_only = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
