@@ -163,7 +163,10 @@ def make_case(op: str, tokens: int, hidden: int, n: int, dtype: torch.dtype, ite
     return forward, inputs, op_work
 
 
-def measure(op: str, backend: str, args, device: torch.device, dtype: torch.dtype, timer: Timer) -> dict:
+def measure(op: str, backend: str, args, device: torch.device, dtype: torch.dtype, timer: Timer,
+            copy_gbps: float, gemm: float) -> dict:
+    """Times of ``op`` under ``backend``, its ``Work`` and its floor at the run's ``copy_gbps`` and
+    matrix-product rate ``gemm`` (GFLOP/s)."""
     tokens, hidden, n = args.tokens, args.hidden, args.streams
     forward, inputs, op_work = make_case(op, tokens, hidden, n, dtype, args.iters, device)
 
@@ -183,7 +186,7 @@ def measure(op: str, backend: str, args, device: torch.device, dtype: torch.dtyp
         fwd_bwd = timer.median_ms(forward_backward)
     return {"op": op, "backend": backend, "forward_ms": fwd, "forward_inference_ms": fwd_inference,
             "forward_backward_ms": fwd_bwd, "backward_ms": fwd_bwd - fwd,
-            **asdict(op_work)}
+            **asdict(op_work), "floor_ms": op_work.floor_ms(copy_gbps, gemm)}
 
 
 def cpu_model() -> str:
@@ -224,11 +227,9 @@ def run(args: argparse.Namespace) -> None:
     results = []
     for op in args.ops:
         for backend in args.backends:
-            r = measure(op, backend, args, device, dtype, timer)
+            r = measure(op, backend, args, device, dtype, timer, copy_gbps, gemm)
             r["gbps"] = (r["bytes_forward"] + r["bytes_backward"]) / (r["forward_backward_ms"] * 1e6)
             r["fraction_of_copy"] = r["gbps"] / copy_gbps
-            r["floor_ms"] = Work(r["bytes_forward"], r["bytes_backward"], r["flops_forward"],
-                                 r["flops_backward"]).floor_ms(copy_gbps, gemm)
             r["times_floor"] = r["forward_backward_ms"] / r["floor_ms"]
             results.append(r)
             print(f"{op:15} {backend:9} {r['forward_ms']:9.3f} {r['backward_ms']:9.3f} "
