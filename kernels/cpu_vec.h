@@ -23,6 +23,9 @@
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace mhc {
 namespace cpu {
@@ -85,6 +88,35 @@ void store_vec(const Vec<A>& v, int len, S* dst) {
   } else {
     for (int l = 0; l < (kFull ? kVec<A> : std::min(len, kVec<A>)); ++l) dst[l] = static_cast<S>(v[l]);
   }
+}
+
+// As store_vec, but a full, aligned vector of float or double goes to memory past the caches (a
+// non-temporal store): for outputs too large to be read again from cache, it spares reading each
+// line before writing it and keeps the caches for the kernel's own working set. Call
+// finish_streaming_stores() before the output is read by another thread.
+template <typename A, bool kFull, typename S>
+void stream_vec(const Vec<A>& v, int len, S* dst) {
+#if defined(__AVX512F__) || defined(__AVX2__)
+  if constexpr (kFull && std::is_same_v<S, A> && (std::is_same_v<A, float> || std::is_same_v<A, double>)) {
+    if (reinterpret_cast<uintptr_t>(dst) % kVectorBytes == 0) {
+#if defined(__AVX512F__)
+      if constexpr (std::is_same_v<A, float>) _mm512_stream_ps(dst, reinterpret_cast<const __m512&>(v));
+      else _mm512_stream_pd(dst, reinterpret_cast<const __m512d&>(v));
+#else
+      if constexpr (std::is_same_v<A, float>) _mm256_stream_ps(dst, reinterpret_cast<const __m256&>(v));
+      else _mm256_stream_pd(dst, reinterpret_cast<const __m256d&>(v));
+#endif
+      return;
+    }
+  }
+#endif
+  store_vec<A, kFull>(v, len, dst);
+}
+
+inline void finish_streaming_stores() {
+#if defined(__AVX512F__) || defined(__AVX2__)
+  _mm_sfence();
+#endif
 }
 
 // The sum of the lanes of v, in lane order.

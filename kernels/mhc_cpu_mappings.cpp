@@ -209,10 +209,11 @@ void mappings_fwd_kernel(const S* x, const A* phi, const A* alpha, const A* bias
 //      + h_pre[i] * grad_input                    (mappings_pre: pre's share, stream i)
 //      + grad_x_in                                (mappings_pre: the gradient from elsewhere)
 // written once; and, while those values of v are in registers, the tokens' share of dphi^T,
-// part[k, e] += sum_b dm[b, k] * v[b, e], added to their chunk's partial: one read of the streams for
-// both. dm rows of K values; phi_t [K, ldt] is phi transposed (loads of it may run past the stream's
-// end: ldt leaves room, and those lanes are never stored); part rows of ldt values. The terms a call
-// does not have are nullptr.
+// part[k, e] += sum_b dm[b, k] * v[b, e], added to their chunk's partial (`first`: the chunk's first
+// tokens, stored instead): one read of the streams for both. dm_t [K][kDxTokens] is the tokens' dm
+// transposed (zeros past `valid`), read at fixed offsets from one pointer per step of k; phi_t
+// [K, ldt] is phi transposed (loads of it may run past the stream's end: ldt leaves room, and those
+// lanes are never stored); part rows of ldt values. The terms a call does not have are nullptr.
 // v and dx of each token, and 3 more, in registers; a block never passes its SIMD group (kVec<A> tokens).
 template <typename A>
 constexpr int kDxTokens = std::min(kVectorRegisters / 4, kVec<A>);
@@ -224,7 +225,7 @@ struct DxRows {
   const S* grad_x_in;  // likewise, or nullptr
   const S* grad_input; // [tokens, hidden], or nullptr
   const A* h_pre;      // [tokens, n] (with grad_input)
-  const A* dm;         // [tokens, K], zero rows past the last token
+  const A* dm_t;       // [K][kDxTokens]
   const A* rms_term;   // [tokens]
   int64_t width, hidden;
   int n, valid;
@@ -232,12 +233,12 @@ struct DxRows {
 
 template <bool kFull, typename S, typename A>
 void dx_dphi_block(const DxRows<S, A>& r, const A* phi_t, int64_t ldt, int K, int stream, int64_t c0, int len,
-                   A* part) {
+                   bool first, A* part) {
   const int64_t e0 = stream * r.hidden + c0;
   Vec<A> v[kDxTokens<A>], acc[kDxTokens<A>];
 #pragma GCC unroll 16
   for (int b = 0; b < kDxTokens<A>; ++b) {
-    const int row = std::min(b, r.valid - 1);  // rows past `valid` repeat the last; their dm rows are 0
+    const int row = std::min(b, r.valid - 1);  // rows past `valid` repeat the last; their dm is 0
     const int64_t e = row * r.width + e0;
     v[b] = load_vec<A, kFull>(r.x + e, len);
     acc[b] = r.rms_term[row] * v[b];
@@ -245,19 +246,22 @@ void dx_dphi_block(const DxRows<S, A>& r, const A* phi_t, int64_t ldt, int K, in
     if (r.grad_input != nullptr)
       acc[b] += r.h_pre[row * r.n + stream] * load_vec<A, kFull>(r.grad_input + row * r.hidden + c0, len);
   }
-  for (int k = 0; k < K; ++k) {
-    const Vec<A> p = load_vec<A, true>(phi_t + k * ldt + e0, kVec<A>);
-    Vec<A> even = load_vec<A, kFull>(part + k * ldt + e0, len), odd;  // two chains of FMAs, not one
+  const A* dm = r.dm_t;
+  const A* p_row = phi_t + e0;
+  A* part_row = part + e0;
+  for (int k = 0; k < K; ++k, dm += kDxTokens<A>, p_row += ldt, part_row += ldt) {
+    const Vec<A> p = load_vec<A, true>(p_row, kVec<A>);
+    Vec<A> even = first ? Vec<A>{} : load_vec<A, kFull>(part_row, len), odd;  // two chains of FMAs, not one
 #pragma GCC unroll 16
     for (int b = 0; b < kDxTokens<A>; ++b) {
-      const A d = r.dm[b * K + k];
+      const A d = dm[b];
       acc[b] += d * p;
       if (b % 2 == 0) even += d * v[b];
       else odd = b == 1 ? d * v[b] : odd + d * v[b];
     }
-    store_vec<A, kFull>(even + odd, len, part + k * ldt + e0);
+    store_vec<A, kFull>(even + odd, len, part_row);
   }
-  for (int b = 0; b < r.valid; ++b) store_vec<A, kFull>(acc[b], len, r.grad_x + b * r.width + e0);
+  for (int b = 0; b < r.valid; ++b) stream_vec<A, kFull>(acc[b], len, r.grad_x + b * r.width + e0);
 }
 
 // Backward of mappings, and of mappings_pre when `grad_input` is given (then h_pre too, and
@@ -265,9 +269,11 @@ void dx_dphi_block(const DxRows<S, A>& r, const A* phi_t, int64_t ldt, int K, in
 // (reduction_chunks, never by threads), a chunk to a thread; per SIMD group of a chunk's tokens, while
 // their rows stay in cache: (1) with grad_input, pre's gradient of h_pre (dot products with the
 // streams) added to grad_pre; the coefficient gradients (dz, dm, c); (2) the stream gradient dx of
-// the group's tokens, every term at once, written once, and their share of dphi = v^T dm added to
-// the chunk's partial [K, width] in token order. Then the partials are summed in chunk order, like
-// dbias and dalpha: bit-identical results run to run and for any number of threads.
+// the group's tokens, every term at once, written once (past the caches: it is read again only after
+// the sub-layer's backward), and their share of dphi = v^T dm added to the chunk's partial [K, width]
+// in token order. Then the partials are summed in chunk order, like dbias and dalpha: bit-identical
+// results run to run and for any number of threads. (Groups of more tokens, to read phi^T and the
+// partial once for more of them, were slower at C = 1024: the rows no longer fit in L2 beside them.)
 template <typename S, typename A>
 void mappings_bwd_kernel(const A* grad_pre, const A* grad_post, const A* grad_res, const S* x,
                          const A* phi, const A* alpha, const A* bias, const A* saved, int64_t tokens,
@@ -293,14 +299,15 @@ void mappings_bwd_kernel(const A* grad_pre, const A* grad_post, const A* grad_re
   const int64_t wanted_chunks = reduction_chunks(tokens, width * K, kChunkTokens);
   const int64_t chunk_groups = std::max<int64_t>(1, (groups + wanted_chunks - 1) / wanted_chunks);
   const int64_t chunks = std::max<int64_t>(1, (groups + chunk_groups - 1) / chunk_groups);  // 1 for 0 tokens
-  std::vector<A> dm(groups * kMatrices * K, A(0)), dz(tokens * KZ), rms_term(tokens);
-  std::unique_ptr<A[]> partial(new A[chunks * K * ldt]);  // zeroed per chunk below
+  std::vector<A> dz(tokens * KZ), rms_term(tokens);
+  std::unique_ptr<A[]> partial(new A[chunks * K * ldt]);  // written by each chunk's first group
+  if (groups == 0) std::fill(partial.get(), partial.get() + K * ldt, A(0));  // the one chunk of no tokens
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     SinkhornGroup<A> group(n, iters);
-    std::vector<A> z(kMatrices * K), grad_h_pre(kMatrices * n);
+    std::vector<A> z(kMatrices * K), grad_h_pre(kMatrices * n), dm(K);
+    std::vector<A> dm_t(kDxRowGroups * K * kDxTokens<A>);  // per row group [K][kDxTokens]
     for (int64_t c = begin; c < end; ++c) {
       A* part = partial.get() + c * K * ldt;
-      std::fill(part, part + K * ldt, A(0));
       for (int64_t i = c * chunk_groups; i < std::min(groups, (c + 1) * chunk_groups); ++i) {
         const int64_t t0 = i * kMatrices;
         const int count = static_cast<int>(std::min<int64_t>(kMatrices, tokens - t0));
@@ -318,11 +325,14 @@ void mappings_bwd_kernel(const A* grad_pre, const A* grad_post, const A* grad_re
                                   dz.data() + t * KZ);
         }
         group.backward(z.data() + 2 * n, K, grad_res + t0 * n * n, n * n, dz.data() + t0 * KZ + 2 * n, KZ, count);
+        std::fill(dm_t.begin(), dm_t.end(), A(0));
         for (int b = 0; b < count; ++b) {
           const int64_t t = t0 + b;
           const A* u = saved + t * (K + 1);
           A* dzt = dz.data() + t * KZ;
-          rms_term[t] = mappings_projection_backward(dzt, u, u[K], alpha, n, width, dzt + K, dm.data() + t * K);
+          rms_term[t] = mappings_projection_backward(dzt, u, u[K], alpha, n, width, dzt + K, dm.data());
+          A* block = dm_t.data() + b / kDxTokens<A> * K * kDxTokens<A>;
+          for (int k = 0; k < K; ++k) block[k * kDxTokens<A> + b % kDxTokens<A>] = dm[k];
         }
         DxRows<S, A> rows[kDxRowGroups];
         const int row_groups = (count + kDxTokens<A> - 1) / kDxTokens<A>;
@@ -330,29 +340,38 @@ void mappings_bwd_kernel(const A* grad_pre, const A* grad_post, const A* grad_re
           const int64_t t = t0 + r * kDxTokens<A>;
           rows[r] = {x + t * width, grad_x + t * width, grad_x_in ? grad_x_in + t * width : nullptr,
                      grad_input ? grad_input + t * hidden : nullptr, h_pre ? h_pre + t * n : nullptr,
-                     dm.data() + t * K, rms_term.data() + t, width, hidden, n,
+                     dm_t.data() + r * K * kDxTokens<A>, rms_term.data() + t, width, hidden, n,
                      std::min(kDxTokens<A>, count - r * kDxTokens<A>)};
         }
         // Every row group passes over one block of phi^T and of the partial before the next block:
         // they stay in L1.
+        const bool first = i == c * chunk_groups;
         for (int stream = 0; stream < n; ++stream)
           for_blocks<kVec<A>>(hidden, [&](int64_t c0, int len, auto full) {
             for (int r = 0; r < row_groups; ++r)
-              dx_dphi_block<decltype(full)::value>(rows[r], phi_t.data(), ldt, K, stream, c0, len, part);
+              dx_dphi_block<decltype(full)::value>(rows[r], phi_t.data(), ldt, K, stream, c0, len, first && r == 0,
+                                                   part);
           });
       }
     }
+    finish_streaming_stores();
   });
 
-  at::parallel_for(0, K, 1, [&](int64_t begin, int64_t end) {
-    std::vector<A> total(width);
-    for (int64_t k = begin; k < end; ++k) {
-      std::copy(partial.get() + k * ldt, partial.get() + k * ldt + width, total.begin());
-      for (int64_t c = 1; c < chunks; ++c) {
-        const A* part = partial.get() + (c * K + k) * ldt;
-        for (int64_t e = 0; e < width; ++e) total[e] += part[e];
-      }
-      for (int64_t e = 0; e < width; ++e) grad_phi[e * K + k] = total[e];
+  // dphi: the chunks' partials summed in chunk order, kVec<A> values of e at a time for every k, and
+  // written as the whole rows e of grad_phi [width, K] they make.
+  at::parallel_for(0, (width + kVec<A> - 1) / kVec<A>, 16, [&](int64_t begin, int64_t end) {
+    std::vector<A> rows_of_e(kVec<A> * K);
+    for (int64_t block = begin; block < end; ++block) {
+      const int64_t e0 = block * kVec<A>;
+      for_blocks<kVec<A>>(std::min<int64_t>(kVec<A>, width - e0), [&](int64_t, int len, auto full) {
+        constexpr bool kFull = decltype(full)::value;
+        for (int k = 0; k < K; ++k) {
+          Vec<A> total = load_vec<A, kFull>(partial.get() + k * ldt + e0, len);
+          for (int64_t c = 1; c < chunks; ++c) total += load_vec<A, kFull>(partial.get() + (c * K + k) * ldt + e0, len);
+          for (int l = 0; l < len; ++l) rows_of_e[l * K + k] = total[l];
+        }
+        std::copy(rows_of_e.begin(), rows_of_e.begin() + len * K, grad_phi + e0 * K);
+      });
     }
   });
   for (int k = 0; k < KZ; ++k) {

@@ -75,13 +75,14 @@ void post_res_bwd_kernel(const S* grad_out, const S* x, const S* f, const A* h_p
           Vec<A> dx = {};
 #pragma GCC unroll 16
           for (int i = 0; i < n; ++i) dx += hr[i * n + j] * g[i];
-          store_vec<A, kFull>(dx, len, grad_x + o + j * hidden + c0);
+          stream_vec<A, kFull>(dx, len, grad_x + o + j * hidden + c0);
         }
         store_vec<A, kFull>(df, len, grad_f + t * hidden + c0);
       });
       for (int k = 0; k < n * n; ++k) grad_h_res[t * n * n + k] = sum_lanes<A>(res_lanes[k]);
       for (int i = 0; i < n; ++i) grad_h_post[t * n + i] = sum_lanes<A>(post_lanes[i]);
     }
+    finish_streaming_stores();
   });
 }
 
