@@ -107,7 +107,7 @@ void hc_dx_row(const S* x, const S* g, const S* grad_x_in, const A* h_pre, const
         d += dm[i * K + k] * w[k];
         dw[k] += dm[i * K + k] * v;
       }
-      store_vec<A, kFull>(d, len, dx + i * hidden + c0);
+      stream_vec<A, kFull>(d, len, dx + i * hidden + c0);  // read again after the sub-layer's backward
     }
 #pragma GCC unroll 18
     for (int k = 0; k < K; ++k) store_vec<A, kFull>(dw[k], len, dwt + k * hidden + c0);
@@ -143,6 +143,7 @@ void hc_mappings_pre_bwd_kernel(const S* grad_input, const A* grad_pre, const A*
                       wt.data(), n, hidden, grad_x + t * n * hidden, dwt);
       }
     }
+    finish_streaming_stores();
   });
   at::parallel_for(0, hidden, 256, [&](int64_t begin, int64_t end) {
     for (int64_t col = begin; col < end; ++col)
