@@ -185,16 +185,36 @@ Six hc_mappings_pre_bwd(const at::Tensor& grad_input, const at::Tensor& grad_pre
                                       saved);
 }
 
+Six post_res_mappings_pre_fwd(const at::Tensor& x, const at::Tensor& f, const at::Tensor& h_post,
+                              const at::Tensor& h_res, const at::Tensor& phi, const at::Tensor& alpha,
+                              const at::Tensor& bias, int64_t iters, double eps) {
+  return active().post_res_mappings_pre_fwd(x, f, h_post, h_res, phi, alpha, bias, iters, eps);
+}
+
+Seven post_res_mappings_pre_bwd(const at::Tensor& grad_input, const at::Tensor& grad_pre,
+                                const at::Tensor& grad_post, const at::Tensor& grad_res,
+                                const std::optional<at::Tensor>& grad_streams, const at::Tensor& x,
+                                const at::Tensor& f, const at::Tensor& h_post, const at::Tensor& h_res,
+                                const at::Tensor& streams, const at::Tensor& phi, const at::Tensor& alpha,
+                                const at::Tensor& bias, const at::Tensor& next_h_pre, const at::Tensor& saved,
+                                int64_t iters) {
+  return active().post_res_mappings_pre_bwd(grad_input, grad_pre, grad_post, grad_res, grad_streams, x, f, h_post,
+                                            h_res, streams, phi, alpha, bias, next_h_pre, saved, iters);
+}
+
 }  // namespace
 }  // namespace mhc
 
 MHC_REGISTER_KERNELS(CPU)
 
 // The ops with CPU kernels only (no CUDA kernel yet: on CUDA tensors the Python side runs the
-// reference, mhc_megatron/ops/fused.py CPU_ONLY_OPS).
+// reference, or for post_res_mappings_pre the CUDA kernels of its two halves; mhc_megatron/ops/fused.py
+// CPU_ONLY_OPS).
 TORCH_LIBRARY_IMPL(mhc_megatron, CPU, m) {
   m.impl("hc_mappings_pre_fwd", &mhc::hc_mappings_pre_fwd);
   m.impl("hc_mappings_pre_bwd", &mhc::hc_mappings_pre_bwd);
+  m.impl("post_res_mappings_pre_fwd", &mhc::post_res_mappings_pre_fwd);
+  m.impl("post_res_mappings_pre_bwd", &mhc::post_res_mappings_pre_bwd);
 }
 
 TORCH_LIBRARY_FRAGMENT(mhc_megatron, m) {

@@ -14,7 +14,7 @@
 namespace mhc {
 
 // Bumped whenever the table changes, so that a stale level library is refused, not called.
-constexpr int kCpuKernelsAbi = 3;
+constexpr int kCpuKernelsAbi = 4;
 
 struct CpuKernels {
   int abi;
@@ -46,11 +46,22 @@ struct CpuKernels {
                              const at::Tensor& grad_res, const std::optional<at::Tensor>& grad_x_in,
                              const at::Tensor& x, const at::Tensor& weight, const at::Tensor& alpha,
                              const at::Tensor& h_pre, const at::Tensor& saved);
+  Six (*post_res_mappings_pre_fwd)(const at::Tensor& x, const at::Tensor& f, const at::Tensor& h_post,
+                                   const at::Tensor& h_res, const at::Tensor& phi, const at::Tensor& alpha,
+                                   const at::Tensor& bias, int64_t iters, double eps);
+  Seven (*post_res_mappings_pre_bwd)(const at::Tensor& grad_input, const at::Tensor& grad_pre,
+                                     const at::Tensor& grad_post, const at::Tensor& grad_res,
+                                     const std::optional<at::Tensor>& grad_streams, const at::Tensor& x,
+                                     const at::Tensor& f, const at::Tensor& h_post, const at::Tensor& h_res,
+                                     const at::Tensor& streams, const at::Tensor& phi, const at::Tensor& alpha,
+                                     const at::Tensor& bias, const at::Tensor& next_h_pre, const at::Tensor& saved,
+                                     int64_t iters);
 };
 
 using CpuKernelsGetter = const CpuKernels* (*)();
 
-// The entries of the table, defined in mhc_cpu_{mappings,pre,post_res,hc}.cpp (compiled
+// The entries of the table, defined in mhc_cpu_{mappings,pre,post_res,hc}.cpp (post_res_mappings_pre
+// in mhc_cpu_mappings.cpp; compiled
 // into each level library, never into mhc_megatron._C).
 namespace cpu {
 at::Tensor sinkhorn_fwd(const at::Tensor& logits, int64_t iters);
@@ -78,6 +89,16 @@ Six hc_mappings_pre_bwd(const at::Tensor& grad_input, const at::Tensor& grad_pre
                         const at::Tensor& grad_res, const std::optional<at::Tensor>& grad_x_in, const at::Tensor& x,
                         const at::Tensor& weight, const at::Tensor& alpha, const at::Tensor& h_pre,
                         const at::Tensor& saved);
+Six post_res_mappings_pre_fwd(const at::Tensor& x, const at::Tensor& f, const at::Tensor& h_post,
+                              const at::Tensor& h_res, const at::Tensor& phi, const at::Tensor& alpha,
+                              const at::Tensor& bias, int64_t iters, double eps);
+Seven post_res_mappings_pre_bwd(const at::Tensor& grad_input, const at::Tensor& grad_pre,
+                                const at::Tensor& grad_post, const at::Tensor& grad_res,
+                                const std::optional<at::Tensor>& grad_streams, const at::Tensor& x,
+                                const at::Tensor& f, const at::Tensor& h_post, const at::Tensor& h_res,
+                                const at::Tensor& streams, const at::Tensor& phi, const at::Tensor& alpha,
+                                const at::Tensor& bias, const at::Tensor& next_h_pre, const at::Tensor& saved,
+                                int64_t iters);
 }  // namespace cpu
 constexpr const char* kCpuKernelsSymbol = "mhc_cpu_kernels";
 

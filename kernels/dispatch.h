@@ -144,15 +144,20 @@ inline Four mappings_fwd_outputs(const at::Tensor& x, const at::Tensor& phi, con
           at::empty({s.tokens, s.n, s.n}, opts), at::empty({s.tokens, num_columns(s.n) + 1}, opts)};
 }
 
-inline Four mappings_bwd_outputs(const at::Tensor& grad_pre, const at::Tensor& grad_post,
-                                 const at::Tensor& grad_res, const at::Tensor& x, const at::Tensor& phi,
-                                 const at::Tensor& alpha, const at::Tensor& bias, const at::Tensor& saved) {
+inline void check_mappings_bwd(const at::Tensor& grad_pre, const at::Tensor& grad_post, const at::Tensor& grad_res,
+                               const at::Tensor& x, const at::Tensor& phi, const at::Tensor& alpha,
+                               const at::Tensor& bias, const at::Tensor& saved) {
   const Streams s = check_streams(x);
   check_mapping_params(x, phi, alpha, bias);
   check_coefficients(grad_pre, "grad_pre", s, x.scalar_type(), {s.n});
   check_coefficients(grad_post, "grad_post", s, x.scalar_type(), {s.n});
   check_coefficients(grad_res, "grad_res", s, x.scalar_type(), {s.n, s.n});
   check_coefficients(saved, "saved", s, x.scalar_type(), {num_columns(s.n) + 1});
+}
+inline Four mappings_bwd_outputs(const at::Tensor& grad_pre, const at::Tensor& grad_post,
+                                 const at::Tensor& grad_res, const at::Tensor& x, const at::Tensor& phi,
+                                 const at::Tensor& alpha, const at::Tensor& bias, const at::Tensor& saved) {
+  check_mappings_bwd(grad_pre, grad_post, grad_res, x, phi, alpha, bias, saved);
   return {at::empty_like(x), at::empty_like(phi), at::empty_like(alpha), at::empty_like(bias)};
 }
 
@@ -229,6 +234,33 @@ inline Six hc_mappings_pre_bwd_outputs(const at::Tensor& grad_input, const at::T
           at::empty({s.n}, opts), at::empty({s.n, s.n}, opts)};
 }
 
+// post_res_mappings_pre: post_res's output `streams` (shaped like x), then mappings_pre's outputs on
+// it (the next sub-layer's input and coefficients, and saved).
+inline Six post_res_mappings_pre_fwd_outputs(const at::Tensor& x, const at::Tensor& f, const at::Tensor& h_post,
+                                             const at::Tensor& h_res, const at::Tensor& phi, const at::Tensor& alpha,
+                                             const at::Tensor& bias) {
+  check_post_res(x, f, h_post, h_res);
+  at::Tensor streams = at::empty_like(x);
+  auto [layer_input, next_h_pre, next_h_post, next_h_res, saved] = mappings_pre_fwd_outputs(streams, phi, alpha, bias);
+  return {streams, layer_input, next_h_pre, next_h_post, next_h_res, saved};
+}
+using Seven = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+// (grad_x, grad_f, grad_h_post, grad_h_res, grad_phi, grad_alpha, grad_bias): post_res's gradients,
+// then the mapping parameters'. grad_streams, when given, is the gradient of `streams` from elsewhere.
+inline Seven post_res_mappings_pre_bwd_outputs(const at::Tensor& grad_input, const at::Tensor& grad_pre,
+                                               const at::Tensor& grad_post, const at::Tensor& grad_res,
+                                               const std::optional<at::Tensor>& grad_streams, const at::Tensor& x,
+                                               const at::Tensor& f, const at::Tensor& h_post, const at::Tensor& h_res,
+                                               const at::Tensor& streams, const at::Tensor& phi,
+                                               const at::Tensor& alpha, const at::Tensor& bias,
+                                               const at::Tensor& next_h_pre, const at::Tensor& saved) {
+  check_post_res(x, f, h_post, h_res);
+  check_like_streams(streams, "streams", x, /*row=*/false);
+  check_mappings_pre_bwd(grad_input, grad_streams, streams, next_h_pre);
+  check_mappings_bwd(grad_pre, grad_post, grad_res, streams, phi, alpha, bias, saved);
+  return {at::empty_like(x),   at::empty_like(f),     at::empty_like(h_post), at::empty_like(h_res),
+          at::empty_like(phi), at::empty_like(alpha), at::empty_like(bias)};
+}
 inline at::Tensor pre_fwd_output(const at::Tensor& x, const at::Tensor& h_pre) {
   const Streams s = check_streams(x);
   check_coefficients(h_pre, "h_pre", s, x.scalar_type(), {s.n});

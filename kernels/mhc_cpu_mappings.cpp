@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <memory>
+#include <optional>
 #include <vector>
 
 #include "cpu_kernels.h"
@@ -158,14 +159,27 @@ A sum_squares(const S* row, int64_t width) {
   return sum_lanes<A>(lanes);
 }
 
+// post_res_mappings_pre's first half: the streams the mappings read are post_res's output `out`
+// [T, n, C] = post_res(x, f, h_post, h_res) (per-token arguments as post_res takes them).
+template <typename S, typename A>
+struct PostResForward {
+  const S* x;
+  const S* f;
+  const A* h_post;
+  const A* h_res;
+  S* out;
+};
+
 // Per block of kProjectTokens tokens: m = v @ phi and sum(v^2) (the rows stay in cache between
 // the two), then the gates per token and the Sinkhorn of the block's matrices in SIMD groups.
 // With `layer_input` (mappings_pre), also the sub-layer input h_pre x of each token of the block
-// while its rows are still in cache: one read of the streams for both ops.
+// while its rows are still in cache: one read of the streams for both ops. With `post_res`
+// (post_res_mappings_pre; then x is post_res->out), each block's streams are first computed by
+// post_res into x, and read by the mappings from the cache.
 template <typename S, typename A>
 void mappings_fwd_kernel(const S* x, const A* phi, const A* alpha, const A* bias, int64_t tokens, int n,
                          int64_t hidden, int iters, A eps, A* h_pre, A* h_post, A* h_res, A* saved,
-                         S* layer_input) {
+                         S* layer_input, const PostResForward<S, A>* post_res = nullptr) {
   const int K = num_columns(n);
   const int64_t ld = round_up(K, 2 * kVec<A>);
   const int64_t width = n * hidden;
@@ -180,6 +194,11 @@ void mappings_fwd_kernel(const S* x, const A* phi, const A* alpha, const A* bias
     for (int64_t block = begin; block < end; ++block) {
       const int64_t t0 = block * kBlock;
       const int valid = static_cast<int>(std::min<int64_t>(kBlock, tokens - t0));
+      if (post_res != nullptr)
+        for (int64_t t = t0; t < t0 + valid; ++t)
+          MHC_DISPATCH_STREAMS(n, NT, post_res_row<NT>(post_res->x + t * width, post_res->f + t * hidden,
+                                                       post_res->h_post + t * n, post_res->h_res + t * n * n, n,
+                                                       hidden, post_res->out + t * width));
       for (int b0 = 0; b0 < valid; b0 += kProjectTokens) {
         const S* rows[kProjectTokens];
         for (int b = 0; b < kProjectTokens; ++b) rows[b] = x + (t0 + std::min(b0 + b, valid - 1)) * width;
@@ -231,7 +250,7 @@ struct DxRows {
   int n, valid;
 };
 
-template <bool kFull, typename S, typename A>
+template <bool kFull, bool kStreamDx, typename S, typename A>
 void dx_dphi_block(const DxRows<S, A>& r, const A* phi_t, int64_t ldt, int K, int stream, int64_t c0, int len,
                    bool first, A* part) {
   const int64_t e0 = stream * r.hidden + c0;
@@ -261,11 +280,30 @@ void dx_dphi_block(const DxRows<S, A>& r, const A* phi_t, int64_t ldt, int K, in
     }
     store_vec<A, kFull>(even + odd, len, part_row);
   }
-  for (int b = 0; b < r.valid; ++b) stream_vec<A, kFull>(acc[b], len, r.grad_x + b * r.width + e0);
+  for (int b = 0; b < r.valid; ++b) {
+    if constexpr (kStreamDx) stream_vec<A, kFull>(acc[b], len, r.grad_x + b * r.width + e0);
+    else store_vec<A, kFull>(acc[b], len, r.grad_x + b * r.width + e0);
+  }
 }
 
+// post_res_mappings_pre's second half in backward: post_res's gradients (as post_res_bwd returns
+// them) given the gradient of its output, which the mappings' backward computes a SIMD group of
+// tokens at a time into a buffer of the thread that stays in cache.
+template <typename S, typename A>
+struct PostResBackward {
+  const S* x;
+  const S* f;
+  const A* h_post;
+  const A* h_res;
+  S* grad_x;
+  S* grad_f;
+  A* grad_h_post;
+  A* grad_h_res;
+};
+
 // Backward of mappings, and of mappings_pre when `grad_input` is given (then h_pre too, and
-// optionally grad_x_in, a stream gradient to add). The tokens are cut into chunks fixed by the shapes
+// optionally grad_x_in, a stream gradient to add), and of post_res_mappings_pre with `post_res` too
+// (then grad_x is unused: the stream gradient of each group goes to post_res's backward, in cache). The tokens are cut into chunks fixed by the shapes
 // (reduction_chunks, never by threads), a chunk to a thread; per SIMD group of a chunk's tokens, while
 // their rows stay in cache: (1) with grad_input, pre's gradient of h_pre (dot products with the
 // streams) added to grad_pre; the coefficient gradients (dz, dm, c); (2) the stream gradient dx of
@@ -278,7 +316,8 @@ template <typename S, typename A>
 void mappings_bwd_kernel(const A* grad_pre, const A* grad_post, const A* grad_res, const S* x,
                          const A* phi, const A* alpha, const A* bias, const A* saved, int64_t tokens,
                          int n, int64_t hidden, int iters, S* grad_x, A* grad_phi, A* grad_alpha,
-                         A* grad_bias, const S* grad_input, const A* h_pre, const S* grad_x_in) {
+                         A* grad_bias, const S* grad_input, const A* h_pre, const S* grad_x_in,
+                         const PostResBackward<S, A>* post_res = nullptr) {
   const int K = num_columns(n);
   const int KZ = K + 3;  // dz, then the three dalpha terms
   const int64_t width = n * hidden;
@@ -306,6 +345,7 @@ void mappings_bwd_kernel(const A* grad_pre, const A* grad_post, const A* grad_re
     SinkhornGroup<A> group(n, iters);
     std::vector<A> z(kMatrices * K), grad_h_pre(kMatrices * n), dm(K);
     std::vector<A> dm_t(kDxRowGroups * K * kDxTokens<A>);  // per row group [K][kDxTokens]
+    std::vector<S> group_dx(post_res != nullptr ? kMatrices * width : 0);  // post_res: the group's dx
     for (int64_t c = begin; c < end; ++c) {
       A* part = partial.get() + c * K * ldt;
       for (int64_t i = c * chunk_groups; i < std::min(groups, (c + 1) * chunk_groups); ++i) {
@@ -338,7 +378,8 @@ void mappings_bwd_kernel(const A* grad_pre, const A* grad_post, const A* grad_re
         const int row_groups = (count + kDxTokens<A> - 1) / kDxTokens<A>;
         for (int r = 0; r < row_groups; ++r) {
           const int64_t t = t0 + r * kDxTokens<A>;
-          rows[r] = {x + t * width, grad_x + t * width, grad_x_in ? grad_x_in + t * width : nullptr,
+          S* dx = post_res != nullptr ? group_dx.data() + r * kDxTokens<A> * width : grad_x + t * width;
+          rows[r] = {x + t * width, dx, grad_x_in ? grad_x_in + t * width : nullptr,
                      grad_input ? grad_input + t * hidden : nullptr, h_pre ? h_pre + t * n : nullptr,
                      dm_t.data() + r * K * kDxTokens<A>, rms_term.data() + t, width, hidden, n,
                      std::min(kDxTokens<A>, count - r * kDxTokens<A>)};
@@ -348,10 +389,23 @@ void mappings_bwd_kernel(const A* grad_pre, const A* grad_post, const A* grad_re
         const bool first = i == c * chunk_groups;
         for (int stream = 0; stream < n; ++stream)
           for_blocks<kVec<A>>(hidden, [&](int64_t c0, int len, auto full) {
-            for (int r = 0; r < row_groups; ++r)
-              dx_dphi_block<decltype(full)::value>(rows[r], phi_t.data(), ldt, K, stream, c0, len, first && r == 0,
-                                                   part);
+            for (int r = 0; r < row_groups; ++r) {
+              constexpr bool kFull = decltype(full)::value;
+              if (post_res != nullptr)
+                dx_dphi_block<kFull, false>(rows[r], phi_t.data(), ldt, K, stream, c0, len, first && r == 0, part);
+              else
+                dx_dphi_block<kFull, true>(rows[r], phi_t.data(), ldt, K, stream, c0, len, first && r == 0, part);
+            }
           });
+        if (post_res != nullptr)
+          for (int b = 0; b < count; ++b) {
+            const int64_t t = t0 + b;
+            const PostResBackward<S, A>& p = *post_res;
+            MHC_DISPATCH_STREAMS(n, NT, post_res_backward_row<NT, true>(
+                group_dx.data() + b * width, p.x + t * width, p.f + t * hidden, p.h_post + t * n,
+                p.h_res + t * n * n, n, hidden, p.grad_x + t * width, p.grad_f + t * hidden, p.grad_h_post + t * n,
+                p.grad_h_res + t * n * n));
+          }
       }
     }
     finish_streaming_stores();
@@ -384,37 +438,62 @@ void mappings_bwd_kernel(const A* grad_pre, const A* grad_post, const A* grad_re
 
 namespace {
 
-// The kernel of mappings_fwd (layer_input undefined) and mappings_pre_fwd, on checked arguments.
+template <typename T>
+T* data_or_null(const at::Tensor& t) {
+  return t.defined() ? t.data_ptr<T>() : nullptr;
+}
+
+// The kernel of mappings_fwd (layer_input undefined), mappings_pre_fwd and, with `post_res_inputs`
+// (x, f, h_post, h_res of post_res, whose output is `x` here), post_res_mappings_pre_fwd, on checked
+// arguments.
 void run_mappings_fwd(const at::Tensor& x, const at::Tensor& phi, const at::Tensor& alpha, const at::Tensor& bias,
                       int64_t iters, double eps, const at::Tensor& h_pre, const at::Tensor& h_post,
-                      const at::Tensor& h_res, const at::Tensor& saved, const at::Tensor& layer_input) {
+                      const at::Tensor& h_res, const at::Tensor& saved, const at::Tensor& layer_input,
+                      const Four* post_res_inputs = nullptr) {
   const Streams s = check_streams(x);
   MHC_DISPATCH_FLOATS(x.scalar_type(), "mhc_mappings_fwd", [&] {
     using A = at::opmath_type<scalar_t>;
+    std::optional<PostResForward<scalar_t, A>> post_res;
+    if (post_res_inputs != nullptr) {
+      const auto& [px, pf, p_post, p_res] = *post_res_inputs;
+      post_res = PostResForward<scalar_t, A>{px.data_ptr<scalar_t>(), pf.data_ptr<scalar_t>(), p_post.data_ptr<A>(),
+                                             p_res.data_ptr<A>(), x.data_ptr<scalar_t>()};
+    }
     mappings_fwd_kernel(x.data_ptr<scalar_t>(), phi.data_ptr<A>(), alpha.data_ptr<A>(), bias.data_ptr<A>(),
                         s.tokens, s.n, s.hidden, checked_iters(iters), static_cast<A>(eps), h_pre.data_ptr<A>(),
                         h_post.data_ptr<A>(), h_res.data_ptr<A>(), saved.data_ptr<A>(),
-                        layer_input.defined() ? layer_input.data_ptr<scalar_t>() : nullptr);
+                        data_or_null<scalar_t>(layer_input), post_res ? &*post_res : nullptr);
   });
 }
 
-// The kernel of mappings_bwd (grad_input undefined) and mappings_pre_bwd, on checked arguments.
+// The kernel of mappings_bwd (grad_input undefined), mappings_pre_bwd and, with `post_res_inputs`
+// (x, f, h_post, h_res of post_res) and `post_res_grads` (their gradients, to write; the stream
+// gradient of `outputs` is then undefined), post_res_mappings_pre_bwd, on checked arguments.
 void run_mappings_bwd(const Four& outputs, const at::Tensor& grad_pre, const at::Tensor& grad_post,
                       const at::Tensor& grad_res, const at::Tensor& x, const at::Tensor& phi, const at::Tensor& alpha,
                       const at::Tensor& bias, const at::Tensor& saved, int64_t iters, const at::Tensor& grad_input,
-                      const at::Tensor& h_pre, const at::Tensor& grad_x_in) {
-  prefer_huge_pages(std::get<0>(outputs));
+                      const at::Tensor& h_pre, const at::Tensor& grad_x_in, const Four* post_res_inputs = nullptr,
+                      const Four* post_res_grads = nullptr) {
+  const at::Tensor& grad_x = post_res_grads != nullptr ? std::get<0>(*post_res_grads) : std::get<0>(outputs);
+  prefer_huge_pages(grad_x);
   const Streams s = check_streams(x);
   MHC_DISPATCH_FLOATS(x.scalar_type(), "mhc_mappings_bwd", [&] {
     using A = at::opmath_type<scalar_t>;
+    std::optional<PostResBackward<scalar_t, A>> post_res;
+    if (post_res_inputs != nullptr) {
+      const auto& [px, pf, p_post, p_res] = *post_res_inputs;
+      const auto& [gx, gf, g_post, g_res] = *post_res_grads;
+      post_res = PostResBackward<scalar_t, A>{px.data_ptr<scalar_t>(), pf.data_ptr<scalar_t>(), p_post.data_ptr<A>(),
+                                              p_res.data_ptr<A>(), gx.data_ptr<scalar_t>(), gf.data_ptr<scalar_t>(),
+                                              g_post.data_ptr<A>(), g_res.data_ptr<A>()};
+    }
     mappings_bwd_kernel(grad_pre.data_ptr<A>(), grad_post.data_ptr<A>(), grad_res.data_ptr<A>(),
                         x.data_ptr<scalar_t>(), phi.data_ptr<A>(), alpha.data_ptr<A>(), bias.data_ptr<A>(),
                         saved.data_ptr<A>(), s.tokens, s.n, s.hidden, checked_iters(iters),
-                        std::get<0>(outputs).data_ptr<scalar_t>(), std::get<1>(outputs).data_ptr<A>(),
+                        data_or_null<scalar_t>(std::get<0>(outputs)), std::get<1>(outputs).data_ptr<A>(),
                         std::get<2>(outputs).data_ptr<A>(), std::get<3>(outputs).data_ptr<A>(),
-                        grad_input.defined() ? grad_input.data_ptr<scalar_t>() : nullptr,
-                        h_pre.defined() ? h_pre.data_ptr<A>() : nullptr,
-                        grad_x_in.defined() ? grad_x_in.data_ptr<scalar_t>() : nullptr);
+                        data_or_null<scalar_t>(grad_input), data_or_null<A>(h_pre), data_or_null<scalar_t>(grad_x_in),
+                        post_res ? &*post_res : nullptr);
   });
 }
 
@@ -453,6 +532,38 @@ Four mappings_pre_bwd(const at::Tensor& grad_input, const at::Tensor& grad_pre, 
                                           bias, h_pre, saved);
   run_mappings_bwd(outputs, grad_pre, grad_post, grad_res, x, phi, alpha, bias, saved, iters, grad_input, h_pre,
                    grad_x_in.has_value() ? *grad_x_in : at::Tensor());
+  return outputs;
+}
+
+Six post_res_mappings_pre_fwd(const at::Tensor& x, const at::Tensor& f, const at::Tensor& h_post,
+                              const at::Tensor& h_res, const at::Tensor& phi, const at::Tensor& alpha,
+                              const at::Tensor& bias, int64_t iters, double eps) {
+  auto outputs = post_res_mappings_pre_fwd_outputs(x, f, h_post, h_res, phi, alpha, bias);
+  const auto& [streams, layer_input, next_h_pre, next_h_post, next_h_res, saved] = outputs;
+  prefer_huge_pages(streams);
+  prefer_huge_pages(layer_input);
+  const Four post_res_inputs{x, f, h_post, h_res};
+  run_mappings_fwd(streams, phi, alpha, bias, iters, eps, next_h_pre, next_h_post, next_h_res, saved, layer_input,
+                   &post_res_inputs);
+  return outputs;
+}
+
+Seven post_res_mappings_pre_bwd(const at::Tensor& grad_input, const at::Tensor& grad_pre,
+                                const at::Tensor& grad_post, const at::Tensor& grad_res,
+                                const std::optional<at::Tensor>& grad_streams, const at::Tensor& x,
+                                const at::Tensor& f, const at::Tensor& h_post, const at::Tensor& h_res,
+                                const at::Tensor& streams, const at::Tensor& phi, const at::Tensor& alpha,
+                                const at::Tensor& bias, const at::Tensor& next_h_pre, const at::Tensor& saved,
+                                int64_t iters) {
+  auto outputs = post_res_mappings_pre_bwd_outputs(grad_input, grad_pre, grad_post, grad_res, grad_streams, x, f,
+                                                   h_post, h_res, streams, phi, alpha, bias, next_h_pre, saved);
+  const auto& [grad_x, grad_f, grad_h_post, grad_h_res, grad_phi, grad_alpha, grad_bias] = outputs;
+  prefer_huge_pages(grad_f);
+  const Four mappings_grads{at::Tensor(), grad_phi, grad_alpha, grad_bias};
+  const Four post_res_inputs{x, f, h_post, h_res}, post_res_grads{grad_x, grad_f, grad_h_post, grad_h_res};
+  run_mappings_bwd(mappings_grads, grad_pre, grad_post, grad_res, streams, phi, alpha, bias, saved, iters, grad_input,
+                   next_h_pre, grad_streams.has_value() ? *grad_streams : at::Tensor(), &post_res_inputs,
+                   &post_res_grads);
   return outputs;
 }
 

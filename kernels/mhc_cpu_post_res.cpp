@@ -8,7 +8,7 @@
 #include <vector>
 
 #include "cpu_kernels.h"
-#include "cpu_vec.h"
+#include "cpu_stream_rows.h"
 
 namespace mhc {
 namespace cpu {
@@ -17,70 +17,26 @@ namespace cpu {
 
 template <int NT, typename S, typename A>
 void post_res_fwd_kernel(const S* x, const S* f, const A* h_post, const A* h_res, S* out, int64_t tokens,
-                         int n_rt, int64_t hidden) {
-  const int n = NT > 0 ? NT : n_rt;
+                         int n, int64_t hidden) {
   at::parallel_for(0, tokens, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t o = t * n * hidden;
-      const A* hr = h_res + t * n * n;
-      for_blocks<kVec<A>>(hidden, [&](int64_t c0, int len, auto full) {
-        constexpr bool kFull = decltype(full)::value;
-        const Vec<A> fb = load_vec<A, kFull>(f + t * hidden + c0, len);
-        Vec<A> v[kStreamSlots<NT>];
-#pragma GCC unroll 16
-        for (int j = 0; j < n; ++j) v[j] = load_vec<A, kFull>(x + o + j * hidden + c0, len);
-#pragma GCC unroll 16
-        for (int i = 0; i < n; ++i) {
-          Vec<A> acc = h_post[t * n + i] * fb;
-#pragma GCC unroll 16
-          for (int j = 0; j < n; ++j) acc += hr[i * n + j] * v[j];
-          store_vec<A, kFull>(acc, len, out + o + i * hidden + c0);
-        }
-      });
-    }
+    for (int64_t t = begin; t < end; ++t)
+      post_res_row<NT>(x + t * n * hidden, f + t * hidden, h_post + t * n, h_res + t * n * n, n, hidden,
+                       out + t * n * hidden);
   });
 }
 
-// One pass per token: dx[j] = sum_i h_res[i, j] g[i], df = sum_i h_post[i] g[i], and the
-// coefficient gradients sum_c g[i] x[j], sum_c g[i] f in vector lanes summed in a fixed order.
+// The stream gradient is written past the caches: it is read again only after the previous
+// sub-layer's backward.
 template <int NT, typename S, typename A>
 void post_res_bwd_kernel(const S* grad_out, const S* x, const S* f, const A* h_post, const A* h_res,
-                         S* grad_x, S* grad_f, A* grad_h_post, A* grad_h_res, int64_t tokens, int n_rt,
+                         S* grad_x, S* grad_f, A* grad_h_post, A* grad_h_res, int64_t tokens, int n,
                          int64_t hidden) {
-  const int n = NT > 0 ? NT : n_rt;
   at::parallel_for(0, tokens, 16, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t o = t * n * hidden;
-      const A* hr = h_res + t * n * n;
-      Vec<A> res_lanes[kStreamSlots<NT> * kStreamSlots<NT>] = {};
-      Vec<A> post_lanes[kStreamSlots<NT>] = {};
-      for_blocks<kVec<A>>(hidden, [&](int64_t c0, int len, auto full) {
-        constexpr bool kFull = decltype(full)::value;
-        const Vec<A> fb = load_vec<A, kFull>(f + t * hidden + c0, len);
-        Vec<A> df = {}, g[kStreamSlots<NT>], v[kStreamSlots<NT>];
-#pragma GCC unroll 16
-        for (int i = 0; i < n; ++i) {
-          g[i] = load_vec<A, kFull>(grad_out + o + i * hidden + c0, len);
-          v[i] = load_vec<A, kFull>(x + o + i * hidden + c0, len);
-        }
-#pragma GCC unroll 16
-        for (int i = 0; i < n; ++i) {
-          df += h_post[t * n + i] * g[i];
-          post_lanes[i] += g[i] * fb;
-#pragma GCC unroll 16
-          for (int j = 0; j < n; ++j) res_lanes[i * n + j] += g[i] * v[j];
-        }
-#pragma GCC unroll 16
-        for (int j = 0; j < n; ++j) {
-          Vec<A> dx = {};
-#pragma GCC unroll 16
-          for (int i = 0; i < n; ++i) dx += hr[i * n + j] * g[i];
-          stream_vec<A, kFull>(dx, len, grad_x + o + j * hidden + c0);
-        }
-        store_vec<A, kFull>(df, len, grad_f + t * hidden + c0);
-      });
-      for (int k = 0; k < n * n; ++k) grad_h_res[t * n * n + k] = sum_lanes<A>(res_lanes[k]);
-      for (int i = 0; i < n; ++i) grad_h_post[t * n + i] = sum_lanes<A>(post_lanes[i]);
+      post_res_backward_row<NT, true>(grad_out + o, x + o, f + t * hidden, h_post + t * n, h_res + t * n * n, n,
+                                      hidden, grad_x + o, grad_f + t * hidden, grad_h_post + t * n,
+                                      grad_h_res + t * n * n);
     }
     finish_streaming_stores();
   });

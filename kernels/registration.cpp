@@ -12,6 +12,12 @@
 // once in forward; its backward writes the whole stream gradient of both ops at once, plus
 // `grad_x` when given (the gradient that reaches x from elsewhere, e.g. post_res).
 //
+// post_res_mappings_pre is post_res followed by mappings_pre on its output (the stream state between
+// two sub-layers: this one's post_res, the next one's mappings and input), in one op: the streams it
+// writes are read from the cache in forward; in backward the gradient of `streams` (mappings_pre's,
+// plus `grad_streams` when given) goes straight into post_res's backward and is never written.
+// CPU kernels only (mhc_cpu_mappings.cpp).
+//
 // hc_mappings_pre is the same for HC's mappings (mhc_megatron/ops/hc_mappings_pre.py): weight
 // [C, n + 2], alpha [3], static_pre [n], static_post [n], static_res [n, n]; `saved` is [T, n, n + 3]:
 // per stream the normalised projection u = (x_i @ weight) / r_i and, last, 1/r_i. CPU kernels only
@@ -51,6 +57,17 @@ TORCH_LIBRARY(mhc_megatron, m) {
       " Tensor x, Tensor weight, Tensor alpha, Tensor h_pre, Tensor saved)"
       " -> (Tensor grad_x, Tensor grad_weight, Tensor grad_alpha, Tensor grad_static_pre, Tensor grad_static_post,"
       " Tensor grad_static_res)");
+  m.def(
+      "post_res_mappings_pre_fwd(Tensor x, Tensor f, Tensor h_post, Tensor h_res, Tensor phi, Tensor alpha,"
+      " Tensor bias, int iters, float eps)"
+      " -> (Tensor streams, Tensor layer_input, Tensor next_h_pre, Tensor next_h_post, Tensor next_h_res,"
+      " Tensor saved)");
+  m.def(
+      "post_res_mappings_pre_bwd(Tensor grad_input, Tensor grad_pre, Tensor grad_post, Tensor grad_res,"
+      " Tensor? grad_streams, Tensor x, Tensor f, Tensor h_post, Tensor h_res, Tensor streams, Tensor phi,"
+      " Tensor alpha, Tensor bias, Tensor next_h_pre, Tensor saved, int iters)"
+      " -> (Tensor grad_x, Tensor grad_f, Tensor grad_h_post, Tensor grad_h_res, Tensor grad_phi, Tensor grad_alpha,"
+      " Tensor grad_bias)");
 }
 
 extern "C" PyMODINIT_FUNC PyInit__C(void) {

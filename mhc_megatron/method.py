@@ -93,7 +93,7 @@ class OpBytes:
         return tokens * self.backward_per_token + self.backward_per_call
 
 
-FUSED_OPS = ("sinkhorn", "mappings", "mappings_pre", "pre", "post_res", "hc_mappings_pre")
+FUSED_OPS = ("sinkhorn", "mappings", "mappings_pre", "pre", "post_res", "hc_mappings_pre", "post_res_mappings_pre")
 
 
 def fused_op_bytes(op: str, n: int, hidden: int, stream_bytes: int, coefficient_bytes: int = FLOAT32_BYTES) -> OpBytes:
@@ -115,7 +115,12 @@ def fused_op_bytes(op: str, n: int, hidden: int, stream_bytes: int, coefficient_
       ``S + R + (2n^2 + 5n) a`` forward (the coefficients and the saved ``n (n + 3)``: per stream
       the projection and its 1/r), ``2S + R + (2n^2 + 6n) a`` backward (plus ``S`` when it adds a
       given stream gradient), plus ``weight [C, n + 2]``, ``alpha`` and the static parts per call
-      (backward: ``weight`` and ``alpha`` read, the gradients of all five written).
+      (backward: ``weight`` and ``alpha`` read, the gradients of all five written);
+    * post_res_mappings_pre (post_res, then the next sub-layer's mappings_pre on its output, CPU
+      only): ``2S + 2R + (n + n^2 + 2K + 1) a`` forward (the streams it writes are read from the
+      cache), ``4S + 3R + (2K + 1 + 3n + 2n^2) a`` backward (the gradient of its streams, which the
+      next post_res always hands it, read; the sum never written), and the parameters as mappings.
+      Against the two ops it replaces: ``S`` less in forward, ``2S`` less in backward.
     """
     if op not in FUSED_OPS:
         raise ValueError(f"op must be one of {', '.join(map(repr, FUSED_OPS))}, got {op!r}")
@@ -131,6 +136,9 @@ def fused_op_bytes(op: str, n: int, hidden: int, stream_bytes: int, coefficient_
                        2 * parameters)
     if op == "pre":
         return OpBytes(streams + row + n * a, 2 * streams + row + 2 * n * a)
+    if op == "post_res_mappings_pre":
+        return OpBytes(2 * streams + 2 * row + (n + n * n + 2 * k + 1) * a,
+                       4 * streams + 3 * row + (2 * k + 1 + 3 * n + 2 * n * n) * a, parameters, 2 * parameters)
     if op == "hc_mappings_pre":
         weight_alpha, statics = (hidden * (n + 2) + 3) * a, (2 * n + n * n) * a
         return OpBytes(streams + row + (2 * n * n + 5 * n) * a, 2 * streams + row + (2 * n * n + 6 * n) * a,
@@ -144,15 +152,17 @@ def fused_op_product_flops(op: str, n: int, hidden: int) -> tuple[int, int]:
     reference's matrix products): the projection of the flattened streams (mappings and
     mappings_pre ``2 n C K``, ``K = n^2 + 2n``; hc_mappings_pre one ``[C] x [C, n + 2]`` per stream,
     ``2 n C (n + 2)``), the read of the streams (pre, and inside mappings_pre and hc_mappings_pre,
-    ``2 n C``) and the stream mixing ``h_res x`` (post_res, ``2 n^2 C``). Backward does each
-    product twice (the gradients of both factors). Sinkhorn holds none."""
+    ``2 n C``) and the stream mixing ``h_res x`` (post_res, ``2 n^2 C``); post_res_mappings_pre
+    has those of post_res and mappings_pre. Backward does each product twice (the gradients of both
+    factors). Sinkhorn holds none."""
     if op not in FUSED_OPS:
         raise ValueError(f"op must be one of {', '.join(map(repr, FUSED_OPS))}, got {op!r}")
     read = 2 * n * hidden
     forward = {"sinkhorn": 0, "pre": read, "post_res": 2 * n * n * hidden,
                "mappings": 2 * n * hidden * num_mapping_columns(n),
                "mappings_pre": 2 * n * hidden * num_mapping_columns(n) + read,
-               "hc_mappings_pre": 2 * n * hidden * (n + 2) + read}[op]
+               "hc_mappings_pre": 2 * n * hidden * (n + 2) + read,
+               "post_res_mappings_pre": 2 * n * n * hidden + 2 * n * hidden * num_mapping_columns(n) + read}[op]
     return forward, 2 * forward
 
 

@@ -87,7 +87,7 @@ def per_token(function, *tensors, token_dims: int):
 
 def op_outputs(op: str, inputs) -> tuple:
     """The float64 outputs of ``op`` (``sinkhorn``, ``mappings``, ``mappings_pre``, ``pre``, ``post_res``,
-    ``hc_mappings_pre``) for the arguments the public operator takes, tokens on the first dimension, one
+    ``hc_mappings_pre``, ``post_res_mappings_pre``) for the arguments the public operator takes, tokens on the first dimension, one
     token at a time."""
     if op == "sinkhorn":
         logits, iters = inputs
@@ -108,5 +108,8 @@ def op_outputs(op: str, inputs) -> tuple:
         args = (*(p.tolist() for p in parameters), eps)
         h_pre, h_post, h_res = per_token(lambda token: hc_mappings_token(token, *args), x, token_dims=1)
         return per_token(pre_token, x, h_pre, token_dims=1), h_pre, h_post, h_res
+    if op == "post_res_mappings_pre":
+        (streams,) = op_outputs("post_res", inputs[:4])
+        return (streams, *op_outputs("mappings_pre", [streams, *inputs[4:]]))
     raise ValueError("op must be one of 'sinkhorn', 'mappings', 'mappings_pre', 'pre', 'post_res', "
-                     f"'hc_mappings_pre', got {op!r}")
+                     f"'hc_mappings_pre', 'post_res_mappings_pre', got {op!r}")

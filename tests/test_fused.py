@@ -38,6 +38,7 @@ from mhc_megatron.ops import (
     mhc_mappings,
     mhc_mappings_pre,
     mhc_post_res,
+    mhc_post_res_mappings_pre,
     mhc_pre,
     num_mapping_columns,
     sinkhorn,
@@ -48,7 +49,8 @@ STREAMS = [1, 2, 3, 4, 8, 16]
 FLOAT64_TOLERANCE = 1e-10
 FLOOR = {torch.float32: 2e-6, torch.bfloat16: 2e-3}
 OPS = {"sinkhorn": sinkhorn, "mappings": mhc_mappings, "mappings_pre": mhc_mappings_pre, "pre": mhc_pre,
-       "post_res": mhc_post_res, "hc_mappings_pre": hc_mappings_pre}
+       "post_res": mhc_post_res, "hc_mappings_pre": hc_mappings_pre,
+       "post_res_mappings_pre": mhc_post_res_mappings_pre}
 # The ops whose first input is the streams and whose other inputs are parameters (not per token).
 MAPPING_OPS = ("mappings", "mappings_pre", "hc_mappings_pre")
 # The op that reads the sub-layer input and takes post_res's stream gradient, per mode.
@@ -102,7 +104,10 @@ def make_inputs(op: str, n: int, hidden: int, tokens: int, logit_scale: float = 
     if op == "pre":
         return [x, h_pre]
     h_res = sinkhorn(randn(tokens, n, n)).detach()
-    return [x, randn(tokens, hidden), 2 * h_pre, h_res]
+    post_res_inputs = [x, randn(tokens, hidden), 2 * h_pre, h_res]
+    if op == "post_res":
+        return post_res_inputs
+    return [*post_res_inputs, *make_inputs("mappings", n, hidden, tokens, logit_scale, seed + 1)[1:]]
 
 
 def require_kernel(op: str, device: torch.device) -> None:
@@ -179,15 +184,14 @@ def test_no_tokens_give_empty_outputs_and_zero_weight_gradients(op, target):
 
 
 @pytest.mark.parametrize("lead", [(), (2, 3)])
-@pytest.mark.parametrize("op", [*MAPPING_OPS, "pre", "post_res"])
+@pytest.mark.parametrize("op", [*MAPPING_OPS, "pre", "post_res", "post_res_mappings_pre"])
 def test_streams_with_any_leading_dimensions(op, lead, target):
     """x [n, C] or [s, b, n, C] reaches the kernels as it is (no reshape); results as the reference."""
     require_kernel(op, target)
     inputs = make_inputs(op, n=3, hidden=5, tokens=math.prod(lead))
-    if op in MAPPING_OPS:
-        inputs[0] = inputs[0].reshape(*lead, 3, 5)
-    else:  # every input is per token: x, then f / h_pre / h_post / h_res
-        inputs = [t.reshape(*lead, *t.shape[1:]) for t in inputs]
+    per_token_inputs = 1 if op in MAPPING_OPS else 4 if op == "post_res_mappings_pre" else len(inputs)
+    # the per-token inputs first: x, then f / h_pre / h_post / h_res
+    inputs[:per_token_inputs] = [t.reshape(*lead, *t.shape[1:]) for t in inputs[:per_token_inputs]]
     want = run(op, inputs, "reference", torch.device("cpu"), torch.float64)
     got = run(op, inputs, "fused", target, torch.float64)
     assert [g.shape for g in got] == [w.shape for w in want]
@@ -383,6 +387,70 @@ def test_the_hand_off_needs_both_ops_fused(mode, fused_op, target):
     want, _ = connection_gradients(module, streams, "reference")
     got, counts = connection_gradients(module, streams, "reference", fused_op=fused_op)
     assert counts.calls[f"{fused_op}_bwd"] == 1
+    assert relative_error(got, want) <= FLOAT64_TOLERANCE
+
+
+def two_connections_gradients(first, second, streams, backend, fused_pair=True, read_streams=False):
+    """Gradients of a fixed loss of two mHC connections in a row (as a layer runs its attention's and
+    its MLP's) w.r.t. the streams and both connections' parameters, and the ops their backward ran.
+    ``fused_pair``: the first's post_res and the second's pre through ``post_res_then_pre`` (else
+    one after the other); ``read_streams``: the loss also reads the state between them (a consumer
+    of it that hands nothing off)."""
+    x = streams.clone().requires_grad_()
+    with backends.use_backend(backend):
+        layer_input, mixing = first.pre(x)
+        output = torch.tanh(layer_input)
+        if fused_pair:
+            middle, layer_input, second_mixing = first.post_res_then_pre(x, output, mixing, second)
+        else:
+            middle = first.post_res(x, output, mixing)
+            layer_input, second_mixing = second.pre(middle)
+        out = second.post_res(middle, torch.sin(layer_input), second_mixing)
+        loss = out.square().sum() + (middle.cos().sum() if read_streams else 0)
+        counts = OpCounts(streams.shape)
+        with counts:
+            grads = torch.autograd.grad(loss, (x, *first.parameters(), *second.parameters()))
+    return [out.detach().cpu(), *(g.cpu() for g in grads)], counts
+
+
+@pytest.mark.parametrize("read_streams", [False, True])
+def test_post_res_then_pre_fuses_two_connections_and_writes_no_stream_gradient_between(read_streams, target):
+    """Two mHC connections in a row: the first's post_res and the second's mappings and input run as
+    one op (post_res_mappings_pre), which takes the second post_res's stream gradient and hands its
+    own to the first mappings_pre: no addition of stream-sized tensors in backward (unless the state
+    between them has a consumer of its own, whose gradient autograd sums), values and every gradient
+    as the reference's in float64, and (without that consumer, whose gradient is then added in
+    another order) bitwise those of the two ops one after the other in float32."""
+    first, second = connection("mhc", 4, target), connection("mhc", 4, target)
+    with torch.no_grad():
+        second.phi.mul_(1.5)
+        second.bias.add_(0.2)
+    streams = torch.randn(7, 3, 4 * 13, dtype=torch.float64, device=target)
+    want, _ = two_connections_gradients(first, second, streams, "reference", read_streams=read_streams)
+    got, counts = two_connections_gradients(first, second, streams, "fused", read_streams=read_streams)
+    assert counts.calls["post_res_mappings_pre_bwd"] == (0 if target.type == "cuda" else 1), counts.calls
+    assert counts.stream_additions == (1 if read_streams else 0), counts.calls
+    assert relative_error(got, want) <= FLOAT64_TOLERANCE
+    if read_streams:
+        return
+    first, second, streams = first.float(), second.float(), streams.float()
+    fused_pair, _ = two_connections_gradients(first, second, streams, "fused")
+    one_by_one, _ = two_connections_gradients(first, second, streams, "fused", fused_pair=False)
+    assert all(torch.equal(a, b) for a, b in zip(fused_pair, one_by_one))
+
+
+@pytest.mark.parametrize("modes, sizes", [(("hc", "hc"), (4, 4)), (("mhc", "hc"), (4, 4)), (("mhc", "mhc"), (4, 2))])
+def test_post_res_then_pre_of_other_connections_runs_the_two_ops(modes, sizes, target):
+    """Not two mHC connections of one shape: post_res, then pre, as the reference computes them."""
+    require_kernel("hc_mappings_pre", target)
+    first = connection(modes[0], sizes[0], target)
+    second = connection(modes[1], sizes[1], target)
+    if sizes[0] != sizes[1]:  # another width of the same stream state: C = 26 with 2 streams
+        second = HyperConnection(hidden_size=26, num_streams=2, mode="mhc").double().to(target)
+    streams = torch.randn(5, 4 * 13, dtype=torch.float64, device=target)
+    want, _ = two_connections_gradients(first, second, streams, "reference")
+    got, counts = two_connections_gradients(first, second, streams, "fused")
+    assert counts.calls["post_res_mappings_pre_bwd"] == 0
     assert relative_error(got, want) <= FLOAT64_TOLERANCE
 
 

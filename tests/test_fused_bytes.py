@@ -23,6 +23,7 @@ from mhc_megatron.ops import (
     mhc_mappings,
     mhc_mappings_pre,
     mhc_post_res,
+    mhc_post_res_mappings_pre,
     mhc_pre,
     num_mapping_columns,
     sinkhorn,
@@ -58,7 +59,11 @@ def op_inputs(op, tokens, n, hidden, dtype):
         return hc_mappings_pre, [x, leaf(hidden, n + 2), leaf(3), leaf(n), leaf(n), leaf(n, n)]
     if op == "pre":
         return mhc_pre, [x, leaf(tokens, n)]
-    return mhc_post_res, [x, leaf(tokens, hidden, dt=dtype), leaf(tokens, n), leaf(tokens, n, n)]
+    post_res_inputs = [x, leaf(tokens, hidden, dt=dtype), leaf(tokens, n), leaf(tokens, n, n)]
+    if op == "post_res":
+        return mhc_post_res, post_res_inputs
+    return mhc_post_res_mappings_pre, [*post_res_inputs, leaf(n * hidden, num_mapping_columns(n)), leaf(3),
+                                       leaf(num_mapping_columns(n))]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -95,5 +100,5 @@ def test_the_flop_account_counts_the_references_products(op, n):
 @pytest.mark.parametrize("account", [lambda op: fused_op_bytes(op, 4, 8, 4), lambda op: fused_op_product_flops(op, 4, 8)])
 def test_the_account_refuses_an_unknown_op(account):
     with pytest.raises(ValueError, match="op must be one of 'sinkhorn', 'mappings', 'mappings_pre', 'pre', 'post_res', "
-                                         "'hc_mappings_pre', got 'hc'"):
+                                         "'hc_mappings_pre', 'post_res_mappings_pre', got 'hc'"):
         account("hc")

@@ -1,8 +1,10 @@
 """Time each mHC operator, forward and backward, for the backends reference | compile | fused.
 
 For every op (sinkhorn, mappings, mappings_pre, pre, post_res, hc_mappings_pre (HC's mappings and
-read), and ``hc``: the full hyper-connection of one sub-layer as an mHC layer runs it, mappings_pre +
-post_res with an identity sub-layer) and
+read), post_res_mappings_pre, ``hc``: the full hyper-connection of one sub-layer, mappings_pre +
+post_res with an identity sub-layer, and ``layer``: the two connections of a transformer layer as an
+mHC layer runs them, mappings_pre, post_res_mappings_pre and post_res with the stream gradients
+handed off, identity sub-layers) and
 backend it reports the median time of the forward and of forward + backward (backward = the
 difference), the bytes of the op's
 minimal memory traffic (every input read once, every output written once), the achieved GB/s and
@@ -35,12 +37,16 @@ from mhc_megatron.ops import (
     mhc_mappings,
     mhc_mappings_pre,
     mhc_post_res,
+    mhc_post_res_mappings_pre,
     mhc_pre,
     num_mapping_columns,
     sinkhorn,
 )
 
-OPS = ("sinkhorn", "mappings", "mappings_pre", "pre", "post_res", "hc_mappings_pre", "hc")
+OPS = ("sinkhorn", "mappings", "mappings_pre", "pre", "post_res", "hc_mappings_pre", "post_res_mappings_pre", "hc",
+       "layer")
+# The fused ops each composite case runs.
+COMPOSITES = {"hc": ("mappings_pre", "post_res"), "layer": ("mappings_pre", "post_res_mappings_pre", "post_res")}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 DEFAULTS = {  # device type -> (tokens, hidden, streams, dtype)
     "cpu": (4096, 1024, 4, "float32"),
@@ -122,11 +128,13 @@ class Work:
 
 
 def work(op: str, tokens: int, hidden: int, n: int, stream_bytes: int, coefficient_bytes: int) -> Work:
-    """The ``Work`` of ``op`` (a fused op, or ``hc``: mappings_pre + post_res) on ``tokens`` tokens."""
-    ops = ("mappings_pre", "post_res") if op == "hc" else (op,)
+    """The ``Work`` of ``op`` (a fused op, or a composite of ``COMPOSITES``) on ``tokens`` tokens; in
+    ``layer``, mappings_pre's backward also reads the stream gradient handed to it."""
+    ops = COMPOSITES.get(op, (op,))
     accounts = [fused_op_bytes(name, n, hidden, stream_bytes, coefficient_bytes) for name in ops]
     flops = [fused_op_product_flops(name, n, hidden) for name in ops]
-    return Work(sum(a.forward(tokens) for a in accounts), sum(a.backward(tokens) for a in accounts),
+    handed = tokens * n * hidden * stream_bytes if op == "layer" else 0
+    return Work(sum(a.forward(tokens) for a in accounts), sum(a.backward(tokens) for a in accounts) + handed,
                 tokens * sum(f[0] for f in flops), tokens * sum(f[1] for f in flops))
 
 
@@ -149,6 +157,16 @@ def make_case(op: str, tokens: int, hidden: int, n: int, dtype: torch.dtype, ite
         layer_input, _, post, res = mhc_mappings_pre(x, phi, alpha, bias, iters)
         return mhc_post_res(x, layer_input, post, res)
 
+    mlp_phi, mlp_alpha, mlp_bias = leaf(n * hidden, k, scale=(n * hidden) ** -0.5), leaf(3), leaf(k, scale=0.1)
+
+    def layer():
+        attention, mlp = fused.StreamGradient(), fused.StreamGradient()
+        layer_input, _, post, res = mhc_mappings_pre(x, phi, alpha, bias, iters, stream_gradient=attention)
+        streams, layer_input, _, post, res = mhc_post_res_mappings_pre(
+            x, layer_input, post, res, mlp_phi, mlp_alpha, mlp_bias, iters, stream_gradient=attention,
+            next_stream_gradient=mlp)
+        return mhc_post_res(streams, layer_input, post, res, stream_gradient=mlp)
+
     logits = leaf(tokens, n, n)
     cases = {
         "sinkhorn": ((lambda: sinkhorn(logits, iters)), [logits]),
@@ -157,7 +175,10 @@ def make_case(op: str, tokens: int, hidden: int, n: int, dtype: torch.dtype, ite
         "pre": ((lambda: mhc_pre(x, h_pre)), [x, h_pre]),
         "post_res": ((lambda: mhc_post_res(x, f, h_post, h_res)), [x, f, h_post, h_res]),
         "hc_mappings_pre": ((lambda: hc_mappings_pre(x, *hc_parameters)), [x, *hc_parameters]),
+        "post_res_mappings_pre": ((lambda: mhc_post_res_mappings_pre(x, f, h_post, h_res, phi, alpha, bias, iters)),
+                                  [x, f, h_post, h_res, phi, alpha, bias]),
         "hc": (hc, [x, phi, alpha, bias]),
+        "layer": (layer, [x, phi, alpha, bias, mlp_phi, mlp_alpha, mlp_bias]),
     }
     forward, inputs = cases[op]
     return forward, inputs, op_work

@@ -19,7 +19,8 @@ Use it in three calls, so that a Megatron layer can run its sub-layer in between
     output = sublayer(layer_input)               # [..., C]
     streams = hc.post_res(streams, output, mixing)
 
-or as ``hc(streams, sublayer)``.
+or as ``hc(streams, sublayer)``. Between two sub-layers, ``post_res_then_pre`` does one's
+``post_res`` and the next one's ``pre`` together (one fused op when both are mHC).
 """
 
 from __future__ import annotations
@@ -33,7 +34,15 @@ from torch import nn
 
 from mhc_megatron.method import ALPHA_INIT, EPS, HC_MODES, NUM_STREAMS, SINKHORN_ITERS
 from mhc_megatron.modules.streams import as_stream_matrix
-from mhc_megatron.ops import hc_mappings_pre, mhc_mappings, mhc_mappings_pre, mhc_post_res, mhc_pre, num_mapping_columns
+from mhc_megatron.ops import (
+    hc_mappings_pre,
+    mhc_mappings,
+    mhc_mappings_pre,
+    mhc_post_res,
+    mhc_post_res_mappings_pre,
+    mhc_pre,
+    num_mapping_columns,
+)
 from mhc_megatron.ops.checks import check_choice, check_int, check_positive_float
 from mhc_megatron.ops.fused import StreamGradient
 
@@ -133,9 +142,13 @@ class HyperConnection(nn.Module):
             return streams, None
         stream_gradient = StreamGradient()
         layer_input, h_pre, h_post, h_res = self.mappings_and_read(streams, stream_gradient)
+        return layer_input, self._mixing(h_pre, h_post, h_res, stream_gradient)
+
+    def _mixing(self, h_pre, h_post, h_res, stream_gradient: StreamGradient) -> Mixing:
+        """The ``Mixing`` of freshly computed mappings, shown to ``mapping_observer`` first."""
         if self.mapping_observer is not None:
             self.mapping_observer(self, h_res.detach())
-        return layer_input, Mixing(h_post, h_res, h_pre, stream_gradient)
+        return Mixing(h_post, h_res, h_pre, stream_gradient)
 
     def mappings_and_read(
         self, streams: torch.Tensor, stream_gradient: StreamGradient | None = None
@@ -170,6 +183,31 @@ class HyperConnection(nn.Module):
             raise ValueError(f"mode {self.mode!r} needs the mixing returned by pre(), got None")
         x = as_stream_matrix(streams, self.num_streams, self.hidden_size)
         return mhc_post_res(x, output, mixing.h_post, mixing.h_res, mixing.stream_gradient).flatten(-2)
+
+    def post_res_then_pre(
+        self, streams: torch.Tensor, output: torch.Tensor, mixing: Mixing | None, following: HyperConnection
+    ) -> tuple[torch.Tensor, torch.Tensor, Mixing | None]:
+        """``next_streams = self.post_res(streams, output, mixing)``, then ``following.pre(next_streams)``:
+        ``(next_streams [..., n*C], layer_input [..., C], following's mixing)``, the same values.
+
+        When both connections are mHC of the same shape, one op computes both
+        (``mhc_post_res_mappings_pre``): its fused kernels read the next streams from the cache in
+        forward and never write their gradient in backward.
+        """
+        fusable = (self.mode == following.mode == "mhc" and self.num_streams == following.num_streams
+                   and self.hidden_size == following.hidden_size)
+        if not fusable:
+            next_streams = self.post_res(streams, output, mixing)
+            return next_streams, *following.pre(next_streams)
+        if mixing is None:
+            raise ValueError(f"mode {self.mode!r} needs the mixing returned by pre(), got None")
+        next_gradient = StreamGradient()
+        next_streams, layer_input, h_pre, h_post, h_res = mhc_post_res_mappings_pre(
+            as_stream_matrix(streams, self.num_streams, self.hidden_size), output, mixing.h_post, mixing.h_res,
+            following.phi, following.alpha, following.bias, following.sinkhorn_iters, following.eps,
+            mixing.stream_gradient, next_gradient,
+        )
+        return next_streams.flatten(-2), layer_input, following._mixing(h_pre, h_post, h_res, next_gradient)
 
     def forward(
         self, streams: torch.Tensor, sublayer: Callable[[torch.Tensor], torch.Tensor]

@@ -15,17 +15,19 @@ Conventions (stated here once; every other module, kernel and doc follows them):
 
 ``mhc_mappings_pre`` is ``mhc_mappings`` followed by ``mhc_pre`` in one op (for the fused kernels).
 ``hc_mappings_pre`` is the same for the HC baseline's mappings (tanh, unconstrained; its module
-docstring states them).
+docstring states them). ``mhc_post_res_mappings_pre`` is ``mhc_post_res`` followed by the next
+sub-layer's ``mhc_mappings_pre`` on its output, in one op (the stream state between two sub-layers).
 
-All six operators are differentiable in every tensor argument and validate their arguments.
+All seven operators are differentiable in every tensor argument and validate their arguments.
 """
 
 from mhc_megatron.ops.hc_mappings_pre import hc_mappings_pre
 from mhc_megatron.ops.mappings import mhc_mappings, num_mapping_columns, rms_projection
 from mhc_megatron.ops.mappings_pre import mhc_mappings_pre
 from mhc_megatron.ops.post_res import mhc_post_res
+from mhc_megatron.ops.post_res_mappings_pre import mhc_post_res_mappings_pre
 from mhc_megatron.ops.pre import mhc_pre
 from mhc_megatron.ops.sinkhorn import sinkhorn
 
-__all__ = ["hc_mappings_pre", "mhc_mappings", "mhc_mappings_pre", "mhc_post_res", "mhc_pre", "num_mapping_columns",
-           "rms_projection", "sinkhorn"]
+__all__ = ["hc_mappings_pre", "mhc_mappings", "mhc_mappings_pre", "mhc_post_res", "mhc_post_res_mappings_pre",
+           "mhc_pre", "num_mapping_columns", "rms_projection", "sinkhorn"]

@@ -23,7 +23,7 @@ import torch
 from mhc_megatron.ops import fused
 from mhc_megatron.ops.checks import check_choice
 
-OPS = ("sinkhorn", "mappings", "mappings_pre", "pre", "post_res", "hc_mappings_pre")
+OPS = ("sinkhorn", "mappings", "mappings_pre", "pre", "post_res", "hc_mappings_pre", "post_res_mappings_pre")
 BACKENDS = ("reference", "compile", "fused")
 ENV_VAR = "MHC_BACKEND"
 

@@ -1,9 +1,11 @@
 """The fused C++/CUDA operators (``torch.ops.mhc_megatron.*``) with autograd and fake tensors.
 
 The extension ``mhc_megatron._C`` (built from ``kernels/`` by setup.py, see kernels/extension.py)
-defines the ops ``{sinkhorn, mappings, mappings_pre, pre, post_res, hc_mappings_pre}_{fwd, bwd}``
-and their CPU and CUDA kernels (``CPU_ONLY_OPS`` have CPU kernels only: on CUDA tensors the
-reference runs, see ``unavailable_reason``). This module registers, when the extension is present:
+defines the ops ``{sinkhorn, mappings, mappings_pre, pre, post_res, hc_mappings_pre,
+post_res_mappings_pre}_{fwd, bwd}`` and their CPU and CUDA kernels (``CPU_ONLY_OPS`` have CPU kernels
+only: on CUDA tensors the reference runs, see ``unavailable_reason``; post_res_mappings_pre has no
+CUDA kernel either, and runs there as the CUDA kernels of post_res and mappings_pre, one after the
+other). This module registers, when the extension is present:
 
 * fake (meta) implementations, so ``torch.compile`` traces the ops without a graph break;
 * autograd: each ``*_fwd`` op is differentiated by its ``*_bwd`` op.
@@ -160,6 +162,26 @@ def post_res(x: torch.Tensor, f: torch.Tensor, h_post: torch.Tensor, h_res: torc
     return torch.ops.mhc_megatron.post_res_fwd(*args)
 
 
+def post_res_mappings_pre(x, f, h_post, h_res, phi, alpha, bias, iters, eps,
+                          stream_gradient: StreamGradient | None = None,
+                          next_stream_gradient: StreamGradient | None = None):
+    """As the reference; ``stream_gradient`` as ``post_res``'s and ``next_stream_gradient`` as
+    ``mappings_pre``'s (the op gives the first hand-off and takes the second)."""
+    if x.device.type != "cpu":
+        streams = post_res(x, f, h_post, h_res, stream_gradient)
+        return (streams, *mappings_pre(streams, phi, alpha, bias, iters, eps, next_stream_gradient))
+    n = x.shape[-2]
+    dtype = coefficient_dtype(x.dtype)
+    args = (x.contiguous(), f.to(x.dtype).contiguous(), _coefficients(h_post, dtype).reshape(-1, n),
+            _coefficients(h_res, dtype).reshape(-1, n, n), *_mapping_arguments(x, phi, alpha, bias, iters, eps)[1:])
+    if _hands_off(stream_gradient) or _hands_off(next_stream_gradient):
+        outputs = _PostResMappingsPre.apply(stream_gradient, next_stream_gradient, *args)
+    else:
+        outputs = torch.ops.mhc_megatron.post_res_mappings_pre_fwd(*args)
+    streams, layer_input, h_pre, h_post, h_res, _ = outputs
+    return (streams, layer_input, *_per_token(x, h_pre, h_post, h_res))
+
+
 def _grad(grad: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     """An output gradient as the kernels take it: dense, contiguous, in the output's dtype."""
     return torch.zeros_like(like) if grad is None else grad.to(like.dtype).contiguous()
@@ -297,6 +319,53 @@ class _PostResHandingOff(torch.autograd.Function):
         return *_post_res_backward(ctx, grad), None
 
 
+def _post_res_mappings_pre_setup(ctx, inputs, output) -> None:
+    x, f, h_post, h_res, phi, alpha, bias, ctx.iters, _ = inputs
+    streams, _, next_h_pre, _, _, saved = output
+    ctx.save_for_backward(x, f, h_post, h_res, streams, phi, alpha, bias, next_h_pre, saved)
+
+
+def _post_res_mappings_pre_grads(ctx, grad_streams, grad_input, grad_pre, grad_post, grad_res):
+    """The backward kernel's seven gradients; ``grad_streams`` (None: none) is added to the streams'."""
+    x, f, h_post, h_res, streams, phi, alpha, bias, next_h_pre, saved = ctx.saved_tensors
+    # The next coefficients have the shapes of next_h_pre ([T, n]) and of h_res ([T, n, n]).
+    return torch.ops.mhc_megatron.post_res_mappings_pre_bwd(
+        _grad(grad_input, f), _grad(grad_pre, next_h_pre), _grad(grad_post, next_h_pre),
+        _grad(grad_res, h_res), None if grad_streams is None else _grad(grad_streams, x), x, f, h_post, h_res,
+        streams, phi, alpha, bias, next_h_pre, saved, ctx.iters,
+    )
+
+
+class _PostResMappingsPre(torch.autograd.Function):
+    """``post_res_mappings_pre_fwd`` taking part in two hand-offs: its post_res gives the gradient of
+    ``x`` to ``stream_gradient`` (when accepting), its mappings_pre takes what the next post_res gives
+    to ``next_stream_gradient``."""
+
+    @staticmethod
+    def forward(ctx, stream_gradient, next_stream_gradient, *args):
+        output = torch.ops.mhc_megatron.post_res_mappings_pre_fwd(*args)
+        _post_res_mappings_pre_setup(ctx, args, output)
+        ctx.stream_gradient = stream_gradient if stream_gradient is not None and stream_gradient.accepting else None
+        ctx.next_stream_gradient = next_stream_gradient
+        if next_stream_gradient is not None:
+            next_stream_gradient.accepting = True
+        ctx.mark_non_differentiable(output[-1])
+        ctx.set_materialize_grads(False)  # the streams' gradient is None when every reader handed it off
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_streams, grad_input, grad_pre, grad_post, grad_res, _grad_saved):
+        handed = None if ctx.next_stream_gradient is None else ctx.next_stream_gradient.take()
+        if handed is not None and grad_streams is not None:
+            handed = handed + grad_streams
+        grads = _post_res_mappings_pre_grads(ctx, grad_streams if handed is None else handed, grad_input,
+                                             grad_pre, grad_post, grad_res)
+        if ctx.stream_gradient is not None:
+            ctx.stream_gradient.put(grads[0])
+            grads = (None, *grads[1:])
+        return None, None, *grads, None, None
+
+
 def _register() -> None:
     lib = "mhc_megatron::"
 
@@ -354,6 +423,21 @@ def _register() -> None:
     def _(grad_out, x, f, h_post, h_res):
         return torch.empty_like(x), torch.empty_like(f), torch.empty_like(h_post), torch.empty_like(h_res)
 
+    @torch.library.register_fake(lib + "post_res_mappings_pre_fwd")
+    def _(x, f, h_post, h_res, phi, alpha, bias, iters, eps):
+        return (torch.empty_like(x), x.new_empty(*x.shape[:-2], x.shape[-1]),
+                *mappings_fake(x, phi, alpha, bias, iters, eps))
+
+    @torch.library.register_fake(lib + "post_res_mappings_pre_bwd")
+    def _(grad_input, grad_pre, grad_post, grad_res, grad_streams, x, f, h_post, h_res, streams, phi, alpha, bias,
+          next_h_pre, saved, iters):
+        return (torch.empty_like(x), torch.empty_like(f), torch.empty_like(h_post), torch.empty_like(h_res),
+                torch.empty_like(phi), torch.empty_like(alpha), torch.empty_like(bias))
+
+    def post_res_mappings_pre_backward(ctx, grad_streams, grad_input, grad_pre, grad_post, grad_res, _grad_saved):
+        return (*_post_res_mappings_pre_grads(ctx, grad_streams, grad_input, grad_pre, grad_post, grad_res), None,
+                None)
+
     def sinkhorn_setup(ctx, inputs, output):
         logits, ctx.iters = inputs
         ctx.save_for_backward(logits)
@@ -389,6 +473,8 @@ def _register() -> None:
                                     setup_context=_hc_mappings_pre_setup)
     torch.library.register_autograd(lib + "pre_fwd", pre_backward, setup_context=pre_setup)
     torch.library.register_autograd(lib + "post_res_fwd", _post_res_backward, setup_context=_post_res_setup)
+    torch.library.register_autograd(lib + "post_res_mappings_pre_fwd", post_res_mappings_pre_backward,
+                                    setup_context=_post_res_mappings_pre_setup)
 
 
 if _C is not None:

@@ -37,17 +37,22 @@ def mhc_post_res(
     Returns:
         ``[..., n, C]`` in the dtype of ``x``, accumulated in float32 (float64 for float64 ``x``).
     """
+    check_post_res_arguments(x, f, h_post, h_res)
+    fused_op = functools.partial(fused.post_res, stream_gradient=stream_gradient)
+    return backends.run("post_res", post_res_reference, fused_op, x, f, h_post, h_res)
+
+
+def check_post_res_arguments(x: object, f: object, h_post: object, h_res: object) -> None:
+    """Validate the arguments of ``mhc_post_res`` (shapes as documented there, one device)."""
     n, hidden = check_streams("x", x)
     lead = tuple(x.shape[:-2])
-    f = check_floating("f", f)
-    h_post = check_floating("h_post", h_post)
-    h_res = check_floating("h_res", h_res)
+    check_floating("f", f)
+    check_floating("h_post", h_post)
+    check_floating("h_res", h_res)
     check_shape("f", f, (*lead, hidden), "[..., C] with the leading dimensions of x")
     check_shape("h_post", h_post, (*lead, n), "[..., n] with the leading dimensions of x")
     check_shape("h_res", h_res, (*lead, n, n), "[..., n, n] with the leading dimensions of x")
     check_same_device(x=x, f=f, h_post=h_post, h_res=h_res)
-    fused_op = functools.partial(fused.post_res, stream_gradient=stream_gradient)
-    return backends.run("post_res", post_res_reference, fused_op, x, f, h_post, h_res)
 
 
 def post_res_reference(

@@ -35,6 +35,8 @@ CASES = {
     "post_res forward, replayed": ("mhc+recompute", "post_res", "forward", ("post_res", "forward"),
                                    ("recompute", "backward")),
     "mappings and pre backward": ("mhc", "mappings_pre", "backward", None, ("mappings", "backward")),
+    "post_res and the next mappings backward": ("mhc", "post_res_mappings_pre", "backward", None,
+                                                ("post_res_mappings", "backward")),
     "hc mappings and pre backward": ("hc", "hc_mappings_pre", "backward", None, ("mappings", "backward")),
     "expand forward": ("mhc", "expand", "forward", ("expand_collapse", "forward"), None),
     "mlp backward": ("mhc", "mlp", "backward", None, ("layer", "backward")),
@@ -80,6 +82,7 @@ TARGETS = {
     "post_res": (hyper_connection, "mhc_post_res", None),
     "mappings_pre": (hyper_connection, "mhc_mappings_pre", 0),  # the streams x: after the op's own backward
     "hc_mappings_pre": (hyper_connection, "hc_mappings_pre", 0),  # likewise
+    "post_res_mappings_pre": (hyper_connection, "mhc_post_res_mappings_pre", 1),  # f (x's gradient is handed off)
     "expand": (layer_module, "expand_streams", None),
     "mlp": (MLP, "forward", None),
 }

@@ -147,7 +147,7 @@ def parts(tmp_path_factory):
 BASE_PARTS = {"embedding", "post_res", "layer", "head", "optimizer", "other"}
 EXPECTED_PARTS = {"residual": BASE_PARTS,  # hc, mhc: the read of the sub-layer input is in the mappings' op
                   "hc": BASE_PARTS | {"expand_collapse", "mappings"},
-                  "mhc": BASE_PARTS | {"expand_collapse", "mappings"},
+                  "mhc": BASE_PARTS | {"expand_collapse", "mappings", "post_res_mappings"},
                   "mhc+recompute": BASE_PARTS | {"expand_collapse", "mappings", "recompute"}}
 
 
@@ -172,7 +172,7 @@ def test_the_parts_add_up_to_the_step(parts, variant):
 
 
 @pytest.mark.parametrize("case", ["post_res forward", "post_res forward, replayed", "mappings and pre backward",
-                                  "hc mappings and pre backward", "expand forward", "mlp backward",
+                                  "post_res and the next mappings backward", "hc mappings and pre backward", "expand forward", "mlp backward",
                                   "residual mlp backward"])
 def test_a_delay_lands_in_its_part_and_nowhere_else(parts, case):
     """Each sleep of the case lies in the part and phase it was put in (with autograd on: in

@@ -4,8 +4,8 @@ Data flow through one layer (``x`` is the stream state ``[s, b, n*C]``)::
 
     u, mix = attention_hyper_connection.pre(x)          u: [s, b, C]
     f = dropout(attention(input_layernorm(u)) + bias)    megatron's _forward_attention, unchanged
-    x = attention_hyper_connection.post_res(x, f, mix)
-    u, mix = mlp_hyper_connection.pre(x)
+    x = attention_hyper_connection.post_res(x, f, mix)   } one op (post_res_then_pre), unless block
+    u, mix = mlp_hyper_connection.pre(x)                 } recomputation tracks the layer
     f = dropout(mlp(pre_mlp_layernorm(u)) + bias)        megatron's _forward_mlp (dense or MoE)
     x = mlp_hyper_connection.post_res(x, f, mix)
 
@@ -149,13 +149,15 @@ class HyperConnectionTransformerLayer(TransformerLayer):
     def forward(self, hidden_states: torch.Tensor, **kwargs):
         streams = self._stream_state(hidden_states)
 
-        layer_input, mixing = self.attention_hyper_connection.pre(streams)
-        attention_output, context = self._forward_attention(layer_input, **kwargs)
-        next_streams = self.attention_hyper_connection.post_res(streams, attention_output, mixing)
-        self._track(0, self.attention_hyper_connection, streams, layer_input, mixing, attention_output, next_streams)
+        attention_input, attention_mixing = self.attention_hyper_connection.pre(streams)
+        attention_output, context = self._forward_attention(attention_input, **kwargs)
+        next_streams, layer_input, mixing = self._attention_post_res_then_mlp_pre(
+            streams, attention_output, attention_mixing
+        )
+        self._track(0, self.attention_hyper_connection, streams, attention_input, attention_mixing, attention_output,
+                    next_streams)
         streams = next_streams
 
-        layer_input, mixing = self.mlp_hyper_connection.pre(streams)
         mlp_output = self._forward_mlp(
             layer_input,
             kwargs.get("inference_context"),
@@ -175,6 +177,24 @@ class HyperConnectionTransformerLayer(TransformerLayer):
             streams = streams.to(torch.bfloat16)
         output = make_viewless_tensor(inp=streams, requires_grad=streams.requires_grad, keep_graph=True)
         return output, context
+
+    @property
+    def fuses_attention_post_res_with_mlp_pre(self) -> bool:
+        """Whether the attention's post_res and the MLP's pre run as one op (``post_res_then_pre``):
+        with mHC connections, unless block recomputation tracks this layer (its hooks on the gradient
+        of each stream state free and rebuild around the ops that read that state, and the fused op
+        reads the MLP's input state after that gradient is formed; ``recompute.py``)."""
+        return (self.block_recompute is None and self.attention_hyper_connection.mode == "mhc"
+                and self.mlp_hyper_connection.mode == "mhc")
+
+    def _attention_post_res_then_mlp_pre(self, streams, attention_output, mixing):
+        """The attention's post_res and the MLP's pre: ``(next_streams, mlp_input, mlp_mixing)``."""
+        if self.fuses_attention_post_res_with_mlp_pre:
+            return self.attention_hyper_connection.post_res_then_pre(
+                streams, attention_output, mixing, self.mlp_hyper_connection
+            )
+        next_streams = self.attention_hyper_connection.post_res(streams, attention_output, mixing)
+        return next_streams, *self.mlp_hyper_connection.pre(next_streams)
 
     def _mlp_post_res(self, streams, mlp_output, mixing) -> torch.Tensor:
         """The MLP's post/residual mixing, on the high-priority stream if the config asks for it."""
