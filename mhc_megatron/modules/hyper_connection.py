@@ -184,19 +184,22 @@ class HyperConnection(nn.Module):
         x = as_stream_matrix(streams, self.num_streams, self.hidden_size)
         return mhc_post_res(x, output, mixing.h_post, mixing.h_res, mixing.stream_gradient).flatten(-2)
 
+    def fuses_with(self, following: HyperConnection) -> bool:
+        """Whether ``post_res_then_pre`` into ``following`` runs as one op: both mHC, of one shape."""
+        return (self.mode == following.mode == "mhc" and self.num_streams == following.num_streams
+                and self.hidden_size == following.hidden_size)
+
     def post_res_then_pre(
         self, streams: torch.Tensor, output: torch.Tensor, mixing: Mixing | None, following: HyperConnection
     ) -> tuple[torch.Tensor, torch.Tensor, Mixing | None]:
         """``next_streams = self.post_res(streams, output, mixing)``, then ``following.pre(next_streams)``:
         ``(next_streams [..., n*C], layer_input [..., C], following's mixing)``, the same values.
 
-        When both connections are mHC of the same shape, one op computes both
-        (``mhc_post_res_mappings_pre``): its fused kernels read the next streams from the cache in
-        forward and never write their gradient in backward.
+        When ``fuses_with(following)``, one op computes both (``mhc_post_res_mappings_pre``): its
+        fused kernels read the next streams from the cache in forward and never write their gradient
+        in backward.
         """
-        fusable = (self.mode == following.mode == "mhc" and self.num_streams == following.num_streams
-                   and self.hidden_size == following.hidden_size)
-        if not fusable:
+        if not self.fuses_with(following):
             next_streams = self.post_res(streams, output, mixing)
             return next_streams, *following.pre(next_streams)
         if mixing is None:

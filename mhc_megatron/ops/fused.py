@@ -149,14 +149,20 @@ def pre(x: torch.Tensor, h_pre: torch.Tensor) -> torch.Tensor:
     )
 
 
+def _post_res_arguments(x, f, h_post, h_res) -> tuple:
+    """The arguments of ``post_res_fwd`` as the kernels take them (also the first four of
+    ``post_res_mappings_pre_fwd``)."""
+    n = x.shape[-2]
+    dtype = coefficient_dtype(x.dtype)
+    return (x.contiguous(), f.to(x.dtype).contiguous(), _coefficients(h_post, dtype).reshape(-1, n),
+            _coefficients(h_res, dtype).reshape(-1, n, n))
+
+
 def post_res(x: torch.Tensor, f: torch.Tensor, h_post: torch.Tensor, h_res: torch.Tensor,
              stream_gradient: StreamGradient | None = None) -> torch.Tensor:
     """As the reference, except that ``f`` is cast to the dtype of ``x`` first when they differ; with
     ``stream_gradient`` accepting (its fused mappings_pre ran), the gradient of ``x`` is handed off."""
-    n = x.shape[-2]
-    dtype = coefficient_dtype(x.dtype)
-    args = (x.contiguous(), f.to(x.dtype).contiguous(), _coefficients(h_post, dtype).reshape(-1, n),
-            _coefficients(h_res, dtype).reshape(-1, n, n))
+    args = _post_res_arguments(x, f, h_post, h_res)
     if _hands_off(stream_gradient) and stream_gradient.accepting:
         return _PostResHandingOff.apply(*args, stream_gradient)
     return torch.ops.mhc_megatron.post_res_fwd(*args)
@@ -170,10 +176,7 @@ def post_res_mappings_pre(x, f, h_post, h_res, phi, alpha, bias, iters, eps,
     if x.device.type != "cpu":
         streams = post_res(x, f, h_post, h_res, stream_gradient)
         return (streams, *mappings_pre(streams, phi, alpha, bias, iters, eps, next_stream_gradient))
-    n = x.shape[-2]
-    dtype = coefficient_dtype(x.dtype)
-    args = (x.contiguous(), f.to(x.dtype).contiguous(), _coefficients(h_post, dtype).reshape(-1, n),
-            _coefficients(h_res, dtype).reshape(-1, n, n), *_mapping_arguments(x, phi, alpha, bias, iters, eps)[1:])
+    args = (*_post_res_arguments(x, f, h_post, h_res), *_mapping_arguments(x, phi, alpha, bias, iters, eps)[1:])
     if _hands_off(stream_gradient) or _hands_off(next_stream_gradient):
         outputs = _PostResMappingsPre.apply(stream_gradient, next_stream_gradient, *args)
     else:

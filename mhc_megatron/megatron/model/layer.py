@@ -184,12 +184,11 @@ class HyperConnectionTransformerLayer(TransformerLayer):
         with mHC connections, unless block recomputation tracks this layer (its hooks on the gradient
         of each stream state free and rebuild around the ops that read that state, and the fused op
         reads the MLP's input state after that gradient is formed; ``recompute.py``)."""
-        return (self.block_recompute is None and self.attention_hyper_connection.mode == "mhc"
-                and self.mlp_hyper_connection.mode == "mhc")
+        return self.block_recompute is None and self.attention_hyper_connection.fuses_with(self.mlp_hyper_connection)
 
     def _attention_post_res_then_mlp_pre(self, streams, attention_output, mixing):
         """The attention's post_res and the MLP's pre: ``(next_streams, mlp_input, mlp_mixing)``."""
-        if self.fuses_attention_post_res_with_mlp_pre:
+        if self.block_recompute is None:  # one op where the connections allow it
             return self.attention_hyper_connection.post_res_then_pre(
                 streams, attention_output, mixing, self.mlp_hyper_connection
             )
