@@ -159,14 +159,26 @@ A sum_squares(const S* row, int64_t width) {
   return sum_lanes<A>(lanes);
 }
 
-// post_res_mappings_pre's first half: the streams the mappings read are post_res's output `out`
-// [T, n, C] = post_res(x, f, h_post, h_res) (per-token arguments as post_res takes them).
+// The arguments of post_res in post_res_mappings_pre (per token, as post_res takes them: x [T, n, C],
+// f [T, C], h_post [T, n], h_res [T, n, n]), from the tensors (x, f, h_post, h_res).
 template <typename S, typename A>
-struct PostResForward {
+struct PostResInputs {
   const S* x;
   const S* f;
   const A* h_post;
   const A* h_res;
+
+  static PostResInputs of(const Four& tensors) {
+    const auto& [x, f, h_post, h_res] = tensors;
+    return {x.data_ptr<S>(), f.data_ptr<S>(), h_post.data_ptr<A>(), h_res.data_ptr<A>()};
+  }
+};
+
+// post_res_mappings_pre's first half: the streams the mappings read are post_res's output `out`
+// [T, n, C] = post_res(in).
+template <typename S, typename A>
+struct PostResForward {
+  PostResInputs<S, A> in;
   S* out;
 };
 
@@ -196,9 +208,9 @@ void mappings_fwd_kernel(const S* x, const A* phi, const A* alpha, const A* bias
       const int valid = static_cast<int>(std::min<int64_t>(kBlock, tokens - t0));
       if (post_res != nullptr)
         for (int64_t t = t0; t < t0 + valid; ++t)
-          MHC_DISPATCH_STREAMS(n, NT, post_res_row<NT>(post_res->x + t * width, post_res->f + t * hidden,
-                                                       post_res->h_post + t * n, post_res->h_res + t * n * n, n,
-                                                       hidden, post_res->out + t * width));
+          MHC_DISPATCH_STREAMS(n, NT, post_res_row<NT>(post_res->in.x + t * width, post_res->in.f + t * hidden,
+                                                       post_res->in.h_post + t * n, post_res->in.h_res + t * n * n,
+                                                       n, hidden, post_res->out + t * width));
       for (int b0 = 0; b0 < valid; b0 += kProjectTokens) {
         const S* rows[kProjectTokens];
         for (int b = 0; b < kProjectTokens; ++b) rows[b] = x + (t0 + std::min(b0 + b, valid - 1)) * width;
@@ -291,10 +303,7 @@ void dx_dphi_block(const DxRows<S, A>& r, const A* phi_t, int64_t ldt, int K, in
 // tokens at a time into a buffer of the thread that stays in cache.
 template <typename S, typename A>
 struct PostResBackward {
-  const S* x;
-  const S* f;
-  const A* h_post;
-  const A* h_res;
+  PostResInputs<S, A> in;
   S* grad_x;
   S* grad_f;
   A* grad_h_post;
@@ -303,7 +312,8 @@ struct PostResBackward {
 
 // Backward of mappings, and of mappings_pre when `grad_input` is given (then h_pre too, and
 // optionally grad_x_in, a stream gradient to add), and of post_res_mappings_pre with `post_res` too
-// (then grad_x is unused: the stream gradient of each group goes to post_res's backward, in cache). The tokens are cut into chunks fixed by the shapes
+// (then grad_x is unused: the stream gradient of each group goes to post_res's backward, in
+// cache). The tokens are cut into chunks fixed by the shapes
 // (reduction_chunks, never by threads), a chunk to a thread; per SIMD group of a chunk's tokens, while
 // their rows stay in cache: (1) with grad_input, pre's gradient of h_pre (dot products with the
 // streams) added to grad_pre; the coefficient gradients (dz, dm, c); (2) the stream gradient dx of
@@ -402,8 +412,8 @@ void mappings_bwd_kernel(const A* grad_pre, const A* grad_post, const A* grad_re
             const int64_t t = t0 + b;
             const PostResBackward<S, A>& p = *post_res;
             MHC_DISPATCH_STREAMS(n, NT, post_res_backward_row<NT, true>(
-                group_dx.data() + b * width, p.x + t * width, p.f + t * hidden, p.h_post + t * n,
-                p.h_res + t * n * n, n, hidden, p.grad_x + t * width, p.grad_f + t * hidden, p.grad_h_post + t * n,
+                group_dx.data() + b * width, p.in.x + t * width, p.in.f + t * hidden, p.in.h_post + t * n,
+                p.in.h_res + t * n * n, n, hidden, p.grad_x + t * width, p.grad_f + t * hidden, p.grad_h_post + t * n,
                 p.grad_h_res + t * n * n));
           }
       }
@@ -454,11 +464,8 @@ void run_mappings_fwd(const at::Tensor& x, const at::Tensor& phi, const at::Tens
   MHC_DISPATCH_FLOATS(x.scalar_type(), "mhc_mappings_fwd", [&] {
     using A = at::opmath_type<scalar_t>;
     std::optional<PostResForward<scalar_t, A>> post_res;
-    if (post_res_inputs != nullptr) {
-      const auto& [px, pf, p_post, p_res] = *post_res_inputs;
-      post_res = PostResForward<scalar_t, A>{px.data_ptr<scalar_t>(), pf.data_ptr<scalar_t>(), p_post.data_ptr<A>(),
-                                             p_res.data_ptr<A>(), x.data_ptr<scalar_t>()};
-    }
+    if (post_res_inputs != nullptr)
+      post_res = PostResForward<scalar_t, A>{PostResInputs<scalar_t, A>::of(*post_res_inputs), x.data_ptr<scalar_t>()};
     mappings_fwd_kernel(x.data_ptr<scalar_t>(), phi.data_ptr<A>(), alpha.data_ptr<A>(), bias.data_ptr<A>(),
                         s.tokens, s.n, s.hidden, checked_iters(iters), static_cast<A>(eps), h_pre.data_ptr<A>(),
                         h_post.data_ptr<A>(), h_res.data_ptr<A>(), saved.data_ptr<A>(),
@@ -481,11 +488,9 @@ void run_mappings_bwd(const Four& outputs, const at::Tensor& grad_pre, const at:
     using A = at::opmath_type<scalar_t>;
     std::optional<PostResBackward<scalar_t, A>> post_res;
     if (post_res_inputs != nullptr) {
-      const auto& [px, pf, p_post, p_res] = *post_res_inputs;
       const auto& [gx, gf, g_post, g_res] = *post_res_grads;
-      post_res = PostResBackward<scalar_t, A>{px.data_ptr<scalar_t>(), pf.data_ptr<scalar_t>(), p_post.data_ptr<A>(),
-                                              p_res.data_ptr<A>(), gx.data_ptr<scalar_t>(), gf.data_ptr<scalar_t>(),
-                                              g_post.data_ptr<A>(), g_res.data_ptr<A>()};
+      post_res = PostResBackward<scalar_t, A>{PostResInputs<scalar_t, A>::of(*post_res_inputs), gx.data_ptr<scalar_t>(),
+                                              gf.data_ptr<scalar_t>(), g_post.data_ptr<A>(), g_res.data_ptr<A>()};
     }
     mappings_bwd_kernel(grad_pre.data_ptr<A>(), grad_post.data_ptr<A>(), grad_res.data_ptr<A>(),
                         x.data_ptr<scalar_t>(), phi.data_ptr<A>(), alpha.data_ptr<A>(), bias.data_ptr<A>(),
