@@ -15,9 +15,9 @@ of the step). The parts (``PARTS``):
   op (``mhc_mappings_pre``, ``hc_mappings_pre``) computes with them (one read of the streams);
 - ``post_res``: writing the next streams ``h_res x + h_post f``; in residual mode the residual add
   ``x + f``;
-- ``post_res_mappings``: the one op an mHC layer runs between its attention and its MLP (without
-  block recompute): the attention's ``post_res`` and the MLP's mappings and input, forward and
-  backward;
+- ``post_res_mappings``: the one op an mHC layer runs between two sub-layers (without block
+  recompute): the attention's ``post_res`` and the MLP's mappings and input, and the MLP's
+  ``post_res`` and the next layer's attention mappings and input, forward and backward;
 - ``layer``: the megatron layer proper: norms, attention, MLP, bias and dropout, and the
   accumulation of their weights' gradients;
 - ``recompute``: mHC block recompute's bookkeeping in forward and its rebuilds in backward (the
@@ -29,8 +29,7 @@ of the step). The parts (``PARTS``):
   tables), the work between layers, zeroing the gradient buffers, ``finalize_model_grads``.
 
 How. Forward: calls made with autograd on are wrapped while recording (the connections'
-``mappings_and_read`` and ``post_res``, the attention connection's ``post_res_then_pre`` where the
-layer fuses it, the first layer's ``_stream_state``, the collapse, the
+``mappings_and_read`` and ``post_res``, ``post_res_then_pre`` where a layer fuses it, the first layer's ``_stream_state``, the collapse, the
 embedding, each layer, block recompute's ``after_sublayer``, the optimizer's ``step`` and
 ``zero_grad``): the time inside a call goes to its part, nested calls to theirs. Backward: the CPU
 autograd engine runs the graph's nodes one at a time in this thread, among the ready nodes the most
@@ -173,7 +172,7 @@ def _post_res_gradients(clock: _Clock, next_streams, streams, output, *args, **k
 
 def _post_res_then_pre_gradients(clock: _Clock, result, streams, output, *args, **kwargs) -> None:
     next_streams, layer_input, mixing = result
-    clock.on_gradient(output, "layer")  # the attention's output is read by this op only
+    clock.on_gradient(output, "layer")  # the sub-layer's output is read by this op only
     for tensor in (next_streams, layer_input, mixing.h_pre, mixing.h_post, mixing.h_res):
         clock.on_gradient(tensor, "post_res_mappings")
 
@@ -234,9 +233,14 @@ class StepParts:
                 if connection.mode != "residual":
                     patches.wrap(connection, "mappings_and_read", "mappings", clock, _mappings_and_read_gradients)
                 patches.wrap(connection, "post_res", "post_res", clock, _post_res_gradients)
-            if layer.fuses_attention_post_res_with_mlp_pre:
-                patches.wrap(layer.attention_hyper_connection, "post_res_then_pre", "post_res_mappings", clock,
-                             _post_res_then_pre_gradients)
+            fused_connections = (
+                (layer.attention_hyper_connection, layer.fuses_attention_post_res_with_mlp_pre),
+                (layer.mlp_hyper_connection, layer.hands_pre_to_following),
+            )
+            for connection, fuses in fused_connections:
+                if fuses:
+                    patches.wrap(connection, "post_res_then_pre", "post_res_mappings", clock,
+                                 _post_res_then_pre_gradients)
             if layer.expands_embedding and layer.num_streams > 1:
                 patches.wrap(layer, "_stream_state", "expand_collapse", clock, _expand_gradients)
             if layer.stream_collapse is not None:

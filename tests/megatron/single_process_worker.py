@@ -9,9 +9,11 @@
 3. a bf16 mHC model (megatron's ``Float16Module``) is at most 2x as far from its float32 logits as
    the bf16 residual model is from its own, and gives finite gradients to every hyper-connection
    parameter;
-4. the mHC layers run the fused kernels (mappings, pre, post_res once per sub-layer), as far from
-   the float64 logits as the reference backend is, within float32 rounding; without the kernels
-   this check fails, unless ``MHC_BUILD=none`` asked for none;
+4. the mHC layers run the fused kernels (the first attention's mappings_pre, one op between every
+   two sub-layers, the last MLP's post_res), as far from the float64 logits as the reference backend
+   is, within float32 rounding, and their backward fills no stream-sized tensor with zeros (a
+   gradient that autograd materialised where a hand-off left none); without the kernels this check
+   fails, unless ``MHC_BUILD=none`` asked for none;
 5. a checkpoint whose ``num_streams`` or ``hc_mode`` differs from the config, a missing and a corrupt
    checkpoint each raise a ``ValueError`` naming the problem, and leave the model untouched.
 Prints ``ALL CHECKS PASSED`` at the end; any failure raises.
@@ -23,6 +25,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.models.gpt.gpt_model import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -135,10 +138,39 @@ def check_mhc_layers_run_the_fused_ops(tokens):
     finally:
         for name, original in originals.items():
             setattr(fused, name, original)
-    layers = SHAPE["num_layers"]  # per layer: the attention's mappings_pre, the op between the sub-layers, the MLP's post_res
-    assert calls == {name: layers for name in calls}, f"fused op calls {calls}, expected {layers} each"
+    sublayers = 2 * SHAPE["num_layers"]
+    expected_calls = {"mappings_pre": 1, "post_res_mappings_pre": sublayers - 1, "post_res": 1}
+    assert calls == expected_calls, f"fused op calls {calls}, expected {expected_calls}"
     error = within_float32_rounding(got, exact, expected, "fused kernels")
     print(f"mhc layers on the fused kernels: max abs logit difference from float64 {error:.2e}")
+    check_no_stream_sized_zeros_in_backward(model, tokens)
+
+
+class ZeroFills(TorchDispatchMode):
+    """Counts the ops that create or fill a tensor of ``numel`` elements with zeros."""
+
+    ZEROING = ("zeros", "zeros_like", "new_zeros", "zero_", "fill_")
+
+    def __init__(self, numel):
+        super().__init__()
+        self.numel = numel
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        if func._opname in self.ZEROING and isinstance(result, torch.Tensor) and result.numel() == self.numel:
+            self.count += 1
+        return result
+
+
+def check_no_stream_sized_zeros_in_backward(model, tokens):
+    model.train()
+    stream_numel = tokens.numel() * model.config.stream_count * SHAPE["hidden_size"]
+    with backends.use_backend("fused"):
+        logits = model(tokens, torch.arange(SEQ).expand_as(tokens), None)
+        with ZeroFills(stream_numel) as fills:
+            logits.float().square().mean().backward()
+    assert fills.count == 0, f"the backward filled {fills.count} stream-sized tensors with zeros"
 
 
 def bf16_error(mode, tokens, **fields):

@@ -10,6 +10,7 @@ from megatron.core import parallel_state
 from megatron.core.models.gpt.gpt_model import GPTModel
 
 from mhc_megatron.megatron.model.initialization import initialize_parameters
+from mhc_megatron.megatron.model.layer import chain_layers
 from mhc_megatron.megatron.model.specs import get_hyper_connection_block_spec
 from mhc_megatron.megatron.model.transformer_config import MhcTransformerConfig
 from mhc_megatron.megatron.parallel import run_seed
@@ -44,6 +45,7 @@ def build_gpt_model(
         vp_stage=vp_stage,
         **gpt_kwargs,
     )
+    chain_layers(model.decoder.layers)
     if config.perform_initialization:
         initialize_parameters(model, config, run_seed() if seed is None else seed)
     return model

@@ -7,7 +7,8 @@ Data flow through one layer (``x`` is the stream state ``[s, b, n*C]``)::
     x = attention_hyper_connection.post_res(x, f, mix)   } one op (post_res_then_pre), unless block
     u, mix = mlp_hyper_connection.pre(x)                 } recomputation tracks the layer
     f = dropout(mlp(pre_mlp_layernorm(u)) + bias)        megatron's _forward_mlp (dense or MoE)
-    x = mlp_hyper_connection.post_res(x, f, mix)
+    x = mlp_hyper_connection.post_res(x, f, mix)         } one op with the next layer's attention pre
+                                                         } (post_res_then_pre), see chain_layers
 
 The residual add of megatron's bias-dropout-add is the hyper-connection's job here, so the spec puts
 ``get_bias_dropout`` (bias and dropout, no add) in the ``*_bda`` slots; everything else (attention,
@@ -26,7 +27,7 @@ layer of a chunk that sends to another stage hands its streams out in that buffe
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
+from typing import NamedTuple, Union
 
 import torch
 from megatron.core.transformer.identity_op import IdentityOp
@@ -39,6 +40,7 @@ from mhc_megatron.megatron.model.adapters import MegatronStreamCollapse
 from mhc_megatron.megatron.model.cuda_streams import high_priority_stream, run_on_stream
 from mhc_megatron.megatron.model.recompute import BlockRecompute
 from mhc_megatron.modules import expand_streams
+from mhc_megatron.modules.hyper_connection import Mixing
 
 
 def get_bias_dropout(training: bool, fused: bool):
@@ -64,6 +66,25 @@ class HyperConnectionLayerSubmodules(TransformerLayerSubmodules):
 
     attention_hyper_connection: Union[ModuleSpec, type] = IdentityOp
     mlp_hyper_connection: Union[ModuleSpec, type] = IdentityOp
+
+
+class _HandedPre(NamedTuple):
+    """What a layer computed for the next one's attention with its MLP's post_res: the next layer's
+    input ``hidden_states`` (the key: used only when the next layer gets exactly this tensor), the
+    attention's input ``[s, b, C]`` and its ``Mixing``."""
+
+    hidden_states: torch.Tensor
+    layer_input: torch.Tensor
+    mixing: Mixing
+
+
+def chain_layers(layers) -> None:
+    """Let each of ``layers`` (one chunk's ``TransformerBlock.layers``, in order) run its MLP's post_res
+    and the next layer's attention pre as one op, where ``hands_pre_to_following`` allows it."""
+    layers = list(layers)
+    for layer, following in zip(layers, layers[1:]):
+        # A plain attribute, outside nn.Module's registry: the next layer is not a submodule.
+        object.__setattr__(layer, "_following_layer", following)
 
 
 def _recomputed_by_megatron(config, local_layer_number: int) -> bool:
@@ -115,6 +136,8 @@ class HyperConnectionTransformerLayer(TransformerLayer):
         )
         self.sends_pipeline_buffer = layer_number == chunk_layers and not is_last_layer
         self.post_res_stream = high_priority_stream() if config.mhc_post_res_high_priority_stream else None
+        object.__setattr__(self, "_following_layer", None)  # set by chain_layers
+        self._handed_pre: _HandedPre | None = None
 
     def _stream_state(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if self.receives_pipeline_buffer and self.config.pipeline_bf16_transfer:
@@ -149,7 +172,7 @@ class HyperConnectionTransformerLayer(TransformerLayer):
     def forward(self, hidden_states: torch.Tensor, **kwargs):
         streams = self._stream_state(hidden_states)
 
-        attention_input, attention_mixing = self.attention_hyper_connection.pre(streams)
+        attention_input, attention_mixing = self._attention_pre(hidden_states, streams)
         attention_output, context = self._forward_attention(attention_input, **kwargs)
         next_streams, layer_input, mixing = self._attention_post_res_then_mlp_pre(
             streams, attention_output, attention_mixing
@@ -164,6 +187,8 @@ class HyperConnectionTransformerLayer(TransformerLayer):
             padding_mask=kwargs.get("padding_mask"),
             packed_seq_params=kwargs.get("packed_seq_params"),
         )
+        if self.hands_pre_to_following:
+            return self._mlp_post_res_then_following_pre(streams, mlp_output, mixing), context
         next_streams = self._mlp_post_res(streams, mlp_output, mixing)
         self._track(1, self.mlp_hyper_connection, streams, layer_input, mixing, mlp_output, next_streams)
         streams = next_streams
@@ -185,6 +210,46 @@ class HyperConnectionTransformerLayer(TransformerLayer):
         of each stream state free and rebuild around the ops that read that state, and the fused op
         reads the MLP's input state after that gradient is formed; ``recompute.py``)."""
         return self.block_recompute is None and self.attention_hyper_connection.fuses_with(self.mlp_hyper_connection)
+
+    @property
+    def hands_pre_to_following(self) -> bool:
+        """Whether this layer's MLP post_res and the next layer's attention pre run as one op
+        (``post_res_then_pre``), the next layer taking its attention's input from this one: for two
+        layers linked by ``chain_layers`` (one chunk: never across a pipeline hand-off or the
+        collapse) whose connections fuse, unless a recomputation reruns layers (megatron's full
+        recompute, mHC block recompute: the rerun forward would not hand over again), activations
+        are offloaded (megatron swaps the tensor between layers), or the MLP's post_res has its own
+        stream (``mhc_post_res_high_priority_stream``)."""
+        following = self._following_layer
+        return (
+            following is not None
+            and self.block_recompute is None
+            and following.block_recompute is None
+            and self.config.recompute_granularity != "full"
+            and not self.config.cpu_offloading
+            and self.post_res_stream is None
+            and self.mlp_hyper_connection.fuses_with(following.attention_hyper_connection)
+        )
+
+    def _attention_pre(self, hidden_states, streams):
+        """The attention's ``(input, mixing)``: handed over by the layer before (``hands_pre_to_following``)
+        when this forward gets the tensor that layer returned, else computed here."""
+        handed, self._handed_pre = self._handed_pre, None
+        if handed is not None and handed.hidden_states is hidden_states:
+            return handed.layer_input, handed.mixing
+        return self.attention_hyper_connection.pre(streams)
+
+    def _mlp_post_res_then_following_pre(self, streams, mlp_output, mixing) -> torch.Tensor:
+        """The next stream state, the MLP's post_res computed in one op with the next layer's attention
+        pre, whose results wait in the next layer. The state goes out as the op's view: a viewless copy
+        (``make_viewless_tensor``) would be a second reader of it whose backward materialises a zero
+        gradient when the next layer's post_res hands its gradient straight to the op."""
+        following = self._following_layer
+        next_streams, layer_input, following_mixing = self.mlp_hyper_connection.post_res_then_pre(
+            streams, mlp_output, mixing, following.attention_hyper_connection
+        )
+        following._handed_pre = _HandedPre(next_streams, layer_input, following_mixing)
+        return next_streams
 
     def _attention_post_res_then_mlp_pre(self, streams, attention_output, mixing):
         """The attention's post_res and the MLP's pre: ``(next_streams, mlp_input, mlp_mixing)``."""
