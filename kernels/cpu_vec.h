@@ -56,6 +56,16 @@ using Vec = typename VecOf<A>::type;
 template <typename A>
 constexpr int kVec = kVectorBytes / sizeof(A);
 
+// Half a hardware vector of A: the last columns of a product whose column count is 1.5 vectors
+// (mHC's K = 24 at n = 4 with 16 floats per vector). On CPUs that split a 512-bit FMA into two
+// 256-bit halves (AMD Zen 4) it costs half a full vector's FMA; elsewhere the same.
+template <typename A>
+struct HalfVecOf {
+  typedef A type __attribute__((vector_size(kVectorBytes / 2)));
+};
+template <typename A>
+using HalfVec = typename HalfVecOf<A>::type;
+
 inline int64_t round_up(int64_t value, int64_t multiple) { return (value + multiple - 1) / multiple * multiple; }
 
 // Runs body(c0, len, full) over [0, size) in blocks of W values: full blocks (len == W) pass

@@ -125,26 +125,46 @@ at::Tensor sinkhorn_bwd(const at::Tensor& logits, const at::Tensor& grad_out, in
 // micro-kernels below keep their accumulators in vector registers (blocks of whole vectors of A,
 // sizes fixed at compile time) and read the large side (v, dx) as contiguous rows.
 
-// Forward: m[b, c] = sum_e v[b, e] * phi[e, c] for kProjectTokens tokens and 2 vectors of columns
-// c of phi_pad (rows of ld values, zero-padded past K), into m[b * ld + c].
+// Forward: m[b, c] = sum_e v[b, e] * phi[e, c] for kProjectTokens tokens and the columns c of
+// phi_pad (rows of ld values, zero-padded past K) in one vector and one `Tail` (a vector, or half of
+// one for the last 1.5 vectors of columns), into m[b * ld + c]. Each column sums its products in
+// the order of e whatever vector holds it: the tail's width changes no value.
 constexpr int kProjectTokens = 8;
 
-template <typename S, typename A>
+template <typename S, typename A, typename Tail>
 void project_block(const S* const* rows, int64_t width, const A* phi_pad, int64_t ld, A* m) {
-  Vec<A> acc[kProjectTokens][2] = {};
+  Vec<A> acc[kProjectTokens] = {};
+  Tail tail[kProjectTokens] = {};
   for (int64_t e = 0; e < width; ++e) {
-    const Vec<A> p0 = load_vec<A, true>(phi_pad + e * ld, kVec<A>);
-    const Vec<A> p1 = load_vec<A, true>(phi_pad + e * ld + kVec<A>, kVec<A>);
+    Vec<A> p0;
+    Tail p1;
+    std::memcpy(&p0, phi_pad + e * ld, sizeof(p0));
+    std::memcpy(&p1, phi_pad + e * ld + kVec<A>, sizeof(p1));
 #pragma GCC unroll 16
     for (int b = 0; b < kProjectTokens; ++b) {
       const A v = static_cast<A>(rows[b][e]);
-      acc[b][0] += v * p0;
-      acc[b][1] += v * p1;
+      acc[b] += v * p0;
+      tail[b] += v * p1;
     }
   }
   for (int b = 0; b < kProjectTokens; ++b) {
-    store_vec<A, true>(acc[b][0], kVec<A>, m + b * ld);
-    store_vec<A, true>(acc[b][1], kVec<A>, m + b * ld + kVec<A>);
+    std::memcpy(m + b * ld, &acc[b], sizeof(acc[b]));
+    std::memcpy(m + b * ld + kVec<A>, &tail[b], sizeof(tail[b]));
+  }
+}
+
+// m = v @ phi for kProjectTokens tokens and all K columns, two vectors of columns at a time; the
+// last 1.5 vectors or fewer with a half-vector tail (where a half vector holds 4 values or more).
+template <typename S, typename A>
+void project_tokens(const S* const* rows, int64_t width, const A* phi_pad, int64_t ld, int K, A* m) {
+  for (int64_t c0 = 0; c0 < K; c0 += 2 * kVec<A>) {
+    if constexpr (kVec<A> >= 8) {
+      if (K - c0 <= kVec<A> + kVec<A> / 2) {
+        project_block<S, A, HalfVec<A>>(rows, width, phi_pad + c0, ld, m + c0);
+        continue;
+      }
+    }
+    project_block<S, A, Vec<A>>(rows, width, phi_pad + c0, ld, m + c0);
   }
 }
 
@@ -214,8 +234,7 @@ void mappings_fwd_kernel(const S* x, const A* phi, const A* alpha, const A* bias
       for (int b0 = 0; b0 < valid; b0 += kProjectTokens) {
         const S* rows[kProjectTokens];
         for (int b = 0; b < kProjectTokens; ++b) rows[b] = x + (t0 + std::min(b0 + b, valid - 1)) * width;
-        for (int64_t c0 = 0; c0 < K; c0 += 2 * kVec<A>)
-          project_block(rows, width, phi_pad.data() + c0, ld, m.data() + b0 * ld + c0);
+        project_tokens(rows, width, phi_pad.data(), ld, K, m.data() + b0 * ld);
       }
       for (int b = 0; b < valid; ++b) {
         const int64_t t = t0 + b;
