@@ -332,10 +332,9 @@ struct PostResBackward {
 // Backward of mappings, and of mappings_pre when `grad_input` is given (then h_pre too, and
 // optionally grad_x_in, a stream gradient to add), and of post_res_mappings_pre with `post_res` too
 // (then grad_x is unused: the stream gradient of each group goes to post_res's backward, in
-// cache). The tokens are cut into chunks fixed by the shapes
-// (reduction_chunks, never by threads), a chunk to a thread; per SIMD group of a chunk's tokens, while
-// their rows stay in cache: (1) with grad_input, pre's gradient of h_pre (dot products with the
-// streams) added to grad_pre; the coefficient gradients (dz, dm, c); (2) the stream gradient dx of
+// cache). The tokens are cut into chunks fixed by the shapes (reduction_chunks, never by threads),
+// a chunk to a thread; per SIMD group of a chunk's tokens, while their rows stay in cache: (1) with
+// grad_input, pre's gradient of h_pre (dot products with the streams) added to grad_pre; the coefficient gradients (dz, dm, c); (2) the stream gradient dx of
 // the group's tokens, every term at once, written once (past the caches: it is read again only after
 // the sub-layer's backward), and their share of dphi = v^T dm added to the chunk's partial [K, width]
 // in token order. Then the partials are summed in chunk order, like dbias and dalpha: bit-identical

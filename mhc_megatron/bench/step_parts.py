@@ -29,9 +29,9 @@ of the step). The parts (``PARTS``):
   tables), the work between layers, zeroing the gradient buffers, ``finalize_model_grads``.
 
 How. Forward: calls made with autograd on are wrapped while recording (the connections'
-``mappings_and_read`` and ``post_res``, ``post_res_then_pre`` where a layer fuses it, the first layer's ``_stream_state``, the collapse, the
-embedding, each layer, block recompute's ``after_sublayer``, the optimizer's ``step`` and
-``zero_grad``): the time inside a call goes to its part, nested calls to theirs. Backward: the CPU
+``mappings_and_read`` and ``post_res``, ``post_res_then_pre`` where a layer fuses it, the first
+layer's ``_stream_state``, the collapse, the embedding, each layer, block recompute's
+``after_sublayer``, the optimizer's ``step`` and ``zero_grad``): the time inside a call goes to its part, nested calls to theirs. Backward: the CPU
 autograd engine runs the graph's nodes one at a time in this thread, among the ready nodes the most
 recently created first, so the backward of an op starts when the gradient of its output is complete.
 A tensor hook on each wrapped op's output (and on the sub-layer output ``f``, for ``layer``)
