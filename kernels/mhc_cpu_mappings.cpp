@@ -168,15 +168,24 @@ void project_tokens(const S* const* rows, int64_t width, const A* phi_pad, int64
   }
 }
 
-// sum(v^2) of one row, in vector lanes summed in a fixed order.
+// sum(v^2) of one row: four vectors of lanes in turn (four chains of FMAs, not one: the row comes
+// from the cache), the rest into the first; the lanes summed in a fixed order.
 template <typename S, typename A>
 A sum_squares(const S* row, int64_t width) {
-  Vec<A> lanes = {};
-  for_blocks<kVec<A>>(width, [&](int64_t e0, int len, auto full) {
-    const Vec<A> v = load_vec<A, decltype(full)::value>(row + e0, len);
-    lanes += v * v;
+  constexpr int kChains = 4;
+  Vec<A> lanes[kChains] = {};
+  int64_t e0 = 0;
+  for (; e0 + kChains * kVec<A> <= width; e0 += kChains * kVec<A>)
+#pragma GCC unroll 4
+    for (int j = 0; j < kChains; ++j) {
+      const Vec<A> v = load_vec<A, true>(row + e0 + j * kVec<A>, kVec<A>);
+      lanes[j] += v * v;
+    }
+  for_blocks<kVec<A>>(width - e0, [&](int64_t c0, int len, auto full) {
+    const Vec<A> v = load_vec<A, decltype(full)::value>(row + e0 + c0, len);
+    lanes[0] += v * v;
   });
-  return sum_lanes<A>(lanes);
+  return sum_lanes<A>((lanes[0] + lanes[1]) + (lanes[2] + lanes[3]));
 }
 
 // The arguments of post_res in post_res_mappings_pre (per token, as post_res takes them: x [T, n, C],
@@ -261,12 +270,31 @@ void mappings_fwd_kernel(const S* x, const A* phi, const A* alpha, const A* bias
 // written once; and, while those values of v are in registers, the tokens' share of dphi^T,
 // part[k, e] += sum_b dm[b, k] * v[b, e], added to their chunk's partial (`first`: the chunk's first
 // tokens, stored instead): one read of the streams for both. dm_t [K][kDxTokens] is the tokens' dm
-// transposed (zeros past `valid`), read at fixed offsets from one pointer per step of k; phi_t
-// [K, ldt] is phi transposed (loads of it may run past the stream's end: ldt leaves room, and those
-// lanes are never stored); part rows of ldt values. The terms a call does not have are nullptr.
+// transposed (zeros past `valid`), read at fixed offsets from one pointer per step of k. phi_t and
+// part are in `ColumnBlocks` layout: the K vectors of the call's block follow each other (one
+// contiguous run per call, not K rows a page apart). The terms a call does not have are nullptr.
 // v and dx of each token, and 3 more, in registers; a block never passes its SIMD group (kVec<A> tokens).
 template <typename A>
 constexpr int kDxTokens = std::min(kVectorRegisters / 4, kVec<A>);
+
+// Asks for rows[b * ld] for b in [0, count) to be brought into L2 (a hint: no fault, no effect on values).
+template <typename T>
+inline void prefetch_rows(const T* rows, int64_t ld, int count) {
+  for (int b = 0; b < count; ++b) __builtin_prefetch(rows + b * ld, 0, 2);
+}
+
+// The layout of phi^T and of the dphi partials in backward: per stream, its columns c in blocks of
+// kVec<A> (the last zero-padded), and per block the K vectors of the block, k after k:
+// [n][per_stream(hidden)][K][kVec<A>]. offset() is where the block of columns c0 + [0, kVec<A>) of
+// a stream starts (c0 a multiple of kVec<A>).
+template <typename A>
+struct ColumnBlocks {
+  static int64_t per_stream(int64_t hidden) { return (hidden + kVec<A> - 1) / kVec<A>; }
+  static int64_t size(int n, int64_t hidden, int K) { return n * per_stream(hidden) * K * kVec<A>; }
+  static int64_t offset(int64_t hidden, int K, int stream, int64_t c0) {
+    return (stream * per_stream(hidden) + c0 / kVec<A>) * K * kVec<A>;
+  }
+};
 
 template <typename S, typename A>
 struct DxRows {
@@ -282,9 +310,10 @@ struct DxRows {
 };
 
 template <bool kFull, bool kStreamDx, typename S, typename A>
-void dx_dphi_block(const DxRows<S, A>& r, const A* phi_t, int64_t ldt, int K, int stream, int64_t c0, int len,
-                   bool first, A* part) {
+void dx_dphi_block(const DxRows<S, A>& r, const A* phi_t, int K, int stream, int64_t c0, int len, bool first,
+                   A* part) {
   const int64_t e0 = stream * r.hidden + c0;
+  const int64_t block = ColumnBlocks<A>::offset(r.hidden, K, stream, c0);
   Vec<A> v[kDxTokens<A>], acc[kDxTokens<A>];
 #pragma GCC unroll 16
   for (int b = 0; b < kDxTokens<A>; ++b) {
@@ -297,11 +326,11 @@ void dx_dphi_block(const DxRows<S, A>& r, const A* phi_t, int64_t ldt, int K, in
       acc[b] += r.h_pre[row * r.n + stream] * load_vec<A, kFull>(r.grad_input + row * r.hidden + c0, len);
   }
   const A* dm = r.dm_t;
-  const A* p_row = phi_t + e0;
-  A* part_row = part + e0;
-  for (int k = 0; k < K; ++k, dm += kDxTokens<A>, p_row += ldt, part_row += ldt) {
+  const A* p_row = phi_t + block;
+  A* part_row = part + block;
+  for (int k = 0; k < K; ++k, dm += kDxTokens<A>, p_row += kVec<A>, part_row += kVec<A>) {
     const Vec<A> p = load_vec<A, true>(p_row, kVec<A>);
-    Vec<A> even = first ? Vec<A>{} : load_vec<A, kFull>(part_row, len), odd;  // two chains of FMAs, not one
+    Vec<A> even = first ? Vec<A>{} : load_vec<A, true>(part_row, kVec<A>), odd;  // two chains of FMAs, not one
 #pragma GCC unroll 16
     for (int b = 0; b < kDxTokens<A>; ++b) {
       const A d = dm[b];
@@ -309,7 +338,7 @@ void dx_dphi_block(const DxRows<S, A>& r, const A* phi_t, int64_t ldt, int K, in
       if (b % 2 == 0) even += d * v[b];
       else odd = b == 1 ? d * v[b] : odd + d * v[b];
     }
-    store_vec<A, kFull>(even + odd, len, part_row);
+    store_vec<A, true>(even + odd, kVec<A>, part_row);
   }
   for (int b = 0; b < r.valid; ++b) {
     if constexpr (kStreamDx) stream_vec<A, kFull>(acc[b], len, r.grad_x + b * r.width + e0);
@@ -350,12 +379,15 @@ void mappings_bwd_kernel(const A* grad_pre, const A* grad_post, const A* grad_re
   const int KZ = K + 3;  // dz, then the three dalpha terms
   const int64_t width = n * hidden;
 
-  // phi^T [K, ldt], so that the dx loop runs along the rows of v; zero past width.
-  const int64_t ldt = round_up(width, kVec<A>) + kVec<A>;
-  std::vector<A> phi_t(K * ldt, A(0));
+  // phi^T in ColumnBlocks layout, so that the dx loop runs along the rows of v; zero past each stream.
+  const int64_t blocks_size = ColumnBlocks<A>::size(n, hidden, K);
+  std::vector<A> phi_t(blocks_size, A(0));
   at::parallel_for(0, width, 1024, [&](int64_t begin, int64_t end) {
-    for (int64_t e = begin; e < end; ++e)
-      for (int k = 0; k < K; ++k) phi_t[k * ldt + e] = phi[e * K + k];
+    for (int64_t e = begin; e < end; ++e) {
+      const int64_t c = e % hidden, lane = c % kVec<A>;
+      const int64_t block = ColumnBlocks<A>::offset(hidden, K, static_cast<int>(e / hidden), c - lane);
+      for (int k = 0; k < K; ++k) phi_t[block + k * kVec<A> + lane] = phi[e * K + k];
+    }
   });
 
   constexpr int kMatrices = SinkhornGroup<A>::kMatrices;
@@ -367,15 +399,15 @@ void mappings_bwd_kernel(const A* grad_pre, const A* grad_post, const A* grad_re
   const int64_t chunk_groups = std::max<int64_t>(1, (groups + wanted_chunks - 1) / wanted_chunks);
   const int64_t chunks = std::max<int64_t>(1, (groups + chunk_groups - 1) / chunk_groups);  // 1 for 0 tokens
   std::vector<A> dz(tokens * KZ), rms_term(tokens);
-  std::unique_ptr<A[]> partial(new A[chunks * K * ldt]);  // written by each chunk's first group
-  if (groups == 0) std::fill(partial.get(), partial.get() + K * ldt, A(0));  // the one chunk of no tokens
+  std::unique_ptr<A[]> partial(new A[chunks * blocks_size]);  // written by each chunk's first group
+  if (groups == 0) std::fill(partial.get(), partial.get() + blocks_size, A(0));  // the one chunk of no tokens
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     SinkhornGroup<A> group(n, iters);
     std::vector<A> z(kMatrices * K), grad_h_pre(kMatrices * n), dm(K);
     std::vector<A> dm_t(kDxRowGroups * K * kDxTokens<A>);  // per row group [K][kDxTokens]
     std::vector<S> group_dx(post_res != nullptr ? kMatrices * width : 0);  // post_res: the group's dx
     for (int64_t c = begin; c < end; ++c) {
-      A* part = partial.get() + c * K * ldt;
+      A* part = partial.get() + c * blocks_size;
       for (int64_t i = c * chunk_groups; i < std::min(groups, (c + 1) * chunk_groups); ++i) {
         const int64_t t0 = i * kMatrices;
         const int count = static_cast<int>(std::min<int64_t>(kMatrices, tokens - t0));
@@ -413,16 +445,23 @@ void mappings_bwd_kernel(const A* grad_pre, const A* grad_post, const A* grad_re
                      std::min(kDxTokens<A>, count - r * kDxTokens<A>)};
         }
         // Every row group passes over one block of phi^T and of the partial before the next block:
-        // they stay in L1.
+        // they stay in L1. Meanwhile the same block of the streams and of grad_input of the thread's
+        // next group of tokens is fetched into L2: its dot products start from cache.
         const bool first = i == c * chunk_groups;
+        const int64_t next_t0 = t0 + kMatrices;
+        const int next_count = i + 1 < std::min(groups, end * chunk_groups)
+                                   ? static_cast<int>(std::min<int64_t>(kMatrices, tokens - next_t0)) : 0;
         for (int stream = 0; stream < n; ++stream)
           for_blocks<kVec<A>>(hidden, [&](int64_t c0, int len, auto full) {
+            prefetch_rows(x + next_t0 * width + stream * hidden + c0, width, next_count);
+            if (grad_input != nullptr && stream == 0)
+              prefetch_rows(grad_input + next_t0 * hidden + c0, hidden, next_count);
             for (int r = 0; r < row_groups; ++r) {
               constexpr bool kFull = decltype(full)::value;
               if (post_res != nullptr)
-                dx_dphi_block<kFull, false>(rows[r], phi_t.data(), ldt, K, stream, c0, len, first && r == 0, part);
+                dx_dphi_block<kFull, false>(rows[r], phi_t.data(), K, stream, c0, len, first && r == 0, part);
               else
-                dx_dphi_block<kFull, true>(rows[r], phi_t.data(), ldt, K, stream, c0, len, first && r == 0, part);
+                dx_dphi_block<kFull, true>(rows[r], phi_t.data(), K, stream, c0, len, first && r == 0, part);
             }
           });
         if (post_res != nullptr)
@@ -439,21 +478,21 @@ void mappings_bwd_kernel(const A* grad_pre, const A* grad_post, const A* grad_re
     finish_streaming_stores();
   });
 
-  // dphi: the chunks' partials summed in chunk order, kVec<A> values of e at a time for every k, and
-  // written as the whole rows e of grad_phi [width, K] they make.
-  at::parallel_for(0, (width + kVec<A> - 1) / kVec<A>, 16, [&](int64_t begin, int64_t end) {
+  // dphi: the chunks' partials summed in chunk order, one block of columns (kVec<A> values of e) at
+  // a time for every k, and written as the whole rows e of grad_phi [width, K] they make.
+  const int64_t stream_blocks = ColumnBlocks<A>::per_stream(hidden);
+  at::parallel_for(0, n * stream_blocks, 16, [&](int64_t begin, int64_t end) {
     std::vector<A> rows_of_e(kVec<A> * K);
     for (int64_t block = begin; block < end; ++block) {
-      const int64_t e0 = block * kVec<A>;
-      for_blocks<kVec<A>>(std::min<int64_t>(kVec<A>, width - e0), [&](int64_t, int len, auto full) {
-        constexpr bool kFull = decltype(full)::value;
-        for (int k = 0; k < K; ++k) {
-          Vec<A> total = load_vec<A, kFull>(partial.get() + k * ldt + e0, len);
-          for (int64_t c = 1; c < chunks; ++c) total += load_vec<A, kFull>(partial.get() + (c * K + k) * ldt + e0, len);
-          for (int l = 0; l < len; ++l) rows_of_e[l * K + k] = total[l];
-        }
-        std::copy(rows_of_e.begin(), rows_of_e.begin() + len * K, grad_phi + e0 * K);
-      });
+      const int64_t c0 = block % stream_blocks * kVec<A>;
+      const int len = static_cast<int>(std::min<int64_t>(kVec<A>, hidden - c0));
+      const A* sums = partial.get() + block * K * kVec<A>;
+      for (int k = 0; k < K; ++k) {
+        Vec<A> total = load_vec<A, true>(sums + k * kVec<A>, kVec<A>);
+        for (int64_t c = 1; c < chunks; ++c) total += load_vec<A, true>(sums + c * blocks_size + k * kVec<A>, kVec<A>);
+        for (int l = 0; l < len; ++l) rows_of_e[l * K + k] = total[l];
+      }
+      std::copy(rows_of_e.begin(), rows_of_e.begin() + len * K, grad_phi + (block / stream_blocks * hidden + c0) * K);
     }
   });
   for (int k = 0; k < KZ; ++k) {
