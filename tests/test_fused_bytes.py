@@ -102,3 +102,43 @@ def test_the_account_refuses_an_unknown_op(account):
     with pytest.raises(ValueError, match="op must be one of 'sinkhorn', 'mappings', 'mappings_pre', 'pre', 'post_res', "
                                          "'hc_mappings_pre', 'post_res_mappings_pre', got 'hc'"):
         account("hc")
+
+
+def test_a_composites_floors_add_its_ops_or_pool_them():
+    """``mhc-bench kernels``: a connection's ops floor is its ops' floors added, its pooled floor the
+    roofline of all their bytes and FLOPs; they agree when every op is bound by its bytes and differ
+    by the overlap the pooled one assumes when mappings_pre is bound by its products and post_res by
+    its bytes."""
+    from mhc_megatron.bench.kernels import combined, op_works
+
+    tokens, hidden, n = 64, 32, 4
+    works = op_works("hc", tokens, hidden, n, stream_bytes=4, coefficient_bytes=4)
+    mappings_pre, post_res = works
+    assert works == [op_works(name, tokens, hidden, n, 4, 4)[0] for name in ("mappings_pre", "post_res")]
+    pooled = combined(works)
+    assert pooled.bytes_backward == mappings_pre.bytes_backward + post_res.bytes_backward
+    assert pooled.flops_forward == mappings_pre.flops_forward + post_res.flops_forward
+
+    copy_gbps = 10.0
+    all_bytes_bound = 1e12  # GFLOP/s
+    assert sum(w.floor_ms(copy_gbps, all_bytes_bound) for w in works) == pytest.approx(
+        pooled.floor_ms(copy_gbps, all_bytes_bound))
+
+    def intensities(w):  # FLOPs per byte, forward and backward
+        return w.flops_forward / w.bytes_forward, w.flops_backward / w.bytes_backward
+
+    low, high = max(intensities(post_res)) * copy_gbps, min(intensities(mappings_pre)) * copy_gbps
+    assert low < high
+    gemm = (low * high) ** 0.5  # mappings_pre bound by its products, post_res by its bytes, each pass
+    ops_floor = ((mappings_pre.flops_forward + mappings_pre.flops_backward) / (gemm * 1e6)
+                 + (post_res.bytes_forward + post_res.bytes_backward) / (copy_gbps * 1e6))
+    assert sum(w.floor_ms(copy_gbps, gemm) for w in works) == pytest.approx(ops_floor)
+    pooled_floor = sum(max(moved / (copy_gbps * 1e6), flops / (gemm * 1e6)) for moved, flops in (
+        (pooled.bytes_forward, pooled.flops_forward), (pooled.bytes_backward, pooled.flops_backward)))
+    assert pooled.floor_ms(copy_gbps, gemm) == pytest.approx(pooled_floor)
+    assert pooled_floor < ops_floor
+
+    layer = op_works("layer", tokens, hidden, n, 4, 4)
+    handed = tokens * n * hidden * 4  # the stream gradient mappings_pre's backward reads in a layer
+    assert layer[0].bytes_backward == mappings_pre.bytes_backward + handed
+    assert layer[1:] == [op_works(name, tokens, hidden, n, 4, 4)[0] for name in ("post_res_mappings_pre", "post_res")]

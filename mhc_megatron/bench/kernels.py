@@ -8,10 +8,16 @@ handed off, identity sub-layers) and
 backend it reports the median time of the forward and of forward + backward (backward = the
 difference), the bytes of the op's
 minimal memory traffic (every input read once, every output written once), the achieved GB/s and
-its fraction of the device's copy bandwidth, measured in the same run, and the op's floor: per pass
+its fraction of the device's copy bandwidth (the fastest of its copies in the same run; likewise
+the matrix-product rate below: noise only ever slows a run), and the op's floor: per pass
 (forward, backward) the longer of its bytes at that copy bandwidth and its matrix products' FLOPs
 (``method.fused_op_product_flops``) at the rate of a square matrix product measured in the same run
-(a roofline: no kernel of the op can be faster), the two passes added. Writes everything as JSON.
+(a roofline: no kernel of the op can be faster), the two passes added. A composite has two floors:
+``floor_ms``, the roofline of all its bytes and FLOPs together, which assumes one op's products
+could overlap another's memory traffic; and ``ops_floor_ms``, its ops' floors added, the floor of
+the ops as they run: in a connection a sub-layer separates them (post_res needs the sub-layer's
+output, which needs mappings_pre's; backward runs the other way round), so no kernel overlaps them.
+Writes everything as JSON.
 """
 
 from __future__ import annotations
@@ -70,12 +76,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 class Timer:
-    """Median wall time of a callable: CUDA events on a GPU, perf_counter on the CPU."""
+    """Wall times of a callable: CUDA events on a GPU, perf_counter on the CPU; the median (an op's
+    time) or the fastest (a rate of the machine: noise only slows a run)."""
 
     def __init__(self, device: torch.device, warmup: int, repeats: int) -> None:
         self.device, self.warmup, self.repeats = device, warmup, repeats
 
-    def median_ms(self, fn: Callable[[], object]) -> float:
+    def times_ms(self, fn: Callable[[], object]) -> list[float]:
         for _ in range(self.warmup):
             fn()
         times = []
@@ -91,24 +98,30 @@ class Timer:
                 start = time.perf_counter()
                 fn()
                 times.append((time.perf_counter() - start) * 1e3)
-        return statistics.median(times)
+        return times
+
+    def median_ms(self, fn: Callable[[], object]) -> float:
+        return statistics.median(self.times_ms(fn))
+
+    def fastest_ms(self, fn: Callable[[], object]) -> float:
+        return min(self.times_ms(fn))
 
 
 def copy_bandwidth(device: torch.device, timer: Timer) -> float:
-    """GB/s of a large device-to-device copy (bytes read + bytes written)."""
+    """GB/s of a large device-to-device copy (bytes read + bytes written), its fastest run."""
     numel = (256 << 20) // 4
     src = torch.ones(numel, device=device)
     dst = torch.empty_like(src)
-    return 2 * src.numel() * 4 / (timer.median_ms(lambda: dst.copy_(src)) * 1e6)
+    return 2 * src.numel() * 4 / (timer.fastest_ms(lambda: dst.copy_(src)) * 1e6)
 
 
 def gemm_gflops(device: torch.device, dtype: torch.dtype, timer: Timer) -> float:
     """GFLOP/s of a square matrix product in ``dtype`` (2048 on the CPU, 8192 on a GPU), into a
-    buffer allocated once: the best rate the projections of the mappings could run at."""
+    buffer allocated once, its fastest run: the best rate the projections of the mappings could run at."""
     size = 8192 if device.type == "cuda" else 2048
     a, b = (torch.randn(size, size, device=device).to(dtype) for _ in range(2))
     out = torch.empty_like(a)
-    return 2 * size**3 / (timer.median_ms(lambda: torch.mm(a, b, out=out)) * 1e6)
+    return 2 * size**3 / (timer.fastest_ms(lambda: torch.mm(a, b, out=out)) * 1e6)
 
 
 @dataclass(frozen=True)
@@ -127,22 +140,30 @@ class Work:
         return sum(max(moved / (copy_gbps * 1e6), flops / (gemm_gflops * 1e6)) for moved, flops in passes)
 
 
-def work(op: str, tokens: int, hidden: int, n: int, stream_bytes: int, coefficient_bytes: int) -> Work:
-    """The ``Work`` of ``op`` (a fused op, or a composite of ``COMPOSITES``) on ``tokens`` tokens; in
-    ``layer``, mappings_pre's backward also reads the stream gradient handed to it."""
-    ops = COMPOSITES.get(op, (op,))
-    accounts = [fused_op_bytes(name, n, hidden, stream_bytes, coefficient_bytes) for name in ops]
-    flops = [fused_op_product_flops(name, n, hidden) for name in ops]
-    handed = tokens * n * hidden * stream_bytes if op == "layer" else 0
-    return Work(sum(a.forward(tokens) for a in accounts), sum(a.backward(tokens) for a in accounts) + handed,
-                tokens * sum(f[0] for f in flops), tokens * sum(f[1] for f in flops))
+def op_works(op: str, tokens: int, hidden: int, n: int, stream_bytes: int, coefficient_bytes: int) -> list[Work]:
+    """The ``Work`` of each fused op ``op`` runs (one, or those of a composite of ``COMPOSITES``) on
+    ``tokens`` tokens; in ``layer``, mappings_pre's backward also reads the stream gradient handed to it."""
+    works = []
+    for name in COMPOSITES.get(op, (op,)):
+        account = fused_op_bytes(name, n, hidden, stream_bytes, coefficient_bytes)
+        flops_forward, flops_backward = fused_op_product_flops(name, n, hidden)
+        handed = tokens * n * hidden * stream_bytes if op == "layer" and not works else 0
+        works.append(Work(account.forward(tokens), account.backward(tokens) + handed,
+                          tokens * flops_forward, tokens * flops_backward))
+    return works
+
+
+def combined(works: list[Work]) -> Work:
+    """One ``Work`` of several ops: their bytes and FLOPs added, pass by pass."""
+    return Work(*(sum(getattr(w, field) for w in works) for field in
+                  ("bytes_forward", "bytes_backward", "flops_forward", "flops_backward")))
 
 
 def make_case(op: str, tokens: int, hidden: int, n: int, dtype: torch.dtype, iters: int, device: torch.device):
-    """``(forward, inputs, work)`` of one op at one shape."""
+    """``(forward, inputs, works)`` of one op at one shape: ``works`` as ``op_works``."""
     coeff = torch.float64 if dtype == torch.float64 else torch.float32
     k = num_mapping_columns(n)
-    op_work = work(op, tokens, hidden, n, torch.finfo(dtype).bits // 8, torch.finfo(coeff).bits // 8)
+    works = op_works(op, tokens, hidden, n, torch.finfo(dtype).bits // 8, torch.finfo(coeff).bits // 8)
 
     def leaf(*shape, dt=coeff, scale=1.0):
         return (torch.randn(*shape, device=device, dtype=coeff) * scale).to(dt).requires_grad_()
@@ -181,15 +202,16 @@ def make_case(op: str, tokens: int, hidden: int, n: int, dtype: torch.dtype, ite
         "layer": (layer, [x, phi, alpha, bias, mlp_phi, mlp_alpha, mlp_bias]),
     }
     forward, inputs = cases[op]
-    return forward, inputs, op_work
+    return forward, inputs, works
 
 
 def measure(op: str, backend: str, args, device: torch.device, dtype: torch.dtype, timer: Timer,
             copy_gbps: float, gemm: float) -> dict:
-    """Times of ``op`` under ``backend``, its ``Work`` and its floor at the run's ``copy_gbps`` and
-    matrix-product rate ``gemm`` (GFLOP/s)."""
+    """Times of ``op`` under ``backend``, its ``Work`` and its floors (module docstring) at the run's
+    ``copy_gbps`` and matrix-product rate ``gemm`` (GFLOP/s)."""
     tokens, hidden, n = args.tokens, args.hidden, args.streams
-    forward, inputs, op_work = make_case(op, tokens, hidden, n, dtype, args.iters, device)
+    forward, inputs, works = make_case(op, tokens, hidden, n, dtype, args.iters, device)
+    op_work = combined(works)
 
     def outputs():
         out = forward()
@@ -207,7 +229,8 @@ def measure(op: str, backend: str, args, device: torch.device, dtype: torch.dtyp
         fwd_bwd = timer.median_ms(forward_backward)
     return {"op": op, "backend": backend, "forward_ms": fwd, "forward_inference_ms": fwd_inference,
             "forward_backward_ms": fwd_bwd, "backward_ms": fwd_bwd - fwd,
-            **asdict(op_work), "floor_ms": op_work.floor_ms(copy_gbps, gemm)}
+            **asdict(op_work), "floor_ms": op_work.floor_ms(copy_gbps, gemm),
+            "ops_floor_ms": sum(w.floor_ms(copy_gbps, gemm) for w in works)}
 
 
 def cpu_model() -> str:
@@ -244,7 +267,7 @@ def run(args: argparse.Namespace) -> None:
     print(f"mhc-bench kernels: {name}; tokens {args.tokens}, C {args.hidden}, n {args.streams}, {args.dtype}; "
           f"copy bandwidth {copy_gbps:.1f} GB/s, matrix product {gemm:.0f} GFLOP/s")
     print(f"{'op':15} {'backend':9} {'fwd ms':>9} {'bwd ms':>9} {'fwd+bwd':>9} {'GB/s':>7} {'of copy':>7} "
-          f"{'floor':>7} {'x floor':>7}")
+          f"{'floor':>7} {'x floor':>7} {'ops fl.':>7} {'x ops':>7}")
     results = []
     for op in args.ops:
         for backend in args.backends:
@@ -252,10 +275,11 @@ def run(args: argparse.Namespace) -> None:
             r["gbps"] = (r["bytes_forward"] + r["bytes_backward"]) / (r["forward_backward_ms"] * 1e6)
             r["fraction_of_copy"] = r["gbps"] / copy_gbps
             r["times_floor"] = r["forward_backward_ms"] / r["floor_ms"]
+            r["times_ops_floor"] = r["forward_backward_ms"] / r["ops_floor_ms"]
             results.append(r)
             print(f"{op:15} {backend:9} {r['forward_ms']:9.3f} {r['backward_ms']:9.3f} "
                   f"{r['forward_backward_ms']:9.3f} {r['gbps']:7.1f} {r['fraction_of_copy']:7.1%} "
-                  f"{r['floor_ms']:7.2f} {r['times_floor']:7.2f}")
+                  f"{r['floor_ms']:7.2f} {r['times_floor']:7.2f} {r['ops_floor_ms']:7.2f} {r['times_ops_floor']:7.2f}")
         times = {r["backend"]: r["forward_backward_ms"] for r in results if r["op"] == op}
         if "fused" in times:
             ratios = ", ".join(f"{times[b] / times['fused']:.2f}x vs {b}" for b in times if b != "fused")
