@@ -16,6 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from fused_kernels import require_fused
+from mhc_megatron.bench.kernels import combined, op_works
 from mhc_megatron.method import FUSED_OPS, fused_op_bytes, fused_op_product_flops
 from mhc_megatron.ops import (
     backends,
@@ -109,8 +110,6 @@ def test_a_composites_floors_add_its_ops_or_pool_them():
     roofline of all their bytes and FLOPs; they agree when every op is bound by its bytes and differ
     by the overlap the pooled one assumes when mappings_pre is bound by its products and post_res by
     its bytes."""
-    from mhc_megatron.bench.kernels import combined, op_works
-
     tokens, hidden, n = 64, 32, 4
     works = op_works("hc", tokens, hidden, n, stream_bytes=4, coefficient_bytes=4)
     mappings_pre, post_res = works

@@ -30,7 +30,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 
@@ -155,8 +155,7 @@ def op_works(op: str, tokens: int, hidden: int, n: int, stream_bytes: int, coeff
 
 def combined(works: list[Work]) -> Work:
     """One ``Work`` of several ops: their bytes and FLOPs added, pass by pass."""
-    return Work(*(sum(getattr(w, field) for w in works) for field in
-                  ("bytes_forward", "bytes_backward", "flops_forward", "flops_backward")))
+    return Work(*(sum(getattr(w, field.name) for w in works) for field in fields(Work)))
 
 
 def make_case(op: str, tokens: int, hidden: int, n: int, dtype: torch.dtype, iters: int, device: torch.device):
