@@ -2,7 +2,8 @@
 
 For each ``--hc-modes`` entry, builds a tiny GPT under the given pipeline layout, then trains the
 same initial weights for a few Adam steps once per schedule variant (``blocking``:
-``overlap_p2p_comm`` off; ``overlapped``: on, posted by the communication thread of ``exchange_thread.py``;
+``overlap_p2p_comm`` off; ``blocking-batched``: also ``batch_p2p_comm`` on, which needs
+``--nccl-ordering``; ``overlapped``: on, posted by the communication thread of ``exchange_thread.py``;
 ``overlapped+ahead``, 1F1B only: also 2 extra warm-up forwards; ``overlapped-unthreaded``: posted by
 the schedule's own thread; ``bf16-transfer``: blocking, the float32 run's transfer rounded to bf16;
 ``bf16-transfer+overlapped``: the same, overlapped), recording per variant the losses, the gradient
@@ -11,20 +12,25 @@ a SHA-256 of this rank's parameters after the steps, and the dtype and shape of 
 exchanged by one more forward and backward pass (no optimizer step), by direction: ``forward``
 (the stream state) and ``backward`` (its gradient). Exchanges are recorded on the communicator the
 schedule would use (threaded or megatron's). Every rank writes ``<out>.rank<R>.json``:
-``{hc_mode: {variant: record}}``.
+``{hc_mode: {variant: record}}``. With ``--nccl-ordering TIMEOUT`` every exchange follows NCCL's
+ordering (``pipeline/nccl_ordering.py``); a deadlock ends the process with exit code 3 after the
+emulation's report.
 """
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import hashlib
 import json
+import os
 
 import torch
 from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
 
 from mhc_megatron.megatron import MhcTransformerConfig, build_model_chunks, destroy_parallel, initialize_parallel
 from mhc_megatron.megatron.pipeline.exchange_thread import pipeline_communicator
+from mhc_megatron.megatron.pipeline.nccl_ordering import PipelineDeadlock, nccl_ordering
 from mhc_megatron.megatron.pipeline.schedules import default_pg_collection
 from mhc_megatron.megatron.pipeline.step import (
     MicroBatch, build_optimizer, forward_backward_function, run_schedule, train_step, wrap_with_ddp,
@@ -39,13 +45,18 @@ def parse_args():
     parser.add_argument("--pp", type=int, required=True)
     parser.add_argument("--vpp", type=int, default=None)
     parser.add_argument("--variants", nargs="+", default=["blocking", "overlapped"])
+    parser.add_argument("--micro-batches", type=int, default=None,
+                        help="per step; default twice the pipeline size (a steady 1F1B phase on every stage)")
     parser.add_argument("--bf16", action="store_true", help="train in bf16 (Float16Module) and record the exchange dtypes")
+    parser.add_argument("--nccl-ordering", type=float, default=None, metavar="TIMEOUT",
+                        help="exchange under the NCCL ordering emulation; a wait past TIMEOUT s is a deadlock")
     parser.add_argument("--out", required=True)
     return parser.parse_args()
 
 
 VARIANTS = {
     "blocking": dict(overlap_p2p_comm=False),
+    "blocking-batched": dict(overlap_p2p_comm=False, batch_p2p_comm=True),  # with --nccl-ordering only
     "overlapped": dict(overlap_p2p_comm=True),
     "overlapped+ahead": dict(overlap_p2p_comm=True, pipeline_extra_warmup=2),  # 1F1B only
     "overlapped-unthreaded": dict(overlap_p2p_comm=True, pipeline_exchange_thread=False),
@@ -122,12 +133,15 @@ def exchanged_in_a_training_pass(model, config, batches) -> dict:
     return {direction: kinds(exchanged) for direction, exchanged in log.items()}
 
 
-def run_variant(base: MhcTransformerConfig, overrides: dict, initial: list[dict]) -> dict:
-    count = 2 * base.pipeline_model_parallel_size  # micro-batches: a steady 1F1B phase on every stage
+def run_variant(base: MhcTransformerConfig, overrides: dict, initial: list[dict], count: int) -> dict:
     from megatron.core import parallel_state
     from megatron.core.transformer.module import Float16Module
 
+    batched = overrides.pop("batch_p2p_comm", False)
     config = dataclasses.replace(base, **overrides)
+    # Without CUDA the config turns batching off (gloo pairs a batched exchange's messages out of
+    # order); the NCCL ordering emulation pairs them in issue order, as NCCL does.
+    config.batch_p2p_comm = batched
     chunks = build_model_chunks(config, VOCAB, SEQ, backend="local")
     for chunk, state in zip(chunks, initial):
         chunk.load_state_dict(state)
@@ -160,11 +174,22 @@ def main():
     args = parse_args()
     torch.set_num_threads(1)
     initialize_parallel(1, args.pp, args.vpp, seed=7)
+    if "blocking-batched" in args.variants and args.nccl_ordering is None:
+        raise SystemExit("blocking-batched needs --nccl-ordering: plain gloo pairs batched exchanges out of order")
+    count = args.micro_batches or 2 * args.pp
+    exchange = contextlib.nullcontext() if args.nccl_ordering is None else nccl_ordering(args.nccl_ordering)
     record = {}
-    for hc_mode in args.hc_modes:
-        base = make_config(args, hc_mode)
-        initial = [copy.deepcopy(chunk.state_dict()) for chunk in build_model_chunks(base, VOCAB, SEQ, backend="local")]
-        record[hc_mode] = {name: run_variant(base, VARIANTS[name], initial) for name in args.variants}
+    try:
+        with exchange:
+            for hc_mode in args.hc_modes:
+                base = make_config(args, hc_mode)
+                chunks = build_model_chunks(base, VOCAB, SEQ, backend="local")
+                initial = [copy.deepcopy(chunk.state_dict()) for chunk in chunks]
+                record[hc_mode] = {name: run_variant(base, dict(VARIANTS[name]), initial, count)
+                                   for name in args.variants}
+    except PipelineDeadlock as deadlock:
+        print(f"PipelineDeadlock: {deadlock}", flush=True)
+        os._exit(3)  # the emulation's threads stay blocked in the exchange that deadlocked
     with open(f"{args.out}.rank{torch.distributed.get_rank()}.json", "w") as out:
         json.dump(record, out)
     destroy_parallel()

@@ -1,11 +1,15 @@
-"""The overlapped pipeline exchange (``overlap_p2p_comm``) against the blocking one, on gloo.
+"""Every pipeline schedule we ship or enable, under NCCL's ordering of the exchange, against the
+blocking one.
 
-Each case trains the same initial weights for 2 Adam steps with the blocking and the overlapped
-schedule (1F1B: ``schedules.forward_backward_pipelining_overlapped``, also with 2 extra warm-up
-forwards; interleaved: megatron's own ``overlap_p2p_comm``; the exchange posted by the communication
-thread, and at 1F1B PP = 2 also by the schedule's thread), for mHC (n = 4) and the residual
-model, and requires on every rank bitwise equal losses, gradient norms, forward-only losses and
-parameters after the steps.
+Each case trains the same initial weights for 2 Adam steps with the blocking schedule (megatron's
+1F1B or interleaved), the same with batched exchanges (``batch_p2p_comm``, the default on GPUs) and
+the overlapped one (1F1B: ``schedules.forward_backward_pipelining_overlapped``, also with 2 extra
+warm-up forwards; interleaved: megatron's own ``overlap_p2p_comm``; the exchange posted by the
+communication thread, and at 1F1B PP = 2 also by the schedule's thread), for mHC (n = 4) and the
+residual model, and requires on every rank bitwise equal losses, gradient norms, forward-only losses
+and parameters after the steps. Every exchange follows NCCL's ordering (``pipeline/nccl_ordering.py``:
+one queue per pair of ranks, a receive holding it until its data arrives, a send until its receive
+has started), so an order that deadlocks on GPUs fails here, naming the ranks and operations.
 """
 
 import json
@@ -20,12 +24,19 @@ from mhc_megatron.megatron import MhcTransformerConfig
 from mhc_megatron.megatron.pipeline.exchange_timing import P2PTimer, _TimedRequest
 from mhc_megatron.megatron.pipeline.schedules import check_overlapped_schedule_supported
 
-AHEAD = ["--variants", "blocking", "overlapped", "overlapped+ahead"]  # 1F1B: also 2 forwards ahead
-LAYOUTS = {
-    "1F1B PP=2": (2, ["--pp", "2", *AHEAD, "overlapped-unthreaded"], "forward_backward_pipelining_overlapped"),
-    "1F1B PP=4": (4, ["--pp", "4", *AHEAD], "forward_backward_pipelining_overlapped"),
-    "interleaved PP=2 x VPP=2": (2, ["--pp", "2", "--vpp", "2"], "forward_backward_pipelining_with_interleaving"),
-    "interleaved PP=4 x VPP=2": (4, ["--pp", "4", "--vpp", "2"], "forward_backward_pipelining_with_interleaving"),
+NCCL_ORDERING = ["--nccl-ordering", "30"]  # seconds a wait may last before it counts as a deadlock
+VARIANTS = ["--variants", "blocking", "blocking-batched", "overlapped"]
+AHEAD = [*VARIANTS, "overlapped+ahead"]  # 1F1B: also 2 forwards ahead
+LAYOUTS = {  # (processes, arguments of overlap_worker.py, micro-batches per step, the overlapped schedule)
+    "1F1B PP=2": (2, ["--pp", "2", *AHEAD, "overlapped-unthreaded"], 4, "forward_backward_pipelining_overlapped"),
+    "1F1B PP=4": (4, ["--pp", "4", *AHEAD], 8, "forward_backward_pipelining_overlapped"),
+    "1F1B PP=4, fewer micro-batches than warm-up forwards": (
+        4, ["--pp", "4", *AHEAD, "--micro-batches", "3", "--hc-modes", "mhc"], 3,
+        "forward_backward_pipelining_overlapped"),
+    "interleaved PP=2 x VPP=2": (2, ["--pp", "2", "--vpp", "2", "--variants", "blocking", "overlapped"], 4,
+                                 "forward_backward_pipelining_with_interleaving"),  # batching swaps directions here
+    "interleaved PP=4 x VPP=2": (4, ["--pp", "4", "--vpp", "2", *VARIANTS], 8,
+                                 "forward_backward_pipelining_with_interleaving"),
 }
 
 
@@ -37,39 +48,47 @@ def stream_state(dtype: str, streams: int) -> list:
     return [[dtype, [SEQ, MICRO_BATCH * streams, HIDDEN]]]
 
 
-def check_runs(tmp_path, nproc: int, args: list[str], schedule: str, dtype: str) -> None:
-    """Overlapped == blocking on every rank, bitwise; the exchange carries [s, b*n, C] in ``dtype``,
+def check_runs(tmp_path, nproc: int, micro_batches: int, schedule: str, dtype: str) -> None:
+    """Every variant == blocking on every rank, bitwise; the exchange carries [s, b*n, C] in ``dtype``,
     in evaluation and in a training pass both ways (the stream state forward, its gradient backward)."""
     for rank in range(nproc):
         record = json.loads((tmp_path / f"run.rank{rank}.json").read_text())
         for hc_mode, streams in (("mhc", STREAMS), ("residual", 1)):
+            if hc_mode not in record:
+                continue
             variants = record[hc_mode]
             blocking = variants.pop("blocking")
             blocking.pop("schedule")
-            for name, overlapped in variants.items():
-                assert overlapped.pop("schedule") == schedule
-                assert overlapped == blocking, f"rank {rank}, {hc_mode}, {name}"
+            for name, variant in variants.items():
+                expected = schedule if name.startswith("overlapped") else blocking_schedule(schedule)
+                assert variant.pop("schedule") == expected, f"rank {rank}, {hc_mode}, {name}"
+                assert variant == blocking, f"rank {rank}, {hc_mode}, {name}"
             assert blocking["exchanged"] == stream_state(dtype, streams), f"rank {rank}, {hc_mode}"
             assert blocking["exchanged_in_training"] == {
                 "forward": stream_state(dtype, streams), "backward": stream_state(dtype, streams)
             }, f"rank {rank}, {hc_mode}"
             if blocking["last_stage"]:
                 assert len(blocking["losses"]) == 2 and all(loss > 0 for loss in blocking["losses"])
-                assert len(blocking["eval_losses"]) == 2 * int(args[1])
+                assert len(blocking["eval_losses"]) == micro_batches
+
+
+def blocking_schedule(overlapped: str) -> str:
+    return ("forward_backward_pipelining_without_interleaving" if overlapped == "forward_backward_pipelining_overlapped"
+            else overlapped)
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_overlapped_schedule_matches_blocking_bitwise(layout, tmp_path):
-    nproc, args, schedule = LAYOUTS[layout]
-    run_workers("overlap_worker.py", nproc, *args, "--out", str(tmp_path / "run"))
-    check_runs(tmp_path, nproc, args, schedule, "torch.float32")
+def test_schedules_match_blocking_bitwise_under_nccl_ordering(layout, tmp_path):
+    nproc, args, micro_batches, schedule = LAYOUTS[layout]
+    run_workers("overlap_worker.py", nproc, *args, *NCCL_ORDERING, "--out", str(tmp_path / "run"))
+    check_runs(tmp_path, nproc, micro_batches, schedule, "torch.float32")
 
 
 def test_bf16_training_exchanges_bf16_streams(tmp_path):
     """The stream state crosses stages in the training dtype: half the bytes of float32."""
-    nproc, args, schedule = LAYOUTS["1F1B PP=2"]
-    run_workers("overlap_worker.py", nproc, *args, "--bf16", "--out", str(tmp_path / "run"))
-    check_runs(tmp_path, nproc, args, schedule, "torch.bfloat16")
+    nproc, args, micro_batches, schedule = LAYOUTS["1F1B PP=2"]
+    run_workers("overlap_worker.py", nproc, *args, "--bf16", *NCCL_ORDERING, "--out", str(tmp_path / "run"))
+    check_runs(tmp_path, nproc, micro_batches, schedule, "torch.bfloat16")
 
 
 def test_bf16_transfer_of_a_float32_run(tmp_path):
@@ -77,7 +96,7 @@ def test_bf16_transfer_of_a_float32_run(tmp_path):
     does its gradient on the way back (blocking and overlapped alike, bitwise equal), and the float32
     run's losses move by the rounding only (close to the float32 transfer, not equal)."""
     run_workers("overlap_worker.py", 2, "--pp", "2", "--variants", "blocking", "bf16-transfer",
-                "bf16-transfer+overlapped", "--out", str(tmp_path / "run"))
+                "bf16-transfer+overlapped", *NCCL_ORDERING, "--out", str(tmp_path / "run"))
     for rank in range(2):
         record = json.loads((tmp_path / f"run.rank{rank}.json").read_text())
         for hc_mode, streams in (("mhc", STREAMS), ("residual", 1)):

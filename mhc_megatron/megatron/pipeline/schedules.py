@@ -11,9 +11,17 @@ The order of computation is that of megatron's 1F1B (warm-up forwards, one forwa
 per micro-batch in the steady phase, cool-down backwards), so losses and gradients are bitwise the
 same. The communication moves:
 
-* the receive of the next micro-batch's input is posted as soon as the current one has arrived, and
-  the receive of the next gradient as soon as the current one has arrived, so both travel while
-  this stage computes; each is waited for right before its data is used;
+* the receive of the next micro-batch's input is posted as soon as the current one has arrived, so
+  it travels while this stage computes; each receive is waited for right before its data is used;
+* the receive of a gradient is posted where the next stage's order puts its send: that stage posts
+  its input receives early and sends gradient k after its backward k, so between its receives of
+  activations ``w + k + 1`` and ``w + k + 2`` (``w``: its warm-up forwards), and this stage posts
+  the receive of gradient k right after sending activation ``w + k + 1`` (all that remain after the
+  last send). Under NCCL all operations between two ranks run in issue order on one stream, a
+  receive holding it until its data arrives, so the two ranks must issue the same interleaving of
+  activations and gradients on their link; posting a gradient receive earlier (before the warm-up
+  sends, as this schedule once did) deadlocks on the first step. ``nccl_ordering.py`` emulates that
+  ordering on gloo, and the tests run every schedule through it;
 * sends return at once; a send is waited for before the next send in the same direction (at most
   one in flight each way, which also bounds the buffers held), before its output is deallocated
   (``deallocate_pipeline_outputs``) and, for all of them, before the gradients are finalised.
@@ -26,11 +34,12 @@ The forwards keep their order and so do the backwards (each micro-batch's arithm
 and the gradients accumulate in the same order), so the results stay bitwise the same.
 
 Each direction between two stages carries one kind of message (activations forward, gradients
-backward), posted and matched in micro-batch order, so the exchange is correct on gloo as on NCCL.
+backward), posted and matched in micro-batch order.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 
 import torch
@@ -65,12 +74,14 @@ def _wait(handles: dict) -> None:
 
 
 class _Exchange:
-    """One stage's non-blocking exchange: at most one receive and one send in flight per direction."""
+    """One stage's non-blocking exchange: at most one input receive and one send in flight per
+    direction; gradient receives as many as the schedule posts ahead."""
 
     def __init__(self, communicator: P2PCommunicator, shape, deallocate_outputs: bool) -> None:
         self.communicator, self.shape, self.deallocate_outputs = communicator, shape, deallocate_outputs
         self.first, self.last = communicator.is_pp_first_stage, communicator.is_pp_last_stage
-        self._input = self._grad = None  # (buffer, handles) of the posted receives
+        self._input = None  # (buffer, handles) of the posted input receive
+        self._grads = collections.deque()  # (buffer, handles) of the posted gradient receives, oldest first
         self._output_send = self._grad_send = None  # (handles, tensor) of the sends in flight
 
     def post_input_receive(self) -> None:
@@ -81,9 +92,9 @@ class _Exchange:
 
     def post_grad_receive(self) -> None:
         if not self.last:
-            self._grad = self.communicator.send_backward_recv_backward(
+            self._grads.append(self.communicator.send_backward_recv_backward(
                 None, recv_next=True, tensor_shape=self.shape, overlap_p2p_comm=True
-            )
+            ))
 
     def input(self) -> torch.Tensor | None:
         """The input posted last, once it has arrived (``None`` on the first stage)."""
@@ -94,10 +105,10 @@ class _Exchange:
         return buffer
 
     def grad(self) -> torch.Tensor | None:
-        """The output gradient posted last, once it has arrived (``None`` on the last stage)."""
+        """The oldest posted output gradient, once it has arrived (``None`` on the last stage)."""
         if self.last:
             return None
-        (buffer, handles), self._grad = self._grad, None
+        buffer, handles = self._grads.popleft()
         _wait(handles)
         return buffer
 
@@ -136,7 +147,7 @@ class _Exchange:
     def finish(self) -> None:
         self.finish_output_send()
         self.finish_grad_send()
-        assert self._input is None and self._grad is None, "a posted receive was never waited for"
+        assert self._input is None and not self._grads, "a posted receive was never waited for"
 
 
 def check_overlapped_schedule_supported(config) -> None:
@@ -222,27 +233,41 @@ def forward_backward_pipelining_overlapped(
             no_sync_context.__exit__(None, None, None)
             no_sync_context = None
 
-    standard_warmup = p2p_communicator.total_stages - p2p_communicator.current_stage - 1
-    ahead = 0 if last else getattr(config, "pipeline_extra_warmup", 0)
-    warmup = min(standard_warmup + ahead, num_microbatches)
+    def warmup_forwards(stage: int) -> int:
+        """1F1B's warm-up forwards of ``stage``, with the extra ones of every stage but the last."""
+        ahead = 0 if stage == p2p_communicator.total_stages - 1 else getattr(config, "pipeline_extra_warmup", 0)
+        return min(p2p_communicator.total_stages - stage - 1 + ahead, num_microbatches)
+
+    stage = p2p_communicator.current_stage
+    warmup = warmup_forwards(stage)
+    next_warmup = None if last else warmup_forwards(stage + 1)
     steady = num_microbatches - warmup
     outstanding = None
     if config.num_microbatches_with_partial_activation_checkpoints is not None:
-        outstanding = min(standard_warmup, num_microbatches) + 1
+        outstanding = min(p2p_communicator.total_stages - stage - 1, num_microbatches) + 1
     total_num_tokens = torch.zeros([], dtype=torch.int, device=local_device())
     forward_data_store, input_tensors, output_tensors = [], [], []
     posted = {"input": 0, "grad": 0}
+    sent = 0  # activations sent to the next stage
 
-    def post_next(kind: str) -> None:
-        """Post the receive of the next input or gradient, if one is still to come."""
-        if posted[kind] < num_microbatches:
-            (exchange.post_input_receive if kind == "input" else exchange.post_grad_receive)()
-            posted[kind] += 1
+    def post_next_input() -> None:
+        """Post the receive of the next input, if one is still to come."""
+        if posted["input"] < num_microbatches:
+            exchange.post_input_receive()
+            posted["input"] += 1
+
+    def post_due_grads() -> None:
+        """Post the gradient receives that the next stage issues before its receive of activation
+        ``sent`` (module docstring): gradient k once activation ``next_warmup + k + 1`` is sent."""
+        due = num_microbatches if sent == num_microbatches else sent - next_warmup - 1
+        while posted["grad"] < due:
+            exchange.post_grad_receive()
+            posted["grad"] += 1
 
     def forward(index: int):
-        nonlocal total_num_tokens
+        nonlocal total_num_tokens, sent
         input_tensor = exchange.input()
-        post_next("input")
+        post_next_input()
         checkpoint = None
         if outstanding is not None:
             checkpoint = index % outstanding >= config.num_microbatches_with_partial_activation_checkpoints
@@ -254,7 +279,11 @@ def forward_backward_pipelining_overlapped(
             current_microbatch=index, is_last_stage=last,
         )
         total_num_tokens += num_tokens
-        exchange.send_output(output_tensor)
+        if not last:
+            exchange.send_output(output_tensor)
+            sent += 1
+            if not forward_only:
+                post_due_grads()
         if not forward_only:
             input_tensors.append(input_tensor)
             output_tensors.append(output_tensor)
@@ -265,12 +294,9 @@ def forward_backward_pipelining_overlapped(
         input_tensor, output_tensor = input_tensors.pop(0), output_tensors.pop(0)
         exchange.finish_output_send(output_tensor)  # its data may be deallocated before backward
         output_tensor_grad = exchange.grad()
-        post_next("grad")
         exchange.send_grad(backward_step(input_tensor, output_tensor, output_tensor_grad, config))
 
-    post_next("input")
-    if not forward_only:
-        post_next("grad")
+    post_next_input()
     for index in range(warmup):
         forward(index)
     for step in range(steady):
