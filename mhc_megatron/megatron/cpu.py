@@ -29,8 +29,8 @@ Not in this layer:
   Transformer Engine, so ``initialize_parallel`` applies it on GPUs too.
 * CPU-only choices made where the object they concern is built: ``initialize_parallel`` uses gloo
   and selects no CUDA device; ``MhcTransformerConfig`` sets ``batch_p2p_comm=False`` without CUDA
-  (gloo pairs the interleaved schedule's batched exchanges in the wrong order) and refuses
-  ``mhc_post_res_high_priority_stream``; ``pipeline.exchange_thread`` posts an overlapped exchange
+  (and at PP = 2 with a virtual pipeline everywhere: ``batched_exchange_crosses_directions``) and
+  refuses ``mhc_post_res_high_priority_stream``; ``pipeline.exchange_thread`` posts an overlapped exchange
   over gloo from a communication thread; ``RunConfig.transformer_config`` sets
   ``use_cpu_initialization`` without CUDA; ``local_device`` is the CPU, and the training loop reports
   the resident set as the peak memory.

@@ -1,6 +1,7 @@
 """MhcTransformerConfig validation: every bad field raises before anything is built."""
 
 import pytest
+import torch
 
 from mhc_megatron.megatron import MhcTransformerConfig
 
@@ -15,8 +16,20 @@ def test_defaults_are_the_papers():
 
 
 def test_batched_p2p_is_off_on_cpu():
-    """gloo mis-pairs the interleaved schedule's batched exchanges; the CPU path turns them off."""
     assert MhcTransformerConfig(**BASE).batch_p2p_comm is False
+
+
+@pytest.mark.parametrize("pipeline, batched", [
+    (dict(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2), False),
+    (dict(pipeline_model_parallel_size=2), True),
+    (dict(pipeline_model_parallel_size=4, virtual_pipeline_model_parallel_size=2), True),
+])
+def test_batched_p2p_is_off_where_it_swaps_directions_even_with_cuda(pipeline, batched, monkeypatch):
+    """At PP = 2 with a virtual pipeline a batched exchange swaps activations and gradients
+    (``batched_exchange_crosses_directions``), on NCCL as on gloo; elsewhere megatron's default stays."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the choice is made before anything touches CUDA
+    config = MhcTransformerConfig(**{**BASE, "num_layers": 8, **pipeline, "pipeline_dtype": torch.float32})
+    assert config.batch_p2p_comm is batched
 
 
 @pytest.mark.parametrize("fields, words", [

@@ -90,13 +90,24 @@ class MhcTransformerConfig(TransformerConfig):
     def __post_init__(self) -> None:
         self._validate_hyper_connection_fields()
         self._validate_parallel_fit()
-        if not torch.cuda.is_available():
-            # gloo pairs the batched sends of the interleaved schedule in the wrong order (the
-            # loss silently changes); unbatched exchanges are exact. See docs/architecture.md.
+        if self.batched_exchange_crosses_directions or not torch.cuda.is_available():
+            # Without CUDA, gloo runs a batch as separate operations anyway and the overlapped
+            # exchange needs it off; for the other case see batched_exchange_crosses_directions.
             self.batch_p2p_comm = False
         self._validate_pipeline_exchange()
         super().__post_init__()
         self._validate_supported_combinations()
+
+    @property
+    def batched_exchange_crosses_directions(self) -> bool:
+        """Whether ``batch_p2p_comm`` would swap activations and gradients: at pipeline size 2 with
+        a virtual pipeline the previous and the next stage are the same peer, and the interleaved
+        schedule's batched exchange sends it a gradient (to the previous stage) and an activation
+        (to the next) in one group, while the peer posts its receives from the previous stage (the
+        activation) first. NCCL, like gloo, pairs a pair's sends and receives in issue order, so each
+        lands in the other's buffer and the loss silently changes (Megatron-LM issue #750; shown by
+        tests/megatron/test_nccl_ordering.py). The config turns batching off there, on every backend."""
+        return self.pipeline_model_parallel_size == 2 and self.virtual_pipeline_model_parallel_size is not None
 
     @property
     def stream_count(self) -> int:
