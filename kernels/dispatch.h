@@ -314,17 +314,13 @@ inline int64_t reduction_chunks(int64_t tokens, int64_t partial_size, int64_t to
 #define MHC_DISPATCH_FLOATS(dtype, name, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, name, __VA_ARGS__)
 
-// Registers one backend's ten kernels (each file's own mhc::*_fwd / *_bwd) for dispatch `KEY`.
-#define MHC_REGISTER_KERNELS(KEY)                        \
-  TORCH_LIBRARY_IMPL(mhc_megatron, KEY, m) {             \
-    m.impl("sinkhorn_fwd", &mhc::sinkhorn_fwd);          \
-    m.impl("sinkhorn_bwd", &mhc::sinkhorn_bwd);          \
-    m.impl("mappings_fwd", &mhc::mappings_fwd);          \
-    m.impl("mappings_bwd", &mhc::mappings_bwd);          \
-    m.impl("mappings_pre_fwd", &mhc::mappings_pre_fwd);  \
-    m.impl("mappings_pre_bwd", &mhc::mappings_pre_bwd);  \
-    m.impl("pre_fwd", &mhc::pre_fwd);                    \
-    m.impl("pre_bwd", &mhc::pre_bwd);                    \
-    m.impl("post_res_fwd", &mhc::post_res_fwd);          \
-    m.impl("post_res_bwd", &mhc::post_res_bwd);          \
-  }
+// Applies X(m, op) to each of the ten ops every backend implements (each file's own mhc::*_fwd / *_bwd).
+#define MHC_FOR_EACH_KERNEL(X, m)                                                                       \
+  X(m, sinkhorn_fwd) X(m, sinkhorn_bwd) X(m, mappings_fwd) X(m, mappings_bwd) X(m, mappings_pre_fwd)   \
+  X(m, mappings_pre_bwd) X(m, pre_fwd) X(m, pre_bwd) X(m, post_res_fwd) X(m, post_res_bwd)
+
+#define MHC_IMPL_KERNEL(m, op) m.impl(#op, &mhc::op);
+
+// Registers one backend's ten kernels for dispatch `KEY`.
+#define MHC_REGISTER_KERNELS(KEY) \
+  TORCH_LIBRARY_IMPL(mhc_megatron, KEY, m) { MHC_FOR_EACH_KERNEL(MHC_IMPL_KERNEL, m) }

@@ -2,13 +2,12 @@
 // functions the CPU kernels run). No float atomics: every reduction is a fixed tree (warp
 // shuffles, then the warps in order), and the weight gradients of mappings are reduced in two
 // stages (per token chunk partials, then the chunks in order), so results are bit-identical run
-// to run. Kernel design and bytes moved: docs/kernels.md.
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAStream.h>
-#include <c10/cuda/CUDAGuard.h>
+// to run. Kernel design and bytes moved: docs/kernels.md. The same source compiles as C++ with
+// MHC_CUDA_ON_CPU, its kernels then running on the CPU (cuda_launch.h, cuda_on_cpu.h).
 #include <torch/library.h>
 
 #include "dispatch.h"
+#include "cuda_launch.h"
 
 namespace mhc {
 namespace {
@@ -68,12 +67,11 @@ at::Tensor sinkhorn_fwd(const at::Tensor& logits, int64_t iters) {
   auto out = sinkhorn_fwd_outputs(logits);
   const int64_t count = logits.size(0);
   if (count == 0) return out;
-  const c10::cuda::CUDAGuard guard(logits.device());
+  MHC_DEVICE_GUARD(logits);
   AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "mhc_sinkhorn_fwd_cuda", [&] {
-    sinkhorn_fwd_kernel<<<ceil_div(count, kThreads), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+    MHC_LAUNCH(sinkhorn_fwd_kernel, ceil_div(count, kThreads), kThreads, 0,
         logits.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), count, logits.size(1), checked_iters(iters));
   });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
 
@@ -81,15 +79,14 @@ at::Tensor sinkhorn_bwd(const at::Tensor& logits, const at::Tensor& grad_out, in
   auto grad_in = sinkhorn_bwd_outputs(logits, grad_out);
   const int64_t count = logits.size(0);
   if (count == 0) return grad_in;
-  const c10::cuda::CUDAGuard guard(logits.device());
+  MHC_DEVICE_GUARD(logits);
   const int n = logits.size(1), steps = checked_iters(iters);
   auto lse = at::empty({count, sinkhorn_scratch_size(n, steps)}, logits.options());
   AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "mhc_sinkhorn_bwd_cuda", [&] {
-    sinkhorn_bwd_kernel<<<ceil_div(count, kThreads), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+    MHC_LAUNCH(sinkhorn_bwd_kernel, ceil_div(count, kThreads), kThreads, 0,
         logits.data_ptr<scalar_t>(), grad_out.data_ptr<scalar_t>(), grad_in.data_ptr<scalar_t>(),
         lse.data_ptr<scalar_t>(), count, n, steps);
   });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return grad_in;
 }
 
@@ -119,7 +116,7 @@ template <typename S, typename A>
 __global__ void mappings_fwd_kernel(const S* x, const A* phi, const A* alpha, const A* bias, int64_t tokens,
                                     int n, int64_t width, int tile, int chunk, int iters, A eps, A* h_pre,
                                     A* h_post, A* h_res, A* saved) {
-  extern __shared__ __align__(16) unsigned char shared_bytes[];
+  MHC_DYNAMIC_SHARED(shared_bytes);
   const int K = num_columns(n), outputs = K + 1;
   A* xs = reinterpret_cast<A*>(shared_bytes);  // [tile][chunk]
   A* ps = xs + tile * chunk;                    // [chunk][K]
@@ -170,18 +167,16 @@ Four mappings_fwd(const at::Tensor& x, const at::Tensor& phi, const at::Tensor& 
   auto outputs = mappings_fwd_outputs(x, phi, alpha, bias);
   const Streams s = check_streams(x);
   if (s.tokens == 0) return outputs;
-  const c10::cuda::CUDAGuard guard(x.device());
+  MHC_DEVICE_GUARD(x);
   MHC_DISPATCH_FLOATS(x.scalar_type(), "mhc_mappings_fwd_cuda", [&] {
     using A = at::opmath_type<scalar_t>;
     const MappingsTiling tiling = mappings_tiling<A>(num_columns(s.n));
-    mappings_fwd_kernel<<<ceil_div(s.tokens, tiling.tile), kThreads, tiling.bytes,
-                          c10::cuda::getCurrentCUDAStream()>>>(
+    MHC_LAUNCH(mappings_fwd_kernel, ceil_div(s.tokens, tiling.tile), kThreads, tiling.bytes,
         x.data_ptr<scalar_t>(), phi.data_ptr<A>(), alpha.data_ptr<A>(), bias.data_ptr<A>(), s.tokens, s.n,
         s.n * s.hidden, tiling.tile, tiling.chunk, checked_iters(iters), static_cast<A>(eps),
         std::get<0>(outputs).data_ptr<A>(), std::get<1>(outputs).data_ptr<A>(),
         std::get<2>(outputs).data_ptr<A>(), std::get<3>(outputs).data_ptr<A>());
   });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return outputs;
 }
 
@@ -208,7 +203,7 @@ __global__ void mappings_coeff_kernel(const A* grad_pre, const A* grad_post, con
 template <typename S, typename A>
 __global__ void mappings_dx_kernel(const S* x, const A* phi, const A* dm, const A* rms_term, int64_t tokens,
                                    int K, int64_t width, S* grad_x) {
-  extern __shared__ __align__(16) unsigned char shared_bytes[];
+  MHC_DYNAMIC_SHARED(shared_bytes);
   A* dms = reinterpret_cast<A*>(shared_bytes);  // [kTokensPerDxBlock][K]
   const int64_t t0 = blockIdx.x * static_cast<int64_t>(kTokensPerDxBlock);
   const int valid = static_cast<int>(min(static_cast<int64_t>(kTokensPerDxBlock), tokens - t0));
@@ -289,8 +284,7 @@ Four mappings_bwd(const at::Tensor& grad_pre, const at::Tensor& grad_post, const
     std::get<3>(outputs).zero_();
     return outputs;
   }
-  const c10::cuda::CUDAGuard guard(x.device());
-  const auto stream = c10::cuda::getCurrentCUDAStream();
+  MHC_DEVICE_GUARD(x);
   const int K = num_columns(s.n), steps = checked_iters(iters);
   const int64_t width = s.n * s.hidden;
   const auto opts = phi.options();
@@ -303,27 +297,21 @@ Four mappings_bwd(const at::Tensor& grad_pre, const at::Tensor& grad_post, const
   auto partial = at::empty({chunks, width, K}, opts);
   MHC_DISPATCH_FLOATS(x.scalar_type(), "mhc_mappings_bwd_cuda", [&] {
     using A = at::opmath_type<scalar_t>;
-    mappings_coeff_kernel<<<ceil_div(s.tokens, kThreads), kThreads, 0, stream>>>(
+    MHC_LAUNCH(mappings_coeff_kernel, ceil_div(s.tokens, kThreads), kThreads, 0,
         grad_pre.data_ptr<A>(), grad_post.data_ptr<A>(), grad_res.data_ptr<A>(), alpha.data_ptr<A>(),
         bias.data_ptr<A>(), saved.data_ptr<A>(), s.tokens, s.n, width, steps, lse.data_ptr<A>(),
         dz.data_ptr<A>(), dm.data_ptr<A>(), rms_term.data_ptr<A>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
     const dim3 dx_grid(ceil_div(s.tokens, kTokensPerDxBlock), ceil_div(width, kThreads));
-    mappings_dx_kernel<<<dx_grid, kThreads, sizeof(A) * kTokensPerDxBlock * K, stream>>>(
+    MHC_LAUNCH(mappings_dx_kernel, dx_grid, kThreads, sizeof(A) * kTokensPerDxBlock * K,
         x.data_ptr<scalar_t>(), phi.data_ptr<A>(), dm.data_ptr<A>(), rms_term.data_ptr<A>(), s.tokens, K, width,
         std::get<0>(outputs).data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
     const dim3 partial_grid(ceil_div(width, kThreads), chunks);
-    mappings_dphi_partial_kernel<<<partial_grid, kThreads, 0, stream>>>(
+    MHC_LAUNCH(mappings_dphi_partial_kernel, partial_grid, kThreads, 0,
         x.data_ptr<scalar_t>(), dm.data_ptr<A>(), s.tokens, K, width, chunk, partial.data_ptr<A>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    sum_chunks_kernel<<<ceil_div(width * K, kThreads), kThreads, 0, stream>>>(
+    MHC_LAUNCH(sum_chunks_kernel, ceil_div(width * K, kThreads), kThreads, 0,
         partial.data_ptr<A>(), chunks, width * K, std::get<1>(outputs).data_ptr<A>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    sum_columns_kernel<<<K + 3, kThreads, 0, stream>>>(dz.data_ptr<A>(), s.tokens, K,
-                                                       std::get<3>(outputs).data_ptr<A>(),
-                                                       std::get<2>(outputs).data_ptr<A>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    MHC_LAUNCH(sum_columns_kernel, K + 3, kThreads, 0,
+        dz.data_ptr<A>(), s.tokens, K, std::get<3>(outputs).data_ptr<A>(), std::get<2>(outputs).data_ptr<A>());
   });
   return outputs;
 }
@@ -373,13 +361,12 @@ at::Tensor pre_fwd(const at::Tensor& x, const at::Tensor& h_pre) {
   auto out = pre_fwd_output(x, h_pre);
   const Streams s = check_streams(x);
   if (out.numel() == 0) return out;
-  const c10::cuda::CUDAGuard guard(x.device());
+  MHC_DEVICE_GUARD(x);
   MHC_DISPATCH_FLOATS(x.scalar_type(), "mhc_pre_fwd_cuda", [&] {
     using A = at::opmath_type<scalar_t>;
-    pre_fwd_kernel<<<ceil_div(out.numel(), kThreads), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+    MHC_LAUNCH(pre_fwd_kernel, ceil_div(out.numel(), kThreads), kThreads, 0,
         x.data_ptr<scalar_t>(), h_pre.data_ptr<A>(), out.data_ptr<scalar_t>(), s.tokens, s.n, s.hidden);
   });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
 
@@ -387,14 +374,13 @@ std::tuple<at::Tensor, at::Tensor> pre_bwd(const at::Tensor& grad_out, const at:
   auto outputs = pre_bwd_outputs(grad_out, x, h_pre);
   const Streams s = check_streams(x);
   if (s.tokens == 0) return outputs;
-  const c10::cuda::CUDAGuard guard(x.device());
+  MHC_DEVICE_GUARD(x);
   MHC_DISPATCH_FLOATS(x.scalar_type(), "mhc_pre_bwd_cuda", [&] {
     using A = at::opmath_type<scalar_t>;
-    MHC_DISPATCH_STREAMS(s.n, NT, pre_bwd_kernel<NT><<<s.tokens, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+    MHC_DISPATCH_STREAMS(s.n, NT, MHC_LAUNCH(pre_bwd_kernel<NT>, s.tokens, kThreads, 0,
         grad_out.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), h_pre.data_ptr<A>(),
         std::get<0>(outputs).data_ptr<scalar_t>(), std::get<1>(outputs).data_ptr<A>(), s.n, s.hidden));
   });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return outputs;
 }
 
@@ -477,15 +463,14 @@ at::Tensor post_res_fwd(const at::Tensor& x, const at::Tensor& f, const at::Tens
   auto out = post_res_fwd_output(x, f, h_post, h_res);
   const Streams s = check_streams(x);
   if (out.numel() == 0) return out;
-  const c10::cuda::CUDAGuard guard(x.device());
+  MHC_DEVICE_GUARD(x);
   MHC_DISPATCH_FLOATS(x.scalar_type(), "mhc_post_res_fwd_cuda", [&] {
     using A = at::opmath_type<scalar_t>;
-    MHC_DISPATCH_STREAMS(s.n, NT, post_res_fwd_kernel<NT><<<ceil_div(s.tokens * s.hidden, kThreads), kThreads, 0,
-                                                            c10::cuda::getCurrentCUDAStream()>>>(
+    const int64_t blocks = ceil_div(s.tokens * s.hidden, kThreads);
+    MHC_DISPATCH_STREAMS(s.n, NT, MHC_LAUNCH(post_res_fwd_kernel<NT>, blocks, kThreads, 0,
         x.data_ptr<scalar_t>(), f.data_ptr<scalar_t>(), h_post.data_ptr<A>(), h_res.data_ptr<A>(),
         out.data_ptr<scalar_t>(), s.tokens, s.n, s.hidden));
   });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
 
@@ -494,15 +479,14 @@ Four post_res_bwd(const at::Tensor& grad_out, const at::Tensor& x, const at::Ten
   auto outputs = post_res_bwd_outputs(grad_out, x, f, h_post, h_res);
   const Streams s = check_streams(x);
   if (s.tokens == 0) return outputs;
-  const c10::cuda::CUDAGuard guard(x.device());
+  MHC_DEVICE_GUARD(x);
   MHC_DISPATCH_FLOATS(x.scalar_type(), "mhc_post_res_bwd_cuda", [&] {
     using A = at::opmath_type<scalar_t>;
-    MHC_DISPATCH_STREAMS(s.n, NT, post_res_bwd_kernel<NT><<<s.tokens, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+    MHC_DISPATCH_STREAMS(s.n, NT, MHC_LAUNCH(post_res_bwd_kernel<NT>, s.tokens, kThreads, 0,
         grad_out.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), f.data_ptr<scalar_t>(), h_post.data_ptr<A>(),
         h_res.data_ptr<A>(), std::get<0>(outputs).data_ptr<scalar_t>(), std::get<1>(outputs).data_ptr<scalar_t>(),
         std::get<2>(outputs).data_ptr<A>(), std::get<3>(outputs).data_ptr<A>(), s.n, s.hidden));
   });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return outputs;
 }
 
@@ -532,4 +516,4 @@ Four mappings_pre_bwd(const at::Tensor& grad_input, const at::Tensor& grad_pre, 
 }  // namespace
 }  // namespace mhc
 
-MHC_REGISTER_KERNELS(CUDA)
+MHC_REGISTER_CUDA_KERNELS

@@ -1,10 +1,12 @@
-"""The set-up script's answer when no Python 3.12 can be found, and the demonstration module."""
+"""The set-up script's answer when no Python 3.12 can be found, the demonstration module, and the CUDA arch list."""
 
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,3 +47,20 @@ def test_demo_prints_the_three_modes():
     assert result.returncode == 0, result.stderr
     for words in ("Sinkhorn-Knopp", "row sums    1.000000", "residual", "hc", "mhc", "1.000 / 1.000"):
         assert words in result.stdout
+
+
+def load_extension_module():
+    """kernels/extension.py, as setup.py imports it."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("kernels_extension", ROOT / "kernels" / "extension.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("toolkit, archs", [
+    ((13, 0), "8.0;9.0a;10.0"), ((12, 8), "8.0;9.0a;10.0"), ((12, 4), "8.0;9.0a"), ((11, 8), "8.0"),
+])
+def test_cuda_builds_cover_the_planners_gpus_the_toolkit_supports(toolkit, archs):
+    assert load_extension_module().default_cuda_archs(toolkit) == archs
