@@ -1,15 +1,22 @@
 #!/usr/bin/env bash
-# GPU validation of the fused kernels, end to end, on a machine with one NVIDIA GPU:
-#   1. build mhc_megatron._C with CUDA against this machine's torch (MHC_BUILD=cuda, in place);
-#   2. run tests/test_fused.py (CPU and CUDA cases: fused vs reference, every gradient, fp64/fp32/bf16,
-#      n in 1..16, large logits, bit-identical backward, torch.compile fullgraph);
-#   3. run `mhc-bench kernels` at the GPU defaults (tokens 16384, C 4096, n 4, bf16), all backends.
-# Needs python3 with torch >= 2.11 (a CUDA build), nvcc, ninja and pytest; not megatron-core.
+# The GPU path on the first GPU, in one run of under 8 minutes on one H100/H200 with nothing fetched
+# (python3 with a CUDA build of torch >= 2.11, nvcc, ninja and pytest; megatron-core optional):
+#   1. build mhc_megatron._C with CUDA for this GPU's architecture only (TORCH_CUDA_ARCH_LIST set
+#      from the device unless given; the default build covers 8.0, 9.0a and 10.0), timed;
+#   2. tests/test_fused.py: the CUDA kernels (and the CPU ones) against the float64 reference, every
+#      gradient, fp64/fp32/bf16, n in 1..16, bit-identical backward, torch.compile fullgraph;
+#   3. kernels/gpu_checks.py stream: the fused post_res on the high-priority stream vs the default one;
+#   4. mhc-bench kernels on the GPU: bf16, tokens 16384, C 4096, n 4, all backends, with the copy
+#      bandwidth and matrix-product rate measured in the same run;
+#   5. where megatron-core is importable: tests/megatron/test_cuda_streams.py (the layer on the
+#      high-priority stream) and kernels/gpu_checks.py step (a training step, NCCL, world size 1,
+#      fused ops against the reference ops).
 #
 # Usage: kernels/gpu-validate.sh OUTDIR [extra mhc-bench kernels arguments]
-# Writes to OUTDIR: nvidia-smi.txt, build.log, pytest.txt, bench.txt, bench-kernels.json.
-# Environment: PYTHON (default python3), MAX_JOBS (default 8), TORCH_CUDA_ARCH_LIST (default 9.0a).
-set -euo pipefail
+# Writes to OUTDIR: gpu-validate.json (device, versions, each step's status, seconds and output
+# summary, the benchmark's results: for docs/performance.md), and each step's log.
+# Environment: PYTHON (default python3), MAX_JOBS (default 8), TORCH_CUDA_ARCH_LIST.
+set -uo pipefail
 
 out=${1:?usage: kernels/gpu-validate.sh OUTDIR [mhc-bench kernels arguments]}
 shift
@@ -19,23 +26,75 @@ mkdir -p "$out"
 out=$(cd "$out" && pwd)
 cd "$root"
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
+steps="$out/steps.tsv"
+: >"$steps"
+
+# step NAME LOG COMMAND...: run COMMAND with its output in OUTDIR/LOG (and on the terminal), and
+# record its exit status and duration.
+step() {
+    local name=$1 log=$2 start status
+    shift 2
+    echo "== $name"
+    start=$(date +%s%N)
+    "$@" 2>&1 | tee "$out/$log"
+    status=${PIPESTATUS[0]}
+    printf '%s\t%s\t%s\t%s\n' "$name" "$status" "$((($(date +%s%N) - start) / 1000000))" "$log" >>"$steps"
+    return "$status"
+}
 
 nvidia-smi >"$out/nvidia-smi.txt" 2>&1 || echo "nvidia-smi failed" >>"$out/nvidia-smi.txt"
-"$python" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name())' \
-    | tee -a "$out/nvidia-smi.txt"
-
-echo "== build (MHC_BUILD=cuda)"
-if ! MHC_BUILD=cuda MAX_JOBS=${MAX_JOBS:-8} "$python" setup.py build_ext --inplace >"$out/build.log" 2>&1; then
-    tail -n 40 "$out/build.log"
-    exit 1
+if [[ -z "${TORCH_CUDA_ARCH_LIST:-}" ]]; then
+    # This device's architecture only ("9.0a" on Hopper: the arch-specific features are built there).
+    TORCH_CUDA_ARCH_LIST=$("$python" -c 'import torch; major, minor = torch.cuda.get_device_capability()
+print(f"{major}.{minor}" + ("a" if major == 9 else ""))') || { echo "no CUDA device visible to torch"; exit 1; }
 fi
-"$python" -c 'import torch; from mhc_megatron import _C; assert _C.with_cuda, "built without CUDA"'
+export TORCH_CUDA_ARCH_LIST
 
-echo "== tests"
 status=0
-"$python" -m pytest tests/test_fused.py -q -p no:cacheprovider 2>&1 | tee "$out/pytest.txt" || status=1
+if step build build.log env MHC_BUILD=cuda MAX_JOBS="${MAX_JOBS:-8}" "$python" setup.py build_ext --inplace \
+    && "$python" -c 'from mhc_megatron import _C; assert _C.with_cuda, "built without CUDA"'; then
+    step "test_fused" pytest.txt "$python" -m pytest tests/test_fused.py -q -p no:cacheprovider || status=1
+    step "stream switch" stream.json "$python" kernels/gpu_checks.py stream || status=1
+    step "mhc-bench kernels" bench.txt "$python" -m mhc_megatron.bench.kernels --device cuda --dtype bfloat16 \
+        --tokens 16384 --hidden 4096 --streams 4 --json "$out/bench-kernels.json" "$@" || status=1
+    if "$python" -c 'import megatron.core' >/dev/null 2>&1; then
+        step "megatron GPU tests" megatron-pytest.txt "$python" -m pytest tests/megatron/test_cuda_streams.py -q \
+            -p no:cacheprovider || status=1
+        step "training step" step.json "$python" kernels/gpu_checks.py step || status=1
+    else
+        printf 'megatron-core\tskipped\t0\tnot importable\n' >>"$steps"
+    fi
+else
+    tail -n 40 "$out/build.log"
+    status=1
+fi
 
-echo "== benchmark"
-"$python" -m mhc_megatron.bench.cli kernels --device cuda --json "$out/bench-kernels.json" "$@" 2>&1 \
-    | tee "$out/bench.txt" || status=1
+"$python" - "$out" <<'EOF'
+import json, platform, sys
+from pathlib import Path
+
+import torch
+
+out = Path(sys.argv[1])
+steps = []
+for line in (out / "steps.tsv").read_text().splitlines():
+    name, status, milliseconds, log = line.split("\t")
+    entry = {"step": name, "status": "skipped" if status == "skipped" else ("passed" if status == "0" else "failed"),
+             "seconds": round(int(milliseconds) / 1000, 1), "log": log}
+    path = out / log
+    if path.suffix == ".json" and path.exists() and entry["status"] != "skipped":
+        lines = [l for l in path.read_text().splitlines() if l.startswith("{")]
+        entry["result"] = json.loads(lines[-1]) if lines else None
+    elif path.exists():
+        entry["summary"] = path.read_text().strip().splitlines()[-1:]  # pytest's last line, the bench's "wrote"
+    steps.append(entry)
+report = {"device": torch.cuda.get_device_name(), "capability": list(torch.cuda.get_device_capability()),
+          "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
+          "steps": steps}
+bench = out / "bench-kernels.json"
+if bench.exists():
+    report["bench_kernels"] = json.loads(bench.read_text())
+(out / "gpu-validate.json").write_text(json.dumps(report, indent=2))
+print(f"wrote {out / 'gpu-validate.json'}")
+EOF
 exit $status

@@ -99,6 +99,19 @@ def test_the_lower_layers_import_neither_megatron_core_nor_torch(layers, forbidd
     assert names and not offending
 
 
+def test_the_kernel_benchmark_runs_without_megatron_core():
+    """kernels/gpu-validate.sh runs it on a GPU host that may have torch and nothing else."""
+    blocked = ("import importlib.abc, runpy, sys\n"
+               "class Block(importlib.abc.MetaPathFinder):\n"
+               "    def find_spec(self, name, path=None, target=None):\n"
+               "        if name.split('.')[0] == 'megatron': raise ImportError(name)\n"
+               "sys.meta_path.insert(0, Block())\n"
+               "sys.argv = ['kernels', '--help']\n"
+               "runpy.run_module('mhc_megatron.bench.kernels', run_name='__main__')\n")
+    result = subprocess.run([sys.executable, "-c", blocked], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 0 and "usage: mhc-bench kernels" in result.stdout, result.stderr[-3000:]
+
+
 def architecture_map() -> set[str]:
     """The files and folders under ``mhc_megatron/`` that docs/architecture.md's package map names:
     entries are a name at the start of a line, indented two spaces per level."""

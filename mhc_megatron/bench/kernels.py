@@ -34,7 +34,6 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 
-from mhc_megatron.megatron.cpu_heap import keep_freed_heap
 from mhc_megatron.method import SINKHORN_ITERS, fused_op_bytes, fused_op_product_flops
 from mhc_megatron.ops import (
     backends,
@@ -258,6 +257,10 @@ def run(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if device.type == "cpu":
+        # Imported here: mhc_megatron.megatron imports megatron-core, which a GPU host that only
+        # validates the kernels (kernels/gpu-validate.sh) may not have.
+        from mhc_megatron.megatron.cpu_heap import keep_freed_heap
+
         keep_freed_heap()  # as in a training step on CPU (initialize_parallel), for every backend alike
     dtype = DTYPES[args.dtype]
     timer = Timer(device, args.warmup, args.repeats)
@@ -294,3 +297,15 @@ def run(args: argparse.Namespace) -> None:
     with open(args.json, "w") as out:
         json.dump(report, out, indent=2)
     print(f"wrote {args.json}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m mhc_megatron.bench.kernels``: ``mhc-bench kernels`` without the other benchmarks,
+    which import megatron-core."""
+    parser = argparse.ArgumentParser(prog="mhc-bench kernels", description=__doc__)
+    add_arguments(parser)
+    run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
