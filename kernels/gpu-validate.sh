@@ -69,32 +69,5 @@ else
     status=1
 fi
 
-"$python" - "$out" <<'EOF'
-import json, platform, sys
-from pathlib import Path
-
-import torch
-
-out = Path(sys.argv[1])
-steps = []
-for line in (out / "steps.tsv").read_text().splitlines():
-    name, status, milliseconds, log = line.split("\t")
-    entry = {"step": name, "status": "skipped" if status == "skipped" else ("passed" if status == "0" else "failed"),
-             "seconds": round(int(milliseconds) / 1000, 1), "log": log}
-    path = out / log
-    if path.suffix == ".json" and path.exists() and entry["status"] != "skipped":
-        lines = [l for l in path.read_text().splitlines() if l.startswith("{")]
-        entry["result"] = json.loads(lines[-1]) if lines else None
-    elif path.exists():
-        entry["summary"] = path.read_text().strip().splitlines()[-1:]  # pytest's last line, the bench's "wrote"
-    steps.append(entry)
-report = {"device": torch.cuda.get_device_name(), "capability": list(torch.cuda.get_device_capability()),
-          "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
-          "steps": steps}
-bench = out / "bench-kernels.json"
-if bench.exists():
-    report["bench_kernels"] = json.loads(bench.read_text())
-(out / "gpu-validate.json").write_text(json.dumps(report, indent=2))
-print(f"wrote {out / 'gpu-validate.json'}")
-EOF
+"$python" kernels/gpu_checks.py report "$out" || status=1
 exit $status

@@ -1,4 +1,4 @@
-"""Checks of the GPU path that need a GPU, for kernels/gpu-validate.sh; each prints one JSON line.
+"""Checks of the GPU path that need a GPU, and the report, for kernels/gpu-validate.sh.
 
 ``stream``: the high-priority stream switch (``mhc_post_res_high_priority_stream``): the fused
 post_res run on the highest-priority CUDA stream through ``cuda_streams.run_on_stream``, forward and
@@ -17,6 +17,7 @@ import argparse
 import importlib.util
 import json
 import os
+import platform
 import socket
 from pathlib import Path
 
@@ -128,12 +129,43 @@ def check_step(device: str) -> dict:
             "loss_relative_difference": loss_difference, "max_grad_relative_difference": grad_difference}
 
 
+def report(out: Path) -> dict:
+    steps = []
+    for line in (out / "steps.tsv").read_text().splitlines():
+        name, status, milliseconds, log = line.split("\t")
+        entry = {"step": name, "status": "skipped" if status == "skipped" else "passed" if status == "0" else "failed",
+                 "seconds": round(int(milliseconds) / 1000, 1), "log": log}
+        path = out / log
+        if entry["status"] != "skipped" and path.exists():
+            lines = path.read_text().strip().splitlines()
+            results = [line for line in lines if line.startswith("{")]
+            if path.suffix == ".json" and results:
+                entry["result"] = json.loads(results[-1])
+            else:
+                entry["last_line"] = lines[-1] if lines else ""
+        steps.append(entry)
+    on_gpu = torch.cuda.is_available()
+    record = {"device": torch.cuda.get_device_name() if on_gpu else None,
+              "capability": list(torch.cuda.get_device_capability()) if on_gpu else None,
+              "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
+              "passed": all(step["status"] != "failed" for step in steps), "steps": steps}
+    bench = out / "bench-kernels.json"
+    if bench.exists():
+        record["bench_kernels"] = json.loads(bench.read_text())
+    (out / "gpu-validate.json").write_text(json.dumps(record, indent=2))
+    return {"check": "report", "passed": record["passed"], "wrote": str(out / "gpu-validate.json")}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("check", choices=["stream", "step"])
+    parser.add_argument("check", choices=["stream", "step", "report"])
+    parser.add_argument("outdir", nargs="?", type=Path, help="report only: gpu-validate.sh's OUTDIR")
     parser.add_argument("--device", default="cuda", help="step only: cuda (default) or cpu")
     args = parser.parse_args()
-    result = check_stream() if args.check == "stream" else check_step(args.device)
+    if args.check == "report" and args.outdir is None:
+        parser.error("report needs the OUTDIR of a gpu-validate.sh run")
+    checks = {"stream": check_stream, "step": lambda: check_step(args.device), "report": lambda: report(args.outdir)}
+    result = checks[args.check]()
     print(json.dumps(result))
     raise SystemExit(0 if result["passed"] else 1)
 
