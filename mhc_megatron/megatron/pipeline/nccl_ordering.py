@@ -83,8 +83,7 @@ class _Transfer:
 class _Batch:
     """A batched group's rendezvous of its per-peer parts: all start together, all finish together."""
 
-    def __init__(self, number: int, parts: int) -> None:
-        self.number, self.parts = number, parts
+    def __init__(self, parts: int) -> None:
         self._started = threading.Barrier(parts)
         self._finished = threading.Barrier(parts)
 
@@ -215,7 +214,7 @@ class NcclOrdering:
         self._watchdog = threading.Thread(target=self._watch, name="nccl-ordering-watchdog", daemon=True)
         self._watchdog.start()
 
-    # -- the replaced torch.distributed functions --------------------------------------------------
+    # -- the replaced torch.distributed functions (NCCL has no tags: they are ignored) -------------
     def isend(self, tensor, dst=None, group=None, tag=0, group_dst=None) -> _Request:
         return self._issue([("send", tensor, _global_rank(dst, group, group_dst))])[0]
 
@@ -245,7 +244,7 @@ class NcclOrdering:
             by_peer: dict[int, list[_Transfer]] = {}
             for transfer in transfers:
                 by_peer.setdefault(transfer.peer, []).append(transfer)
-            batch = _Batch(batch_number, len(by_peer)) if batched else None
+            batch = _Batch(len(by_peer)) if batched else None
             for peer, peer_transfers in by_peer.items():
                 self._queue(peer).put(peer_transfers, batch)
         return [_Request(transfer, self) for transfer in transfers]
