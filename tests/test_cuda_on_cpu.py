@@ -7,11 +7,11 @@ two barriers), dynamic shared memory filled with NaN bytes before each block, an
 barrier or shuffle that part of a block or warp skips. ``cuda_kernels_on_cpu()`` routes the CPU
 calls of the ten ops with a CUDA kernel to it, so the ops' Python wrappers, autograd included, run
 the CUDA code. Sizes: every n in 1..16 (the compile-time paths 1, 2, 4, 8, 16 and the run-time one),
-29 tokens (ragged blocks and tiles for every kernel), hidden 13 (n * 13 values per token: the
-forward's 32-value stages never divide them), and 600 tokens for a weight-gradient reduction over 3
-chunks. Tolerances as tests/test_fused.py: float64 within 1e-10 of the reference, relative to each
-result's largest magnitude; float32 and bfloat16 within twice the reference op's own error in that
-dtype plus a few units of the last place.
+29 tokens (ragged blocks and tiles for every kernel), hidden 45 (n * 45 values per token: the
+forward's 32-value stages never divide them; the per-token reductions span two warps), and 600
+tokens for a weight-gradient reduction over 3 chunks. Tolerances as tests/test_fused.py: float64
+within 1e-10 of the reference, relative to each result's largest magnitude; float32 and bfloat16
+within twice the reference op's own error in that dtype plus a few units of the last place.
 """
 
 import contextlib
@@ -27,7 +27,7 @@ from test_fused import FLOAT64_TOLERANCE, FLOOR, make_inputs, relative_error, ru
 CUDA_OPS = ["sinkhorn", "mappings", "mappings_pre", "pre", "post_res"]  # the ops with CUDA kernels
 KERNELS = ["sinkhorn_fwd", "sinkhorn_bwd", "mappings_fwd", "mappings_bwd", "mappings_pre_fwd", "mappings_pre_bwd",
            "pre_fwd", "pre_bwd", "post_res_fwd", "post_res_bwd"]  # MHC_FOR_EACH_KERNEL (kernels/dispatch.h)
-TOKENS, HIDDEN, CHUNKED_TOKENS = 29, 13, 600
+TOKENS, HIDDEN, CHUNKED_TOKENS = 29, 45, 600
 CPU = torch.device("cpu")
 
 
