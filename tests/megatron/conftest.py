@@ -9,28 +9,16 @@ from pathlib import Path
 HERE = Path(__file__).parent
 
 
-def _torchrun(script: str, nproc: int, args, timeout: int) -> tuple[list[str], subprocess.CompletedProcess]:
+def run_workers(script: str, nproc: int, *args: str, timeout: int = 300) -> str:
+    """Run ``script`` in ``nproc`` processes with torchrun; fail with the end of its output."""
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
         str(HERE / script), *args,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    return command, subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
-
-
-def run_workers(script: str, nproc: int, *args: str, timeout: int = 300) -> str:
-    """Run ``script`` in ``nproc`` processes with torchrun; fail with the end of its output."""
-    command, result = _torchrun(script, nproc, args, timeout)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
     output = result.stdout + result.stderr
     assert result.returncode == 0, f"{' '.join(command[3:])} failed:\n{output[-6000:]}"
-    return output
-
-
-def run_failing_workers(script: str, nproc: int, *args: str, timeout: int = 300) -> str:
-    """Run ``script`` like ``run_workers`` where it is expected to fail; return its output."""
-    command, result = _torchrun(script, nproc, args, timeout)
-    output = result.stdout + result.stderr
-    assert result.returncode != 0, f"{' '.join(command[3:])} was expected to fail:\n{output[-6000:]}"
     return output
 
 
