@@ -248,7 +248,6 @@ def forward_backward_pipelining_overlapped(
     total_num_tokens = torch.zeros([], dtype=torch.int, device=local_device())
     forward_data_store, input_tensors, output_tensors = [], [], []
     posted = {"input": 0, "grad": 0}
-    sent = 0  # activations sent to the next stage
 
     def post_next_input() -> None:
         """Post the receive of the next input, if one is still to come."""
@@ -256,16 +255,16 @@ def forward_backward_pipelining_overlapped(
             exchange.post_input_receive()
             posted["input"] += 1
 
-    def post_due_grads() -> None:
-        """Post the gradient receives that the next stage issues before its receive of activation
-        ``sent`` (module docstring): gradient k once activation ``next_warmup + k + 1`` is sent."""
+    def post_due_grads(sent: int) -> None:
+        """With activations 0 .. sent - 1 sent, post the gradient receives the next stage orders
+        before activation ``sent`` (module docstring): gradient k once ``next_warmup + k + 1`` is."""
         due = num_microbatches if sent == num_microbatches else sent - next_warmup - 1
         while posted["grad"] < due:
             exchange.post_grad_receive()
             posted["grad"] += 1
 
     def forward(index: int):
-        nonlocal total_num_tokens, sent
+        nonlocal total_num_tokens
         input_tensor = exchange.input()
         post_next_input()
         checkpoint = None
@@ -280,10 +279,9 @@ def forward_backward_pipelining_overlapped(
         )
         total_num_tokens += num_tokens
         if not last:
-            exchange.send_output(output_tensor)
-            sent += 1
+            exchange.send_output(output_tensor)  # activation `index`
             if not forward_only:
-                post_due_grads()
+                post_due_grads(sent=index + 1)
         if not forward_only:
             input_tensors.append(input_tensor)
             output_tensors.append(output_tensor)
