@@ -109,7 +109,7 @@ class TrainingArguments:
         if self.lr_warmup_iters and self.lr_warmup_iters >= self.decay_iters:
             raise ValueError(
                 f"lr_warmup_iters {self.lr_warmup_iters} must be less than lr_decay_iters {self.decay_iters} "
-                "(which defaults to train_iters)"
+                "(which defaults to train_iters): set lr_warmup_iters below it, or lr_decay_iters above it"
             )
         if self.finetune and not self.load:
             raise ValueError("finetune=true loads weights from 'load', but load is not set")

@@ -19,21 +19,47 @@ from mhc_megatron.megatron.pipeline.step import build_optimizer
 from mhc_megatron.training.config import RunConfig
 
 
-def data_parallel_size(run: RunConfig, config: MhcTransformerConfig) -> int:
-    """Data-parallel size of the launched world; errors name the sizes that do not fit."""
-    world = torch.distributed.get_world_size()
-    model_parallel = config.tensor_model_parallel_size * config.pipeline_model_parallel_size
-    if world % model_parallel:
+def data_parallel_size(run: RunConfig, config: MhcTransformerConfig, world_size: int) -> int:
+    """Data-parallel size of a world of ``world_size`` processes, after checking every size of
+    ``run`` that depends on the world or on the training keys (the model's own sizes are checked by
+    ``MhcTransformerConfig``); errors name the keys and values that do not fit. ``train`` calls it
+    before any process group starts."""
+    tp, pp = config.tensor_model_parallel_size, config.pipeline_model_parallel_size
+    if world_size % (tp * pp):
         raise ValueError(
-            f"{world} processes cannot hold tensor_model_parallel_size x pipeline_model_parallel_size = "
-            f"{model_parallel}: launch a multiple of it"
+            f"{world_size} processes cannot hold tensor_model_parallel_size ({tp}) x pipeline_model_parallel_size "
+            f"({pp}) = {tp * pp}: launch a multiple of it, or change the sizes"
         )
-    data_parallel = world // model_parallel
+    ep, etp = config.expert_model_parallel_size, config.expert_tensor_parallel_size
+    if world_size % (etp * ep * pp):
+        raise ValueError(
+            f"{world_size} processes cannot hold expert_tensor_parallel_size ({etp}) x expert_model_parallel_size "
+            f"({ep}) x pipeline_model_parallel_size ({pp}) = {etp * ep * pp}: launch a multiple of it, or change the sizes"
+        )
+    data_parallel = world_size // (tp * pp)
     args = run.training
     if args.global_batch_size % (args.micro_batch_size * data_parallel):
         raise ValueError(
-            f"global_batch_size {args.global_batch_size} must be a multiple of micro_batch_size "
-            f"{args.micro_batch_size} x data-parallel size {data_parallel}"
+            f"global_batch_size ({args.global_batch_size}) must be a multiple of micro_batch_size "
+            f"({args.micro_batch_size}) x data-parallel size ({data_parallel} = {world_size} processes / "
+            f"(tensor_model_parallel_size {tp} x pipeline_model_parallel_size {pp}))"
+        )
+    if config.sequence_parallel and args.seq_length % tp:
+        raise ValueError(
+            f"seq_length ({args.seq_length}) must be divisible by tensor_model_parallel_size ({tp}) with "
+            "sequence_parallel=true: each rank holds an equal slice of the sequence"
+        )
+    positions = args.max_position_embeddings or args.seq_length
+    if args.position_embedding_type == "learned_absolute" and positions < args.seq_length:
+        raise ValueError(
+            f"max_position_embeddings ({positions}) must be at least seq_length ({args.seq_length}) with "
+            "position_embedding_type='learned_absolute': it is the number of positions with an embedding"
+        )
+    if args.position_embedding_type == "rope" and config.kv_channels % 2:
+        raise ValueError(
+            f"rotary position embeddings rotate pairs of channels, so the channels per head must be even; got "
+            f"kv_channels {config.kv_channels} (hidden_size {config.hidden_size} / num_attention_heads "
+            f"{config.num_attention_heads} unless set): change hidden_size, num_attention_heads or kv_channels"
         )
     return data_parallel
 

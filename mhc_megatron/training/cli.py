@@ -60,6 +60,9 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     try:
         run = RunConfig.load(args.config, args.overrides)
+        if os.environ["RANK"] == "0":
+            for notice in run.notices:
+                print(f"mhc-train: note: {notice}", file=sys.stderr)
         result = train(run)
     except ValueError as error:
         if os.environ["RANK"] == "0":

@@ -186,12 +186,39 @@ def parse_override(text: str):
     return key.strip(), yaml.load(raw, Loader=_Loader) if raw.strip() else ""
 
 
+def _fit_warmup_to_shortened_run(values: dict[str, Any], from_file: dict[str, Any], overridden: set[str],
+                                 path) -> str | None:
+    """When the command line shortened the LR schedule (``train_iters`` or ``lr_decay_iters``) below
+    the warm-up that the config file sets, scale the warm-up with the schedule (the file's ratio of
+    warm-up to decay, kept below the new decay length) instead of refusing the run; returns the
+    notice that says so, else ``None``. A warm-up set on the command line is never changed."""
+    warmup = from_file.get("lr_warmup_iters")
+    if "lr_warmup_iters" in overridden or not {"train_iters", "lr_decay_iters"} & overridden:
+        return None
+
+    def decay_iters(mapping) -> Any:
+        decay = mapping.get("lr_decay_iters")
+        return decay if decay is not None else mapping.get("train_iters", TrainingArguments.train_iters)
+
+    decay, file_decay = decay_iters(values), decay_iters(from_file)
+    if not all(isinstance(x, int) for x in (warmup, decay, file_decay)) or not 1 <= decay <= warmup < file_decay:
+        return None
+    fitted = min(warmup * decay // file_decay, decay - 1)
+    values["lr_warmup_iters"] = fitted
+    return (
+        f"lr_warmup_iters {warmup} of {path} does not fit the {decay}-step LR schedule of the command line: "
+        f"using {fitted} ({warmup}/{file_decay} of it, the config's ratio); set lr_warmup_iters=N to choose"
+    )
+
+
 @dataclass
 class RunConfig:
-    """The run's settings (``training``) and the model config's fields set by the user (``model``)."""
+    """The run's settings (``training``), the model config's fields set by the user (``model``) and
+    the adjustments ``load`` made to them, one line each (``notices``, for the job to print)."""
 
     training: TrainingArguments
     model: dict[str, Any] = field(default_factory=dict)
+    notices: list[str] = field(default_factory=list)
 
     @classmethod
     def from_mapping(cls, values: dict[str, Any], where: str = "the config") -> RunConfig:
@@ -219,12 +246,17 @@ class RunConfig:
             if loaded is not None and not isinstance(loaded, dict):
                 raise ValueError(f"config file {str(path)!r} must hold a mapping of keys, got {type(loaded).__name__}")
             values.update(loaded or {})
+        from_file, overridden = dict(values), set()
         for text in overrides:
             key, value = parse_override(text)
             if key not in ALL_KEYS:
                 raise _unknown_key_error(key, f"override {text!r}")
             values[key] = value
-        return cls.from_mapping(values, where=str(path) if path is not None else "the overrides")
+            overridden.add(key)
+        notice = _fit_warmup_to_shortened_run(values, from_file, overridden, path)
+        run = cls.from_mapping(values, where=str(path) if path is not None else "the overrides")
+        run.notices += [notice] if notice else []
+        return run
 
     def transformer_config(self) -> MhcTransformerConfig:
         """``MhcTransformerConfig`` of the model: dtypes from ``bf16`` (the pipeline's also from

@@ -10,6 +10,7 @@ random state is re-seeded from ``(seed, step)`` before every step.
 from __future__ import annotations
 
 import contextlib
+import os
 import resource
 import time
 from dataclasses import dataclass
@@ -119,7 +120,7 @@ class Trainer:
 
     def __init__(self, run: RunConfig, config: MhcTransformerConfig) -> None:
         self.run_config, self.args, self.config = run, run.training, config
-        data_parallel = data_parallel_size(run, config)
+        data_parallel = data_parallel_size(run, config, torch.distributed.get_world_size())
         self.run_dir = Path(self.args.run_dir)
         if _is_logging_rank():
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -240,6 +241,7 @@ def train(run: RunConfig) -> TrainResult:
     args = run.training
     config = run.transformer_config()
     _check_output_directories(args)
+    data_parallel_size(run, config, int(os.environ.get("WORLD_SIZE", "1")))  # every size, before any process group
     if args.data_path is not None:
         check_indexed_dataset(args.data_path)
     initialize_parallel(**parallel_layout(config), seed=args.seed)

@@ -234,6 +234,7 @@ def test_group_sizes_reach_megatrons_process_groups(monkeypatch, tmp_path):
 
     monkeypatch.setattr(parallel_state, "initialize_model_parallel", initialize_model_parallel)
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setenv("WORLD_SIZE", "8")  # the sizes are checked against it first: TP 2 x PP 2 x DP 2
     with pytest.raises(Stop):
         train(run)
     (arguments,) = calls

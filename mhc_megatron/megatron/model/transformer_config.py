@@ -25,6 +25,13 @@ from mhc_megatron.method import (
 )
 
 
+# Sizes megatron-core divides by or allocates with; the optional ones have a derived default when unset.
+_REQUIRED_SIZES = ("num_layers", "hidden_size", "num_attention_heads", "tensor_model_parallel_size",
+                   "pipeline_model_parallel_size", "expert_model_parallel_size")
+_OPTIONAL_SIZES = ("ffn_hidden_size", "kv_channels", "num_query_groups", "virtual_pipeline_model_parallel_size",
+                   "expert_tensor_parallel_size", "num_moe_experts", "moe_ffn_hidden_size")
+
+
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise ValueError(message)
@@ -89,6 +96,7 @@ class MhcTransformerConfig(TransformerConfig):
 
     def __post_init__(self) -> None:
         self._validate_hyper_connection_fields()
+        self._validate_sizes()
         self._validate_parallel_fit()
         if self.batched_exchange_crosses_directions or not torch.cuda.is_available():
             # Without CUDA, gloo runs a batch as separate operations anyway and the overlapped
@@ -138,6 +146,49 @@ class MhcTransformerConfig(TransformerConfig):
         _require(
             self.mhc_recompute == "none" or self.hc_mode != "residual",
             f"mhc_recompute={self.mhc_recompute!r} recomputes hyper-connection states; hc_mode='residual' has none",
+        )
+
+    def _validate_sizes(self) -> None:
+        """The model's and the parallel layout's sizes, before megatron divides by them (where a bad
+        one would surface as a ZeroDivisionError, "math domain error" or a failed reshape)."""
+        for names, optional in ((_REQUIRED_SIZES, False), (_OPTIONAL_SIZES, True)):
+            for name in names:
+                value = getattr(self, name)
+                _require(
+                    (optional and value is None) or (isinstance(value, int) and not isinstance(value, bool) and value >= 1),
+                    f"{name} must be an int >= 1{' or unset' if optional else ''}, got {value!r}",
+                )
+        groups = self.num_query_groups
+        _require(
+            groups is None or self.num_attention_heads % groups == 0,
+            f"num_attention_heads ({self.num_attention_heads}) must be a multiple of num_query_groups ({groups}): "
+            "each query group shares one key/value head",
+        )
+        tp = self.tensor_model_parallel_size
+        ffn = self.ffn_hidden_size
+        _require(
+            ffn is None or ffn % tp == 0,  # its default, 4 x hidden_size, divides when hidden_size does
+            f"ffn_hidden_size ({ffn}) must be divisible by tensor_model_parallel_size ({tp})",
+        )
+        _require(self.init_method_std >= 0, f"init_method_std must be >= 0, got {self.init_method_std!r}")
+        experts = self.num_moe_experts
+        if experts is None:
+            return
+        ep = self.expert_model_parallel_size
+        _require(
+            experts % ep == 0,
+            f"num_moe_experts ({experts}) must be divisible by expert_model_parallel_size ({ep})",
+        )
+        _require(
+            1 <= self.moe_router_topk <= experts,
+            f"moe_router_topk must be from 1 to num_moe_experts ({experts}), got {self.moe_router_topk!r}",
+        )
+        etp = self.expert_tensor_parallel_size or tp
+        expert_ffn = self.moe_ffn_hidden_size or ffn or 4 * self.hidden_size
+        _require(
+            expert_ffn % etp == 0,
+            f"moe_ffn_hidden_size ({expert_ffn}) must be divisible by expert_tensor_parallel_size ({etp}, "
+            "which defaults to tensor_model_parallel_size)",
         )
 
     def _validate_pipeline_exchange(self) -> None:
