@@ -139,7 +139,7 @@ def _worker(rank: int, args, schedule: str, out_dir: str) -> None:
             torch.distributed.barrier()
             timer.reset()
             started = time.perf_counter()
-            loss, grad_norm = train_step(model, optimizer, config, batches, p2p_timer=timer)
+            loss, grad_norm, _ = train_step(model, optimizer, config, batches, p2p_timer=timer)
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             step_s = time.perf_counter() - started

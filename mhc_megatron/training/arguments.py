@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from mhc_megatron.training.exit_requests import signal_number
+
 LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root")
 POSITION_EMBEDDINGS = ("rope", "learned_absolute", "none")
 
@@ -21,6 +23,11 @@ class TrainingArguments:
         train_iters: optimizer steps of the whole run (the LR schedule spans them).
         exit_interval: stop (after saving, when ``save`` is set) once this step is reached; the
             schedule still spans ``train_iters``, so a later run with ``load`` continues exactly.
+        exit_signal: on this signal (a name; ``null``: none is caught) every rank finishes its step,
+            the run saves (when ``save`` is set) and exits with status 75, to be resumed with
+            ``load``. exit_duration_in_mins: the same once the run has lasted this long.
+        max_consecutive_skips: a step whose loss or gradients are non-finite on any rank is skipped
+            (no update, the LR schedule does not advance); after this many in a row the run stops.
         micro_batch_size / global_batch_size: sequences per micro-batch / per optimizer step
             (over all data-parallel ranks); the ratio over data-parallel size is the number of
             micro-batches of the pipeline schedule.
@@ -49,6 +56,9 @@ class TrainingArguments:
 
     train_iters: int = 100
     exit_interval: int | None = None
+    exit_signal: str | None = "SIGTERM"
+    exit_duration_in_mins: float | None = None
+    max_consecutive_skips: int = 3
     micro_batch_size: int = 1
     global_batch_size: int = 8
     seq_length: int = 256
@@ -90,6 +100,11 @@ class TrainingArguments:
             _require_int(name, getattr(self, name), minimum=1 if name != "train_iters" else 0)
         for name in ("lr_warmup_iters", "eval_interval", "save_interval"):
             _require_int(name, getattr(self, name), minimum=0)
+        _require_int("max_consecutive_skips", self.max_consecutive_skips, minimum=1)
+        if self.exit_duration_in_mins is not None and not self.exit_duration_in_mins > 0:
+            raise ValueError(f"exit_duration_in_mins must be > 0 or null, got {self.exit_duration_in_mins!r}")
+        if self.exit_signal is not None:
+            signal_number(self.exit_signal)
         for name in ("exit_interval", "lr_decay_iters", "max_position_embeddings"):
             if getattr(self, name) is not None:
                 _require_int(name, getattr(self, name), minimum=1)

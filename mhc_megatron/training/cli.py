@@ -8,7 +8,9 @@ package's ``__init__`` imports none of its modules.
 
 Keys are described in docs/training.md (megatron-core's ``TransformerConfig`` field names, the mHC
 fields and the training settings). A bad config, dataset or checkpoint stops the job before any
-training with a message that names it (exit status 2).
+training with a message that names it (exit status 2); a run that diverges stops with exit status 3
+(``loop.TrainingDiverged``); a run stopped by its exit signal or time budget saves and exits with 75
+(``exit_requests``).
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from collections.abc import Sequence
 # Notices megatron-core and torch print on every start that say nothing about this run: the
 # optional Apex / Transformer Engine fallbacks, experimental or deprecated APIs we do not use
 # (GPTModel still is megatron-core's GPT), and torch's CUDA_HOME probe on machines without CUDA.
+BAD_INPUT, DIVERGED = 2, 3
+
 _START_UP_NOTICES = (
     "Transformer Engine and Apex are not installed",
     "Apex is not installed",
@@ -56,7 +60,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     os.environ.setdefault("MASTER_PORT", str(_free_port()))
     _quiet_start_up_notices()
     from mhc_megatron.training.config import RunConfig
-    from mhc_megatron.training.loop import train
+    from mhc_megatron.training.exit_requests import EXIT_STATUS as INTERRUPTED
+    from mhc_megatron.training.loop import TrainingDiverged, train
 
     try:
         run = RunConfig.load(args.config, args.overrides)
@@ -65,11 +70,23 @@ def main(argv: Sequence[str] | None = None) -> None:
                 print(f"mhc-train: note: {notice}", file=sys.stderr)
         result = train(run)
     except ValueError as error:
-        if os.environ["RANK"] == "0":
-            print(f"mhc-train: error: {error}", file=sys.stderr)
-        sys.exit(2)
-    if result.checkpoint is not None:
+        _error(error, BAD_INPUT)
+    except TrainingDiverged as error:
+        _error(error, DIVERGED)
+    if result.checkpoint is not None and os.environ["RANK"] == "0":
         print(f"checkpoint: {result.checkpoint}")
+    if result.interrupted_by is not None:
+        if os.environ["RANK"] == "0":
+            print(f"mhc-train: interrupted after step {result.last_step} ({result.interrupted_by}); "
+                  f"{'resume with load=<the save directory>' if result.checkpoint else 'nothing saved: save is not set'}"
+                  f" (exit status {INTERRUPTED})", file=sys.stderr)
+        sys.exit(INTERRUPTED)
+
+
+def _error(error: Exception, status: int) -> None:
+    if os.environ["RANK"] == "0":
+        print(f"mhc-train: error: {error}", file=sys.stderr)
+    sys.exit(status)
 
 
 def _free_port() -> int:

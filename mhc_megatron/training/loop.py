@@ -41,16 +41,23 @@ from mhc_megatron.training.checkpoints import (
     save_training_checkpoint,
 )
 from mhc_megatron.training.config import RunConfig
+from mhc_megatron.training.exit_requests import ExitRequests
 from mhc_megatron.training.metrics import MetricsLogger, format_bytes
 
 
 @dataclass
 class TrainResult:
-    """Where the run stopped and what it wrote."""
+    """Where the run stopped, what it wrote, and why it stopped before its last step (a signal or
+    the time budget, ``exit_requests``; ``None``: it reached ``last_step``)."""
 
     last_step: int
     run_dir: Path
     checkpoint: Path | None
+    interrupted_by: str | None = None
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or gradients were non-finite for ``max_consecutive_skips`` steps in a row."""
 
 
 def _is_logging_rank() -> bool:
@@ -131,6 +138,7 @@ class Trainer:
         self.model = wrap_with_ddp(chunks, config, self.args.use_distributed_optimizer)
         self.optimizer, self.scheduler = build_training_optimizer(run, config, self.model)
         self.iteration = self.consumed_samples = 0
+        self.skipped_steps: list[int] = []  # the current run of consecutive non-finite steps
         self.saved_iteration: int | None = None  # the step whose checkpoint exists (saved or loaded)
         # time blocked in pipeline exchanges (pipeline/exchange_timing.py), logged per step when pipelined
         self.p2p_timer = P2PTimer() if config.pipeline_model_parallel_size > 1 else None
@@ -182,7 +190,10 @@ class Trainer:
         with recording as recorder:
             if self.p2p_timer is not None:
                 self.p2p_timer.reset()
-            loss, grad_norm = train_step(self.model, self.optimizer, self.config, micro_batches, self.p2p_timer)
+            loss, grad_norm, nonfinite = train_step(self.model, self.optimizer, self.config, micro_batches,
+                                                    self.p2p_timer)
+        if nonfinite:
+            self.scheduler.step(-1)  # a skipped step leaves the LR schedule where it was
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         step_time = time.perf_counter() - started
@@ -190,14 +201,16 @@ class Trainer:
         self.consumed_samples += args.global_batch_size
         record = {
             "step": self.iteration,
-            "loss": loss,
+            "loss": None if "loss" in nonfinite else loss,
             "lr": lr,
-            "grad_norm": float(grad_norm),
+            "grad_norm": None if nonfinite else float(grad_norm),
             "step_time_s": step_time,
             "tokens_per_s": args.global_batch_size * args.seq_length / step_time,
             "peak_mem_bytes": int(_max_over_ranks(_peak_memory_bytes())),
             "consumed_samples": self.consumed_samples,
         }
+        if nonfinite:
+            record["skipped"] = list(nonfinite)
         if self.p2p_timer is not None:
             record["p2p_blocked_s"] = _max_over_ranks(self.p2p_timer.seconds)  # the most blocked rank
         if log_gain:
@@ -209,7 +222,25 @@ class Trainer:
             record["eval_loss"] = evaluate(self.model, self.config, self.data.valid, args.eval_iters)
         return record
 
-    def run(self) -> TrainResult:
+    def _check_divergence(self, record: dict) -> None:
+        """Say that a step was skipped; stop the run after ``max_consecutive_skips`` in a row."""
+        if "skipped" not in record:
+            self.skipped_steps = []
+            return
+        self.skipped_steps.append(record["step"])
+        _say(f"step {record['step']}: skipped: non-finite {' and '.join(record['skipped'])} (no update; "
+             f"{len(self.skipped_steps)} in a row, the run stops at {self.args.max_consecutive_skips})")
+        if len(self.skipped_steps) >= self.args.max_consecutive_skips:
+            first, last = self.skipped_steps[0], self.skipped_steps[-1]
+            kept = f"step {self.saved_iteration}" if self.saved_iteration is not None else "none"
+            raise TrainingDiverged(
+                f"the run diverged: the loss or gradients were non-finite at steps {first} to {last} "
+                f"({len(self.skipped_steps)} in a row, max_consecutive_skips={self.args.max_consecutive_skips}); "
+                f"no update was applied from them and no checkpoint holds them (last checkpoint: {kept}). "
+                "Resume from it with a lower lr, a longer lr_warmup_iters or a smaller clip_grad"
+            )
+
+    def run(self, exit_requests: ExitRequests) -> TrainResult:
         args = self.args
         metrics = (
             MetricsLogger(self.run_dir, args.train_iters, args.log_interval, self.iteration, self.run_config.to_mapping(),
@@ -217,27 +248,36 @@ class Trainer:
             if _is_logging_rank()
             else None
         )
-        checkpoint = None
-        while self.iteration < args.last_step:
-            record = self.step()
-            if metrics is not None:
-                metrics.log(record)
-            if args.save and args.save_interval and self.iteration % args.save_interval == 0:
+        checkpoint = interrupted_by = None
+        try:
+            while self.iteration < args.last_step:
+                record = self.step()
+                if metrics is not None:
+                    metrics.log(record)
+                self._check_divergence(record)
+                if args.save and args.save_interval and self.iteration % args.save_interval == 0:
+                    checkpoint = self.save()
+                interrupted_by = exit_requests.reason()
+                if interrupted_by is not None:
+                    _say(f"stopping after step {self.iteration}: {interrupted_by}")
+                    break
+            if args.save and self.saved_iteration != self.iteration:
                 checkpoint = self.save()
-        if args.save and self.saved_iteration != self.iteration:
-            checkpoint = self.save()
+        finally:
+            if metrics is not None:
+                metrics.close()
         if metrics is not None:
-            metrics.close()
             if metrics.first_loss is not None:
                 _say(f"loss: {metrics.first_loss:.4f} at step {metrics.first_step} -> {metrics.last_loss:.4f} "
                      f"at step {self.iteration}")
             _say(f"metrics: {self.run_dir / 'metrics.jsonl'} (TensorBoard: {self.run_dir / 'tensorboard'}); "
                  f"peak memory {format_bytes(_peak_memory_bytes())}")
-        return TrainResult(last_step=self.iteration, run_dir=self.run_dir, checkpoint=checkpoint)
+        return TrainResult(self.iteration, self.run_dir, checkpoint, interrupted_by)
 
 
 def train(run: RunConfig) -> TrainResult:
     """Train as ``run`` says, in this process of the job; see the module docstring."""
+    started = time.monotonic()
     args = run.training
     config = run.transformer_config()
     _check_output_directories(args)
@@ -246,6 +286,7 @@ def train(run: RunConfig) -> TrainResult:
         check_indexed_dataset(args.data_path)
     initialize_parallel(**parallel_layout(config), seed=args.seed)
     try:
-        return Trainer(run, config).run()
+        with ExitRequests(args.exit_signal, args.exit_duration_in_mins, started) as exit_requests:
+            return Trainer(run, config).run(exit_requests)
     finally:
         destroy_parallel()

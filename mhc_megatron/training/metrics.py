@@ -4,7 +4,8 @@ in or needs the network) and the console (a line per ``log_interval``, or a prog
 output is a terminal).
 
 Per-step record keys: ``step``, ``loss``, ``lr``, ``grad_norm``, ``step_time_s``, ``tokens_per_s``,
-``peak_mem_bytes``, ``consumed_samples``; ``amax_gain_forward`` / ``amax_gain_backward`` (HC and mHC,
+``peak_mem_bytes``, ``consumed_samples``; ``skipped`` (steps whose loss or gradients were non-finite:
+which of them; ``loss`` is then ``null`` when it was the loss, ``grad_norm`` always); ``amax_gain_forward`` / ``amax_gain_backward`` (HC and mHC,
 every ``log_interval``); ``eval_loss`` (evaluation steps). A resumed run appends to the same file.
 """
 
@@ -86,19 +87,22 @@ class MetricsLogger:
 
     def log(self, record: dict) -> None:
         step = record["step"]
-        if self.first_loss is None:
-            self.first_step, self.first_loss = step, record["loss"]
-        self.last_loss = record["loss"]
+        if record["loss"] is not None:
+            if self.first_loss is None:
+                self.first_step, self.first_loss = step, record["loss"]
+            self.last_loss = record["loss"]
         self.jsonl.write(json.dumps(record) + "\n")
         self.jsonl.flush()
         for key, value in record.items():
-            if key != "step":
+            if key != "step" and isinstance(value, (int, float)):
                 self.tensorboard.add_scalar(key, value, step)
         if self.wandb_run is not None:
             self.wandb_run.log(record, step=step)
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
-            self.bar.set_postfix_str(f"loss {record['loss']:.4f}")
+            self.bar.set_postfix_str("skipped" if record["loss"] is None else f"loss {record['loss']:.4f}")
+        if "skipped" in record:
+            return  # the trainer says so on every skipped step
         if step % self.log_interval == 0 or step == self.train_iters or "eval_loss" in record:
             line = console_line(record, self.train_iters)
             if self.bar is not None:

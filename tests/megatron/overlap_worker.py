@@ -151,7 +151,7 @@ def run_variant(base: MhcTransformerConfig, overrides: dict, initial: list[dict]
     optimizer = build_optimizer(model, lr=1e-2, bf16=config.bf16, params_dtype=config.params_dtype)
     losses, grad_norms = [], []
     for step in range(STEPS):
-        loss, grad_norm = train_step(model, optimizer, config, micro_batches(step, count))
+        loss, grad_norm, _ = train_step(model, optimizer, config, micro_batches(step, count))
         losses.append(loss)
         grad_norms.append(float(grad_norm))
     exchanged = {"forward": [], "backward": []}

@@ -4,13 +4,14 @@ The pieces a training loop needs around ``build_model_chunks``: ``wrap_with_ddp`
 optionally for the distributed optimizer), ``build_optimizer``, ``forward_backward``, which runs
 ``get_forward_backward_func()`` over the micro-batches of one global batch (1F1B or interleaved
 under pipeline parallelism, with the stream-sized pipeline buffers), and ``train_step``: that and
-the optimizer step.
+the optimizer step, skipped on every rank when a loss or gradient is non-finite on one.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
+from typing import NamedTuple
 
 import torch
 from megatron.core import parallel_state
@@ -19,6 +20,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from mhc_megatron.megatron.model.transformer_config import MhcTransformerConfig
+from mhc_megatron.megatron.parallel import local_device
 from mhc_megatron.megatron.pipeline.buffers import stream_micro_batch_size
 from mhc_megatron.megatron.pipeline.exchange_thread import pipeline_communicator
 from mhc_megatron.megatron.pipeline.exchange_timing import P2PTimer
@@ -147,20 +149,44 @@ def forward_backward(
     return run_schedule(model_chunks, config, micro_batches, p2p_timer=p2p_timer, forward_only=False)
 
 
+class StepOutcome(NamedTuple):
+    """What ``train_step`` did: ``loss`` (the last pipeline stage's mean, else ``None``),
+    ``grad_norm`` (the norm the optimizer clipped; ``None`` when skipped) and ``nonfinite``, the parts
+    found non-finite on any rank (``"loss"``, ``"gradients"``); when it is not empty, every rank
+    skipped the optimizer step."""
+
+    loss: float | None
+    grad_norm: float | None
+    nonfinite: tuple[str, ...]
+
+
+def nonfinite_parts(model_chunks: list[torch.nn.Module], losses: list) -> tuple[str, ...]:
+    """Which of this step's loss (``losses``: the schedule's records, on the last stage) and reduced
+    gradients (megatron's DDP gradient buffers) hold a NaN or infinity on any rank: one flag pair,
+    all-reduced over the world, so that every rank decides the same."""
+    def any_nonfinite(tensors) -> torch.Tensor:  # on the device: no synchronisation before the all-reduce
+        finite = [torch.isfinite(tensor).all() for tensor in tensors]
+        return ~torch.stack(finite).all() if finite else torch.tensor(False, device=local_device())
+
+    buffers = [buffer.grad_data for chunk in model_chunks for buffer in (*chunk.buffers, *chunk.expert_parallel_buffers)]
+    flags = torch.stack([any_nonfinite(entry["lm loss"] for entry in losses), any_nonfinite(buffers)]).float()
+    torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+    return tuple(part for part, flag in zip(("loss", "gradients"), flags.tolist()) if flag)
+
+
 def train_step(
     model_chunks: list[torch.nn.Module],
     optimizer,
     config: MhcTransformerConfig,
     micro_batches: list[MicroBatch],
     p2p_timer: P2PTimer | None = None,
-) -> tuple[float | None, float]:
-    """Forward and backward over ``micro_batches`` (this data-parallel rank's share), then step
-    (``forward_backward``; ``p2p_timer``: see ``run_schedule``).
-
-    Returns ``(loss, grad_norm)``: the loss averaged over micro-batches and data-parallel ranks on
-    the last pipeline stage (``None`` elsewhere), and the gradient norm the optimizer clipped.
-    """
+) -> StepOutcome:
+    """Forward and backward over ``micro_batches`` (this data-parallel rank's share), then the
+    optimizer step unless the loss or a gradient is non-finite on any rank (``nonfinite_parts``):
+    then no parameter or optimizer state changes (``forward_backward``; ``p2p_timer``: see
+    ``run_schedule``). The loss is averaged over micro-batches and data-parallel ranks."""
     optimizer.zero_grad()
     losses = forward_backward(model_chunks, config, micro_batches, p2p_timer)
-    _, grad_norm, _ = optimizer.step()
-    return mean_loss(losses), grad_norm
+    nonfinite = nonfinite_parts(model_chunks, losses)
+    grad_norm = None if nonfinite else optimizer.step()[1]
+    return StepOutcome(mean_loss(losses), grad_norm, nonfinite)
