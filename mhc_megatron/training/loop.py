@@ -39,6 +39,7 @@ from mhc_megatron.training.checkpoints import (
     holds_checkpoint,
     load_training_checkpoint,
     save_training_checkpoint,
+    unfinished_saves,
 )
 from mhc_megatron.training.config import RunConfig
 from mhc_megatron.training.exit_requests import ExitRequests
@@ -152,6 +153,9 @@ class Trainer:
 
     def _resume(self) -> None:
         args = self.args
+        if args.load:
+            for left in unfinished_saves(args.load):
+                _say(f"ignoring {left}: a save that did not finish (the job stopped during it)")
         if not args.load or (args.load == args.save and not has_checkpoints(args.load)):
             return  # nothing to load (load = save names where a run resumes once it has saved)
         optimizer = None if args.finetune else self.optimizer
