@@ -207,6 +207,17 @@ def slurm_env(repo: Path, bin_dir: Path, **extra: str) -> dict[str, str]:
     return {**env, **extra}
 
 
+def write_scontrol(bin_dir: Path, nodelist: str, addresses: dict[str, str]) -> Path:
+    """A stand-in for scontrol: ``show hostnames NODELIST`` lists the hosts of ``addresses`` and
+    ``show node HOST`` gives HOST's NodeAddr, among other fields, as slurm 22.05 prints them."""
+    answers = [f'[ "$*" = "show hostnames {nodelist}" ] && {{ printf "%s\\n" {" ".join(addresses)}; exit 0; }}']
+    for host, address in addresses.items():
+        node = f"NodeName={host} Arch=x86_64 CoresPerSocket=1\n   CPUAlloc=0 CPUEfctv=2 CPUTot=2\n" \
+               f"   NodeAddr={address} NodeHostName={host} Port=6818 Version=22.05.8\n   State=IDLE"
+        answers.append(f'[ "$*" = "show node {host}" ] && {{ printf "{node}\\n"; exit 0; }}')
+    return write_tool(bin_dir / "scontrol", "\n".join([*answers, 'echo "unexpected: scontrol $*" >&2; exit 3', ""]))
+
+
 def sbatch_argv(python: str, config: str, nnodes="2", nproc="8", endpoint="gpu-a1:29500", job="4242", overrides=()):
     return [
         "srun", f"--nodes={nnodes}", f"--ntasks={nnodes}", "--ntasks-per-node=1", "--kill-on-bad-exit=1",
@@ -227,12 +238,28 @@ def test_sbatch_dry_run_without_scontrol(repo, bin_dir):
     assert result.stderr == ""
 
 
-def test_sbatch_takes_the_first_host_from_scontrol(repo, bin_dir):
-    expect_args = '[ "$1 $2 $3" = "show hostnames gpu-b[07-08]" ] || exit 3\n'
-    write_tool(bin_dir / "scontrol", expect_args + "echo gpu-b07\necho gpu-b08\n")
+@pytest.mark.parametrize(("address", "endpoint"), [("gpu-b07", "gpu-b07"), ("10.0.0.7", "10.0.0.7")],
+                         ids=["address-is-the-host-name", "address-set-in-slurm-conf"])
+def test_sbatch_takes_the_first_hosts_address_from_scontrol(repo, bin_dir, address, endpoint):
+    write_scontrol(bin_dir, "gpu-b[07-08]", {"gpu-b07": address, "gpu-b08": "10.0.0.8"})
     env = slurm_env(repo, bin_dir, DRY_RUN="1", SLURM_JOB_NODELIST="gpu-b[07-08]")
     argv = printed_command(run(repo, SBATCH, **env))
-    assert argv[argv.index("--rdzv-endpoint") + 1] == "gpu-b07:29500"
+    assert argv[argv.index("--rdzv-endpoint") + 1] == f"{endpoint}:29500"
+
+
+@pytest.mark.parametrize(
+    ("node_answer", "message"),
+    [("echo 'Node gpu-b07 not found' >&2; exit 1", "'scontrol show node gpu-b07' failed"),
+     ("echo 'NodeName=gpu-b07 Arch=x86_64'", "'scontrol show node gpu-b07' gives no NodeAddr")],
+    ids=["unknown-node", "no-address"],
+)
+def test_sbatch_names_a_node_scontrol_gives_no_address_of(repo, bin_dir, node_answer, message):
+    answers = '[ "$2" = hostnames ] && { echo gpu-b07; echo gpu-b08; exit 0; }\n'
+    write_tool(bin_dir / "scontrol", answers + node_answer + "\n")
+    result = run(repo, SBATCH, **slurm_env(repo, bin_dir, DRY_RUN="1", SLURM_JOB_NODELIST="gpu-b[07-08]"))
+    assert result.returncode == 1
+    assert message in result.stderr and "set MASTER_ADDR to the address of gpu-b07" in result.stderr
+    assert result.stdout == ""
 
 
 @pytest.mark.parametrize(
@@ -299,7 +326,7 @@ def test_sbatch_names_a_bad_setting(repo, bin_dir, extra, message):
 
 def test_sbatch_execs_the_srun_command_it_prints(repo, bin_dir):
     echo_args_tool(bin_dir / "srun")
-    write_tool(bin_dir / "scontrol", "echo gpu-c1\necho gpu-c2\n")
+    write_scontrol(bin_dir, "gpu-c[1-2]", {"gpu-c1": "gpu-c1", "gpu-c2": "gpu-c2"})
     result = run(repo, SBATCH, ["train_iters=5"], **slurm_env(repo, bin_dir, SLURM_JOB_NODELIST="gpu-c[1-2]"))
     printed = printed_command(result)
     ran = json.loads(result.stdout.splitlines()[1])
