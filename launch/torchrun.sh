@@ -19,7 +19,10 @@
 #                   the repository when it exists, else python3
 #   DRY_RUN         1: print the command and exit without running it   default 0
 #
-# The command is printed on one line, prefixed with "+ ", before it is run (exec'd).
+# The command is printed on one line, prefixed with "+ ", before it is run. The script exits with
+# mhc-train's own exit status (torchrun's is 1 on any failure): 0 done, 2 bad input, 3 diverged,
+# 75 stopped by its exit signal or time budget after saving (resume with load=); SIGTERM sent to
+# the script reaches torchrun, which passes it on to its workers (launch/lib/run-job.sh).
 #
 # One node, all of its GPUs:
 #   launch/torchrun.sh train_iters=100 hc_mode=residual
@@ -119,4 +122,10 @@ if [[ $PYTHON == */* ]]; then
 else
     command -v "$PYTHON" >/dev/null 2>&1 || die "PYTHON='$PYTHON' is not found on PATH"
 fi
-exec "${cmd[@]}"
+# shellcheck source=lib/run-job.sh
+source "$REPO_ROOT/launch/lib/run-job.sh"
+status_file=$(mktemp "${TMPDIR:-/tmp}/mhc-train-exit.XXXXXX")
+status=0
+run_job "$status_file" "${cmd[@]}" || status=$?
+rm -f "$status_file"
+exit "$status"

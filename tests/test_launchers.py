@@ -9,6 +9,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = "launch/torchrun.sh"
 SBATCH = "launch/slurm/train.sbatch"
+RUN_JOB = "launch/lib/run-job.sh"
 BASH = shutil.which("bash")
 
 
@@ -25,7 +27,7 @@ BASH = shutil.which("bash")
 def repo(tmp_path: Path) -> Path:
     """A repository with both scripts, the default config and the package folder, and no .venv."""
     root = tmp_path / "repo"
-    for name in (TORCHRUN, SBATCH):
+    for name in (TORCHRUN, SBATCH, RUN_JOB):
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / name, root / name)
     (root / "configs").mkdir()
@@ -39,7 +41,7 @@ def bin_dir(tmp_path: Path) -> Path:
     """Only the tools the scripts use, so that no real nvidia-smi, scontrol or srun is found."""
     tools = tmp_path / "bin"
     tools.mkdir()
-    for tool in ("dirname", "grep", "sed"):
+    for tool in ("dirname", "grep", "mktemp", "rm", "sed"):
         (tools / tool).symlink_to(shutil.which(tool))
     return tools
 
@@ -52,8 +54,8 @@ def write_tool(path: Path, body: str, interpreter: str = BASH) -> Path:
 
 
 def echo_args_tool(path: Path) -> Path:
-    """A stand-in for python or srun: prints its arguments and its parent's pid as JSON."""
-    body = "import json, os, sys\nprint(json.dumps({'argv': sys.argv[1:], 'ppid': os.getppid()}))\n"
+    """A stand-in for python or srun: prints its arguments as JSON."""
+    body = "import json, sys\nprint(json.dumps({'argv': sys.argv[1:]}))\n"
     return write_tool(path, body, sys.executable)
 
 
@@ -175,7 +177,7 @@ def test_torchrun_names_a_bad_setting(repo, bin_dir, env, args, message):
     assert result.stdout == ""
 
 
-def test_torchrun_execs_the_command_it_prints(repo, bin_dir, tmp_path):
+def test_torchrun_runs_the_command_it_prints(repo, bin_dir, tmp_path):
     fake_python = echo_args_tool(tmp_path / "fake bin/python")
     env = dict(PATH=str(bin_dir), PYTHON=str(fake_python), NPROC_PER_NODE="2")
     result = run(repo, TORCHRUN, ["train_iters=3", "name=a b"], **env)
@@ -183,7 +185,38 @@ def test_torchrun_execs_the_command_it_prints(repo, bin_dir, tmp_path):
     ran = json.loads(result.stdout.splitlines()[1])
     assert printed[0] == str(fake_python)
     assert ran["argv"] == printed[1:]
-    assert ran["ppid"] == os.getpid()  # exec'd: the fake replaced bash, the child of this process
+
+
+def status_writing_tool(path: Path, written: str, exit_status: int) -> Path:
+    """A stand-in for torchrun: writes ``written`` to $MHC_EXIT_STATUS_FILE (as mhc-train's local rank
+    0 does; nothing when empty) and exits with ``exit_status`` (torchrun's 1 after a worker failed)."""
+    body = (f'[[ -n "{written}" ]] && echo "{written}" > "$MHC_EXIT_STATUS_FILE"\n'
+            f'exit {exit_status}\n')
+    return write_tool(path, body)
+
+
+@pytest.mark.parametrize("written, exit_status, expected", [("75", 1, 75), ("0", 0, 0), ("", 1, 1), ("", 137, 137)])
+def test_torchrun_exits_with_mhc_trains_status(repo, bin_dir, tmp_path, written, exit_status, expected):
+    """mhc-train's own status when it wrote one (torchrun's 1 says only that a worker failed), else
+    the command's; the status file is not left behind."""
+    fake_python = status_writing_tool(tmp_path / "python", written, exit_status)
+    (tmp_path / "tmp").mkdir()
+    result = run(repo, TORCHRUN, PATH=str(bin_dir), PYTHON=str(fake_python), TMPDIR=str(tmp_path / "tmp"))
+    assert result.returncode == expected, result.stderr
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_a_sigterm_to_torchrun_sh_reaches_the_command(repo, bin_dir, tmp_path):
+    """A scheduler or a user stopping the script stops the run through its exit signal, not by
+    leaving it behind: the command gets SIGTERM and the script returns its status."""
+    fake_python = write_tool(tmp_path / "python", 'trap \'echo 75 > "$MHC_EXIT_STATUS_FILE"; exit 1\' TERM\n'
+                                                   'echo started\nwhile :; do sleep 0.05; done\n')
+    bin_dir.joinpath("sleep").symlink_to(shutil.which("sleep"))
+    script = subprocess.Popen([BASH, str(repo / TORCHRUN)], cwd=repo, stdout=subprocess.PIPE, text=True,
+                              env=dict(PATH=str(bin_dir), PYTHON=str(fake_python)))
+    assert script.stdout.readline().startswith("+ ") and script.stdout.readline() == "started\n"
+    script.send_signal(signal.SIGTERM)
+    assert script.wait(timeout=30) == 75
 
 
 def test_torchrun_names_a_missing_python(repo, bin_dir):
@@ -324,15 +357,29 @@ def test_sbatch_names_a_bad_setting(repo, bin_dir, extra, message):
     assert result.stdout == ""
 
 
-def test_sbatch_execs_the_srun_command_it_prints(repo, bin_dir):
+def test_sbatch_runs_the_srun_command_it_prints(repo, bin_dir):
     echo_args_tool(bin_dir / "srun")
     write_scontrol(bin_dir, "gpu-c[1-2]", {"gpu-c1": "gpu-c1", "gpu-c2": "gpu-c2"})
     result = run(repo, SBATCH, ["train_iters=5"], **slurm_env(repo, bin_dir, SLURM_JOB_NODELIST="gpu-c[1-2]"))
     printed = printed_command(result)
     ran = json.loads(result.stdout.splitlines()[1])
     assert printed[0] == "srun" and ran["argv"] == printed[1:]
-    assert ran["ppid"] == os.getpid()
     assert printed[printed.index("--rdzv-endpoint") + 1] == "gpu-c1:29500"
+
+
+@pytest.mark.parametrize("written, requeue, requeued", [("75", "1", True), ("75", "0", False), ("3", "1", False)])
+def test_sbatch_requeues_a_run_that_stopped_after_saving(repo, bin_dir, tmp_path, written, requeue, requeued):
+    """Exit status 75 (interrupted, saved) with REQUEUE=1: `scontrol requeue JOB`; the script exits
+    with mhc-train's status either way."""
+    status_writing_tool(bin_dir / "srun", written, 1)
+    write_tool(bin_dir / "scontrol", f'echo "$*" >> "{tmp_path / "scontrol.log"}"\n')
+    result = run(repo, SBATCH, **slurm_env(repo, bin_dir, MASTER_ADDR="gpu-a1", REQUEUE=requeue,
+                                           TMPDIR=str(tmp_path)))
+    assert result.returncode == int(written), result.stderr
+    calls = (tmp_path / "scontrol.log").read_text().splitlines() if requeued else []
+    assert calls == (["requeue 4242"] if requeued else [])
+    assert not (tmp_path / "scontrol.log").exists() or requeued
+    assert ("requeueing job 4242" in result.stderr) == requeued
 
 
 def test_sbatch_hands_cpus_per_task_to_srun(repo, bin_dir):

@@ -12,6 +12,7 @@ that fails. Without CUDA it also keeps glibc's heap from being trimmed between s
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 
 import torch
 from megatron.core import ModelParallelConfig, parallel_state, tensor_parallel
@@ -33,12 +34,15 @@ def initialize_parallel(
     *,
     expert_tensor_parallel_size: int | None = None,
     pipeline_model_parallel_comm_backend: str | None = None,
+    timeout_minutes: float = 10.0,
 ) -> None:
     """Start ``torch.distributed`` (if needed), build megatron's process groups and seed the RNGs.
 
     The sizes and the pipeline's backend are ``parallel_state.initialize_model_parallel``'s;
     ``parallel_layout(config)`` gives those of a model config. ``seed`` is also the run's seed that
     the model builders draw the initial weights from (``run_seed``, ``model/initialization.py``).
+    ``timeout_minutes``: how long a collective of any process group waits for a rank that does not
+    come (a node that died without closing its connections) before it raises.
     """
     global _run_seed
     on_gpu = torch.cuda.is_available()
@@ -51,7 +55,8 @@ def initialize_parallel(
         if not torch.distributed.is_initialized():
             if on_gpu:
                 torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-            torch.distributed.init_process_group(backend="nccl" if on_gpu else "gloo")
+            torch.distributed.init_process_group(backend="nccl" if on_gpu else "gloo",
+                                                 timeout=timedelta(minutes=timeout_minutes))
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=tensor_model_parallel_size,
             pipeline_model_parallel_size=pipeline_model_parallel_size,
@@ -59,6 +64,7 @@ def initialize_parallel(
             expert_model_parallel_size=expert_model_parallel_size,
             expert_tensor_parallel_size=expert_tensor_parallel_size,
             pipeline_model_parallel_comm_backend=pipeline_model_parallel_comm_backend,
+            distributed_timeout_minutes=timeout_minutes,
         )
         torch.manual_seed(seed)
         tensor_parallel.model_parallel_cuda_manual_seed(seed)

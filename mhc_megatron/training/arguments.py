@@ -26,6 +26,9 @@ class TrainingArguments:
         exit_signal: on this signal (a name; ``null``: none is caught) every rank finishes its step,
             the run saves (when ``save`` is set) and exits with status 75, to be resumed with
             ``load``. exit_duration_in_mins: the same once the run has lasted this long.
+        distributed_timeout_minutes: how long a collective waits for a rank that does not come (a
+            node that died silently) before the job fails; a rank that dies on a live node is noticed
+            at once. Megatron-LM's default.
         max_consecutive_skips: a step whose loss or gradients are non-finite on any rank is skipped
             (no update, the LR schedule does not advance); after this many in a row the run stops.
         micro_batch_size / global_batch_size: sequences per micro-batch / per optimizer step
@@ -59,6 +62,7 @@ class TrainingArguments:
     exit_signal: str | None = "SIGTERM"
     exit_duration_in_mins: float | None = None
     max_consecutive_skips: int = 3
+    distributed_timeout_minutes: float = 10.0
     micro_batch_size: int = 1
     global_batch_size: int = 8
     seq_length: int = 256
@@ -103,6 +107,8 @@ class TrainingArguments:
         _require_int("max_consecutive_skips", self.max_consecutive_skips, minimum=1)
         if self.exit_duration_in_mins is not None and not self.exit_duration_in_mins > 0:
             raise ValueError(f"exit_duration_in_mins must be > 0 or null, got {self.exit_duration_in_mins!r}")
+        if not self.distributed_timeout_minutes > 0:
+            raise ValueError(f"distributed_timeout_minutes must be > 0, got {self.distributed_timeout_minutes!r}")
         if self.exit_signal is not None:
             signal_number(self.exit_signal)
         for name in ("exit_interval", "lr_decay_iters", "max_position_embeddings"):

@@ -80,12 +80,24 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(f"mhc-train: interrupted after step {result.last_step} ({result.interrupted_by}); "
                   f"{'resume with load=<the save directory>' if result.checkpoint else 'nothing saved: save is not set'}"
                   f" (exit status {INTERRUPTED})", file=sys.stderr)
-        sys.exit(INTERRUPTED)
+        _exit(INTERRUPTED)
+    _exit(0)
 
 
 def _error(error: Exception, status: int) -> None:
     if os.environ["RANK"] == "0":
         print(f"mhc-train: error: {error}", file=sys.stderr)
+    _exit(status)
+
+
+def _exit(status: int) -> None:
+    """Exit with ``status``, first written to ``$MHC_EXIT_STATUS_FILE`` when set (by each node's local
+    rank 0): torchrun exits with 1 whatever its workers' statuses, so the launch scripts read the
+    status there (an interrupted run's 75 is how they know to requeue it)."""
+    path = os.environ.get("MHC_EXIT_STATUS_FILE")
+    if path and os.environ["LOCAL_RANK"] == "0":
+        with open(path, "w") as file:
+            file.write(f"{status}\n")
     sys.exit(status)
 
 

@@ -288,7 +288,7 @@ def train(run: RunConfig) -> TrainResult:
     data_parallel_size(run, config, int(os.environ.get("WORLD_SIZE", "1")))  # every size, before any process group
     if args.data_path is not None:
         check_indexed_dataset(args.data_path)
-    initialize_parallel(**parallel_layout(config), seed=args.seed)
+    initialize_parallel(**parallel_layout(config), seed=args.seed, timeout_minutes=args.distributed_timeout_minutes)
     try:
         with ExitRequests(args.exit_signal, args.exit_duration_in_mins, started) as exit_requests:
             return Trainer(run, config).run(exit_requests)

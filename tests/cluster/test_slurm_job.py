@@ -5,6 +5,7 @@ at the first node's NodeAddr (127.0.0.1; the node names n1, n2 do not resolve)."
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from .conftest import QUIET, ROOT, Job, assert_matches_one_process, free_port, read_metrics
@@ -12,18 +13,32 @@ from .conftest import QUIET, ROOT, Job, assert_matches_one_process, free_port, r
 SCRIPT = "launch/slurm/train.sbatch"
 
 
+def sbatch(slurm_env: dict[str, str], job: Job, workdir: Path, *overrides: str, port: int,
+           options: tuple[str, ...] = (), **env: str) -> subprocess.Popen:
+    """``sbatch --wait`` of the script on 2 nodes x 1 task with ``job``'s config, rendezvous on
+    ``port``, started; submitted from the repository root, as the script asks, to work in
+    ``workdir`` (where its output file goes)."""
+    env = {**slurm_env, **QUIET, "CONFIG": str(job.config), "PYTHON": sys.executable, "MASTER_PORT": str(port), **env}
+    command = ["sbatch", "--wait", "--parsable", f"--chdir={workdir}", "--nodes=2", "--ntasks-per-node=1", *options,
+               SCRIPT, *overrides]
+    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def submitted_job_id(submission: subprocess.Popen) -> str:
+    """The id ``sbatch --parsable`` prints as soon as the job is queued."""
+    line = submission.stdout.readline()
+    job_id = line.split(";")[0].strip()
+    assert job_id.isdigit(), f"sbatch printed no job id: {line!r} {submission.stderr.read() if not line else ''}"
+    return job_id
+
+
 def submit(slurm_env: dict[str, str], job: Job, workdir: Path, *overrides: str,
            port: int) -> tuple[subprocess.CompletedProcess, str]:
-    """``sbatch --wait`` of the script on 2 nodes x 1 task with ``job``'s config, rendezvous on
-    ``port``; submitted from the repository root, as the script asks, to work in ``workdir`` (where
-    its output file goes). The result and the job id."""
-    env = {**slurm_env, **QUIET, "CONFIG": str(job.config), "PYTHON": sys.executable, "MASTER_PORT": str(port)}
-    command = ["sbatch", "--wait", "--parsable", f"--chdir={workdir}", "--nodes=2", "--ntasks-per-node=1", SCRIPT,
-               *overrides]
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    job_id = result.stdout.split(";")[0].strip()
-    assert job_id.isdigit(), f"sbatch printed no job id:\n{result.stdout}{result.stderr}"
-    return result, job_id
+    """``sbatch`` as above, waited for: its result and the job id."""
+    submission = sbatch(slurm_env, job, workdir, *overrides, port=port)
+    job_id = submitted_job_id(submission)
+    stdout, stderr = submission.communicate(timeout=300)
+    return subprocess.CompletedProcess(submission.args, submission.returncode, stdout, stderr), job_id
 
 
 def output_file(workdir: Path, job_id: str) -> Path:
@@ -59,7 +74,46 @@ def test_sbatch_wait_returns_the_exit_status_of_a_failed_job(slurm_env, job, tmp
     result, job_id = submit(slurm_env, job, tmp_path, *job.arguments(tmp_path / "run"), "hiden_size=64",
                             port=free_port())
     record = job_record(slurm_env, job_id)
-    assert result.returncode != 0
-    # the job's exit status: the srun step's, 1 or 143 as the failing rank or --kill-on-bad-exit ends each task
-    assert record["JobState"] == "FAILED" and record["ExitCode"] == f"{result.returncode}:0", (record, result)
+    # mhc-train's status for bad input, not torchrun's 1: the script reads it from the status file
+    assert result.returncode == 2, result
+    assert record["JobState"] == "FAILED" and record["ExitCode"] == "2:0", (record, result)
     assert "unknown config key 'hiden_size'" in output_file(tmp_path, job_id).read_text()
+
+
+def wait_for_state(slurm_env: dict[str, str], job_id: str, state: str, deadline: float) -> dict[str, str]:
+    """Poll ``scontrol show job`` until the job is in ``state`` (often: its record lasts MinJobAge = 4 s)."""
+    while (record := job_record(slurm_env, job_id)).get("JobState") != state:
+        assert time.monotonic() < deadline, f"job {job_id} not {state} in time: {record}"
+        time.sleep(0.1)
+    return record
+
+
+def test_a_signalled_job_saves_requeues_itself_and_resumes(slurm_env, job, one_process, tmp_path):
+    """``scancel --signal=TERM`` once the model is built: every rank finishes step 1, the run saves
+    and exits with 75; with REQUEUE=1 the script requeues the job, which resumes from the checkpoint
+    (save = load) and completes with the losses of the uninterrupted run. (``sbatch --wait`` returns
+    when the first run ends, requeued; the job is followed with scontrol after that.)"""
+    save = tmp_path / "checkpoints"
+    submission = sbatch(slurm_env, job, tmp_path, *job.arguments(tmp_path / "run"), f"save={save}", f"load={save}",
+                        port=free_port(), options=("--requeue",), REQUEUE="1")
+    job_id = submitted_job_id(submission)
+    output = output_file(tmp_path, job_id)
+    deadline = time.monotonic() + 180
+    while not (output.is_file() and "model: " in output.read_text()):
+        assert submission.poll() is None and time.monotonic() < deadline, output.read_text() if output.is_file() else ""
+        time.sleep(0.1)
+    scancel = ["scancel", "--signal=TERM", job_id]
+    assert subprocess.run(scancel, env=slurm_env, capture_output=True, timeout=30).returncode == 0
+    # Slurm holds a requeued job for about two minutes (its begin time); start it at once instead
+    wait_for_state(slurm_env, job_id, "PENDING", deadline)
+    update = ["scontrol", "update", f"JobId={job_id}", "StartTime=now"]
+    assert subprocess.run(update, env=slurm_env, capture_output=True, timeout=30).returncode == 0
+    record = wait_for_state(slurm_env, job_id, "COMPLETED", deadline)
+    submission.communicate(timeout=60)
+    log = output.read_text()
+    assert record["ExitCode"] == "0:0", log[-6000:]
+    assert "stopping after step 1: SIGTERM received" in log, log
+    assert f"requeueing job {job_id}" in log and "resuming after step 1" in log, log
+    metrics = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in metrics] == [1, 2, 3]
+    assert_matches_one_process(metrics, one_process)

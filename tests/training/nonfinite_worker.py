@@ -1,15 +1,16 @@
 """Train with NaNs injected on one rank, after the gradients were reduced, counting optimizer steps.
 
-Usage: ``torchrun --nproc-per-node N nonfinite_worker.py --data PREFIX --run-dir DIR --fault-rank R
+Usage: ``torchrun --nproc-per-node N nonfinite_worker.py --data PREFIX --run-dir RUN --report-dir DIR --fault-rank R
 --nan-loss-steps 2 --nan-grad-steps 4,5,6 overrides...``. At the listed steps (1-based) rank R alone
 sees a NaN in its loss or in its first gradient buffer, so only the all-reduced flag can make the
-other ranks skip. Prints one JSON line per rank: ``{"rank", "optimizer_steps", "error"}`` (the
-message of ``TrainingDiverged``, or ``null``).
+other ranks skip. Each rank writes ``DIR/rank<r>.json``: ``{"rank", "optimizer_steps", "error"}``
+(the message of ``TrainingDiverged``, or ``null``).
 """
 
 import argparse
 import json
 import time
+from pathlib import Path
 
 import torch
 
@@ -28,6 +29,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--data", required=True)
     parser.add_argument("--run-dir", required=True)
+    parser.add_argument("--report-dir", type=Path, required=True)
     parser.add_argument("--fault-rank", type=int, required=True)
     parser.add_argument("--nan-loss-steps", type=steps, default=set())
     parser.add_argument("--nan-grad-steps", type=steps, default=set())
@@ -65,7 +67,8 @@ def main():
             trainer.run(exit_requests)
     except TrainingDiverged as diverged:
         error = str(diverged)
-    print(json.dumps({"rank": rank, "optimizer_steps": optimizer_steps, "error": error}), flush=True)
+    report = {"rank": rank, "optimizer_steps": optimizer_steps, "error": error}
+    (args.report_dir / f"rank{rank}.json").write_text(json.dumps(report))
     destroy_parallel()
 
 

@@ -55,6 +55,7 @@ CONSUMERS = {
     "exit_signal": "mhc_megatron.training.loop:train",
     "exit_duration_in_mins": "mhc_megatron.training.loop:train",
     "max_consecutive_skips": "mhc_megatron.training.loop:Trainer._check_divergence",
+    "distributed_timeout_minutes": "mhc_megatron.training.loop:train",
     "micro_batch_size": "mhc_megatron.training.builders:build_data",
     "global_batch_size": "mhc_megatron.training.builders:build_data",
     "seq_length": "mhc_megatron.training.builders:build_model",
@@ -221,7 +222,8 @@ def test_group_sizes_reach_megatrons_process_groups(monkeypatch, tmp_path):
 
     values = {"tensor_model_parallel_size": 2, "pipeline_model_parallel_size": 2,
               "virtual_pipeline_model_parallel_size": 2, "expert_model_parallel_size": 2,
-              "expert_tensor_parallel_size": 1, "pipeline_model_parallel_comm_backend": "ucc"}
+              "expert_tensor_parallel_size": 1, "pipeline_model_parallel_comm_backend": "ucc",
+              "distributed_timeout_minutes": 2.0}
     wired = {key: argument for key, argument in group_keys().items() if key not in REFUSED_KEYS}
     assert set(values) == set(wired), "give every process-group key that is not refused a value here"
     run = RunConfig.load(None, [*SMALL, "num_moe_experts=2", "sequence_parallel=true", f"run_dir={tmp_path}",

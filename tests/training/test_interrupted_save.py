@@ -1,7 +1,9 @@
 """A job killed at any moment of a checkpoint save: the tracker still names a complete checkpoint,
 what the save left is ignored with a message, and the resumed run gives the uninterrupted losses."""
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -14,13 +16,18 @@ CRASH = Path(__file__).with_name("crash_during_save.py")
 
 
 def run_killed(arguments: list[str], log: Path) -> None:
-    """``crash_during_save.py`` with ``arguments``; it must die by SIGKILL. Its output goes to a
-    file, not a pipe: a helper process of the killed one (multiprocessing's resource tracker)
-    inherits it and would hold a pipe open after the kill."""
+    """``crash_during_save.py`` with ``arguments``; it must die by SIGKILL. It runs in a process group
+    of its own, killed after it, since the checkpoint writer's helper processes (multiprocessing's)
+    outlive it; its output goes to a file, not a pipe, which they would hold open."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     with log.open("w") as output:
-        killed = subprocess.run([sys.executable, str(CRASH), *arguments], stdout=output, stderr=subprocess.STDOUT,
-                                timeout=300, env=env)
+        killed = subprocess.Popen([sys.executable, str(CRASH), *arguments], stdout=output, stderr=subprocess.STDOUT,
+                                  env=env, start_new_session=True)
+        try:
+            killed.wait(timeout=300)
+        finally:
+            with contextlib.suppress(ProcessLookupError):  # none of them left
+                os.killpg(killed.pid, signal.SIGKILL)
     assert killed.returncode == -9, log.read_text()
 
 

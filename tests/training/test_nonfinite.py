@@ -21,11 +21,11 @@ def test_a_nonfinite_step_on_one_rank_is_skipped_on_every_rank(dataset, tmp_path
     save = tmp_path / "checkpoints"
     result = run_command([
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(WORKER),
-        f"--data={dataset}", f"--run-dir={tmp_path / 'run'}", "--fault-rank=1", "--nan-loss-steps=2",
+        f"--data={dataset}", f"--run-dir={tmp_path / 'run'}", f"--report-dir={tmp_path}", "--fault-rank=1", "--nan-loss-steps=2",
         "--nan-grad-steps=4,5,6", "--", *TINY, "train_iters=10", "lr_warmup_iters=0", "lr_decay_style=linear",
         "max_consecutive_skips=3", f"save={save}", "save_interval=1", f"data_dir={tmp_path / 'data'}",
     ])  # fmt: skip
-    reports = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    reports = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     assert sorted(r["rank"] for r in reports) == [0, 1]
     for report in reports:
         assert report["optimizer_steps"] == 2, report  # steps 1 and 3
