@@ -261,7 +261,8 @@ class Trainer:
                 self._check_divergence(record)
                 if args.save and args.save_interval and self.iteration % args.save_interval == 0:
                     checkpoint = self.save()
-                interrupted_by = exit_requests.reason()
+                if self.iteration < args.last_step:  # a run that has reached its end is not interrupted
+                    interrupted_by = exit_requests.reason()
                 if interrupted_by is not None:
                     _say(f"stopping after step {self.iteration}: {interrupted_by}")
                     break

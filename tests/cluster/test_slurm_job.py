@@ -80,10 +80,19 @@ def test_sbatch_wait_returns_the_exit_status_of_a_failed_job(slurm_env, job, tmp
     assert "unknown config key 'hiden_size'" in output_file(tmp_path, job_id).read_text()
 
 
-def wait_for_state(slurm_env: dict[str, str], job_id: str, state: str, deadline: float) -> dict[str, str]:
-    """Poll ``scontrol show job`` until the job is in ``state`` (often: its record lasts MinJobAge = 4 s)."""
-    while (record := job_record(slurm_env, job_id)).get("JobState") != state:
-        assert time.monotonic() < deadline, f"job {job_id} not {state} in time: {record}"
+def wait_until_completed(slurm_env: dict[str, str], job_id: str, deadline: float, log: Path) -> dict[str, str]:
+    """Poll ``scontrol show job`` until the job has COMPLETED (its record lasts MinJobAge = 4 s after);
+    a requeued job that is PENDING is started at once (Slurm holds it for about two minutes, its
+    begin time). FAILED, TIMEOUT or NODE_FAIL fails, with the record and the job's ``log`` (not
+    CANCELLED: the first run of a requeued job ends so, "due to job requeue")."""
+    started = False
+    while (record := job_record(slurm_env, job_id)).get("JobState") != "COMPLETED":
+        failed = record.get("JobState") in ("FAILED", "TIMEOUT", "NODE_FAIL")
+        assert not failed and time.monotonic() < deadline, f"job {job_id}: {record}\n{log.read_text()[-6000:]}"
+        if record.get("JobState") == "PENDING" and not started:
+            update = ["scontrol", "update", f"JobId={job_id}", "StartTime=now"]
+            assert subprocess.run(update, env=slurm_env, capture_output=True, timeout=30).returncode == 0
+            started = True
         time.sleep(0.1)
     return record
 
@@ -104,11 +113,7 @@ def test_a_signalled_job_saves_requeues_itself_and_resumes(slurm_env, job, one_p
         time.sleep(0.1)
     scancel = ["scancel", "--signal=TERM", job_id]
     assert subprocess.run(scancel, env=slurm_env, capture_output=True, timeout=30).returncode == 0
-    # Slurm holds a requeued job for about two minutes (its begin time); start it at once instead
-    wait_for_state(slurm_env, job_id, "PENDING", deadline)
-    update = ["scontrol", "update", f"JobId={job_id}", "StartTime=now"]
-    assert subprocess.run(update, env=slurm_env, capture_output=True, timeout=30).returncode == 0
-    record = wait_for_state(slurm_env, job_id, "COMPLETED", deadline)
+    record = wait_until_completed(slurm_env, job_id, deadline, output)
     submission.communicate(timeout=60)
     log = output.read_text()
     assert record["ExitCode"] == "0:0", log[-6000:]

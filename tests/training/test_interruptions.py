@@ -27,8 +27,10 @@ def worker_of_rank(agent: subprocess.Popen, rank: int) -> int:
 
 
 def job(dataset, data_dir: Path) -> list[str]:
-    """A 6-step schedule on 2 data-parallel ranks, with dropout (so the random state must resume too)."""
-    return [*TINY, f"data_path={dataset}", "train_iters=6", "hidden_dropout=0.1", f"data_dir={data_dir}"]
+    """A 6-step schedule on 2 data-parallel ranks with the distributed optimizer (its sharded state
+    must resume), dropout (so must the random state) and an evaluation every 2 steps."""
+    return [*TINY, f"data_path={dataset}", "train_iters=6", "hidden_dropout=0.1", "use_distributed_optimizer=true",
+            "eval_interval=2", "eval_iters=1", f"data_dir={data_dir}"]
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +62,8 @@ def resumed_matches(arguments: list[str], save: Path, run_dir: Path, uninterrupt
     parts = read_metrics(run_dir)
     latest = {r["step"]: r for r in parts}  # a step logged before a kill and run again counts once
     assert sorted(latest) == [1, 2, 3]
-    for key in ("loss", "grad_norm", "lr"):
-        assert [latest[step][key] for step in (1, 2, 3)] == [r[key] for r in uninterrupted], key
+    for key in ("loss", "grad_norm", "lr", "eval_loss", "amax_gain_backward"):
+        assert [latest[step].get(key) for step in (1, 2, 3)] == [r.get(key) for r in uninterrupted], key
 
 
 def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(dataset, uninterrupted, tmp_path):

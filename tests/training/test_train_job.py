@@ -47,18 +47,15 @@ def test_two_processes_match_one(layout, single_process, dataset, tmp_path):
     assert all(r["amax_gain_backward"] > 1.01 for r in single_process if "amax_gain_backward" in r)
 
 
-@pytest.mark.parametrize(
-    "nproc, optimizer", [(1, "use_distributed_optimizer=false"), (2, "use_distributed_optimizer=true")],
-    ids=["one-process", "dp2-distributed-optimizer"],
-)
-def test_resume_gives_the_uninterrupted_losses(nproc, optimizer, dataset, tmp_path):
-    """Stop after step 3 and resume, with dropout on: the losses of 6 uninterrupted steps."""
+def test_resume_gives_the_uninterrupted_losses(dataset, tmp_path):
+    """Stop after step 3 and resume, with dropout on: the losses of 6 uninterrupted steps (one
+    process; two data-parallel ranks with the distributed optimizer: tests/training/test_interruptions.py)."""
     common = [*TINY, f"data_path={dataset}", "train_iters=6", "eval_interval=3", "eval_iters=1",
-              "hidden_dropout=0.1", optimizer, f"data_dir={tmp_path / 'data'}"]
-    run_train(*common, f"run_dir={tmp_path / 'whole'}", nproc=nproc)
+              "hidden_dropout=0.1", f"data_dir={tmp_path / 'data'}"]
+    run_train(*common, f"run_dir={tmp_path / 'whole'}")
     save = tmp_path / "checkpoints"
-    run_train(*common, f"run_dir={tmp_path / 'parts'}", f"save={save}", "exit_interval=3", nproc=nproc)
-    resumed = run_train(*common, f"run_dir={tmp_path / 'parts'}", f"save={save}", f"load={save}", nproc=nproc)
+    run_train(*common, f"run_dir={tmp_path / 'parts'}", f"save={save}", "exit_interval=3")
+    resumed = run_train(*common, f"run_dir={tmp_path / 'parts'}", f"save={save}", f"load={save}")
     assert "resuming after step 3" in resumed.stdout
     assert (save / "latest_checkpointed_iteration.txt").read_text() == "6\n"
     whole, parts = read_metrics(tmp_path / "whole"), read_metrics(tmp_path / "parts")
