@@ -122,7 +122,7 @@ if [[ $PYTHON == */* ]]; then
 else
     command -v "$PYTHON" >/dev/null 2>&1 || die "PYTHON='$PYTHON' is not found on PATH"
 fi
-# shellcheck source=lib/run-job.sh
+# shellcheck source=launch/lib/run-job.sh
 source "$REPO_ROOT/launch/lib/run-job.sh"
 status_file=$(mktemp "${TMPDIR:-/tmp}/mhc-train-exit.XXXXXX")
 status=0

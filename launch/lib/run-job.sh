@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Sourced by launch/torchrun.sh and launch/slurm/train.sbatch: run the job's command to its end and
 # return mhc-train's own exit status.
 #
