@@ -8,7 +8,9 @@ import sys
 import time
 from pathlib import Path
 
-from .conftest import QUIET, ROOT, Job, assert_matches_one_process, free_port, read_metrics
+import pytest
+
+from .conftest import QUIET, ROOT, Job, assert_matches_one_process, free_port, read_metrics, run_train
 
 SCRIPT = "launch/slurm/train.sbatch"
 
@@ -82,14 +84,17 @@ def test_sbatch_wait_returns_the_exit_status_of_a_failed_job(slurm_env, job, tmp
 
 def wait_until_completed(slurm_env: dict[str, str], job_id: str, deadline: float, log: Path) -> dict[str, str]:
     """Poll ``scontrol show job`` until the job has COMPLETED (its record lasts MinJobAge = 4 s after);
-    a requeued job that is PENDING is started at once (Slurm holds it for about two minutes, its
-    begin time). FAILED, TIMEOUT or NODE_FAIL fails, with the record and the job's ``log`` (not
+    a requeued job that is PENDING is started after a few seconds (Slurm holds it for about two
+    minutes, its begin time). FAILED, TIMEOUT or NODE_FAIL fails, with the record and the job's ``log`` (not
     CANCELLED: the first run of a requeued job ends so, "due to job requeue")."""
     started = False
     while (record := job_record(slurm_env, job_id)).get("JobState") != "COMPLETED":
         failed = record.get("JobState") in ("FAILED", "TIMEOUT", "NODE_FAIL")
         assert not failed and time.monotonic() < deadline, f"job {job_id}: {record}\n{log.read_text()[-6000:]}"
         if record.get("JobState") == "PENDING" and not started:
+            # not in the second of the requeue: slurmd refuses a credential made in the second its job's
+            # old one was revoked ("Killing non-startable batch job: Job credential revoked")
+            time.sleep(2.5)
             update = ["scontrol", "update", f"JobId={job_id}", "StartTime=now"]
             assert subprocess.run(update, env=slurm_env, capture_output=True, timeout=30).returncode == 0
             started = True
@@ -97,14 +102,17 @@ def wait_until_completed(slurm_env: dict[str, str], job_id: str, deadline: float
     return record
 
 
-def test_a_signalled_job_saves_requeues_itself_and_resumes(slurm_env, job, one_process, tmp_path):
-    """``scancel --signal=TERM`` once the model is built: every rank finishes step 1, the run saves
+def test_a_signalled_job_saves_requeues_itself_and_resumes(slurm_env, job, tmp_path):
+    """``scancel --signal=TERM`` once the model is built: every rank finishes its step, the run saves
     and exits with 75; with REQUEUE=1 the script requeues the job, which resumes from the checkpoint
     (save = load) and completes with the losses of the uninterrupted run. (``sbatch --wait`` returns
-    when the first run ends, requeued; the job is followed with scontrol after that.)"""
+    when the first run ends, requeued; the job is followed with scontrol after that.) Longer
+    sequences and more steps than ``job``'s, so that the signal lands before the last step."""
+    longer = ("train_iters=10", "seq_length=256")
+    run_train("--config", str(job.config), *job.arguments(tmp_path / "one-process"), *longer)
     save = tmp_path / "checkpoints"
-    submission = sbatch(slurm_env, job, tmp_path, *job.arguments(tmp_path / "run"), f"save={save}", f"load={save}",
-                        port=free_port(), options=("--requeue",), REQUEUE="1")
+    submission = sbatch(slurm_env, job, tmp_path, *job.arguments(tmp_path / "run"), *longer, f"save={save}",
+                        f"load={save}", port=free_port(), options=("--requeue",), REQUEUE="1")
     job_id = submitted_job_id(submission)
     output = output_file(tmp_path, job_id)
     deadline = time.monotonic() + 180
@@ -117,8 +125,11 @@ def test_a_signalled_job_saves_requeues_itself_and_resumes(slurm_env, job, one_p
     submission.communicate(timeout=60)
     log = output.read_text()
     assert record["ExitCode"] == "0:0", log[-6000:]
-    assert "stopping after step 1: SIGTERM received" in log, log
-    assert f"requeueing job {job_id}" in log and "resuming after step 1" in log, log
-    metrics = read_metrics(tmp_path / "run")
-    assert [r["step"] for r in metrics] == [1, 2, 3]
-    assert_matches_one_process(metrics, one_process)
+    stopped = re.search(r"stopping after step (\d+): SIGTERM received", log)
+    assert stopped and int(stopped[1]) < 10, log[-6000:]
+    assert f"requeueing job {job_id}" in log and f"resuming after step {stopped[1]}" in log, log[-6000:]
+    latest = {r["step"]: r for r in read_metrics(tmp_path / "run")}  # step records after the stop, once
+    reference = read_metrics(tmp_path / "one-process")
+    assert sorted(latest) == [r["step"] for r in reference] == list(range(1, 11))
+    for one in reference:
+        assert latest[one["step"]]["loss"] == pytest.approx(one["loss"], rel=1e-5), (one, latest[one["step"]])
