@@ -1,11 +1,20 @@
-"""Amax gain magnitude and H_res statistics."""
+"""Amax gain magnitude (token means, per-depth profiles) and H_res statistics."""
+
+import itertools
 
 import pytest
 import torch
 
-from mhc_megatron.modules.diagnostics import amax_gain, composite_mapping, hres_statistics, record_mappings
+from mhc_megatron.modules.diagnostics import (
+    amax_gain,
+    composite_mapping,
+    gain_profile,
+    hres_statistics,
+    record_mappings,
+    token_gains,
+)
 from mhc_megatron.modules import HyperConnection, expand_streams
-from mhc_megatron.ops import sinkhorn
+from mhc_megatron.ops import mhc_post_res, sinkhorn
 
 
 def test_identity_matrices_have_gain_one():
@@ -86,6 +95,72 @@ def test_unconstrained_hc_mixing_can_grow():
         for connection in connections:
             streams = connection(streams, torch.tanh)
     assert recorder.amax_gain().forward > 10
+
+
+def test_profile_of_identities_permutations_and_scaled_matrices():
+    permutation = torch.eye(4)[[2, 0, 3, 1]]
+    assert gain_profile([torch.eye(4)] * 3).forward_max == [1.0, 1.0, 1.0]
+    profile = gain_profile([permutation, permutation.T, permutation])
+    assert profile.forward_max == profile.backward_max == [1.0, 1.0, 1.0]
+    profile = gain_profile([3 * torch.eye(4), permutation, 0.5 * torch.eye(4)])  # depth l: 3, 3, 1.5
+    assert profile.forward_max == profile.backward_max == profile.forward_mean == [3.0, 3.0, 1.5]
+
+
+def test_products_of_doubly_stochastic_matrices_keep_gain_one():
+    """Convex combinations of permutations (Birkhoff) are doubly stochastic, and so is any product."""
+    torch.manual_seed(0)
+    permutations = torch.stack([torch.eye(4)[list(p)] for p in itertools.permutations(range(4))]).double()
+    weights = torch.rand(40, 16, len(permutations), dtype=torch.float64).softmax(dim=-1)  # 40 layers, 16 tokens
+    layers = list(torch.einsum("ltk,kij->ltij", weights, permutations))
+    profile = gain_profile(layers)
+    for values in profile.to_dict().values():
+        assert values == pytest.approx([1.0] * 40, abs=1e-12)
+
+
+def test_profile_takes_the_max_and_the_mean_over_tokens():
+    tokens = torch.stack([torch.eye(2), 3 * torch.eye(2), 2 * torch.eye(2)])  # per-token gains 1, 3, 2
+    profile = gain_profile([tokens, tokens])  # depth 2: 1, 9, 4
+    assert profile.forward_max == profile.backward_max == [3.0, 9.0]
+    assert profile.forward_mean == profile.backward_mean == [2.0, pytest.approx(14 / 3)]
+    assert amax_gain([tokens, tokens]).forward == profile.forward_mean[-1]
+
+
+def test_forward_gain_is_the_row_sum_of_the_mixing_as_the_streams_apply_it():
+    """The axes pinned against the op that mixes the streams (``mhc_post_res`` with a zero sub-layer
+    output: ``out = h_res x``): the input ``x_j = sign(P[i*, j])`` makes stream ``i*`` reach the forward
+    gain (max row sum), and the gradient ``g_i = sign(P[i, j*])`` reaches stream ``j*`` as the backward
+    gain (max column sum). This matrix's two gains differ, so swapped axes fail."""
+    mixing = torch.tensor([[0.5, -2.0, 1.0], [0.1, 0.2, 0.3], [1.5, 0.0, -0.5]], dtype=torch.float64)
+    forward, backward = (g.item() for g in token_gains(mixing))
+    assert (forward, backward) == (pytest.approx(3.5), pytest.approx(2.2))  # rows 3.5, 0.6, 2.0; columns 2.1, 2.2, 1.8
+    width = 5
+    streams = mixing[0].sign()[:, None].expand(3, width).clone().requires_grad_()
+    out = mhc_post_res(streams, torch.zeros(width, dtype=torch.float64), torch.ones(3, dtype=torch.float64), mixing)
+    assert out.abs().max().item() == pytest.approx(forward)
+    out.backward(mixing[:, 1].sign()[:, None].expand(3, width))
+    assert streams.grad.abs().max().item() == pytest.approx(backward)
+
+
+def test_depth_profile_of_a_three_layer_toy_model_by_hand():
+    """Three HC sub-layers whose mixing is their static part alone (alpha = 0), around a linear
+    sub-layer. HC's ``static_res`` is the paper's ``A_r``, indexed [input, output]: the mixing is its
+    transpose (``ops/hc_mappings_pre.py``). By hand, P_1 = H1, P_2 = H2 H1 = [[1, 1], [1, 2]], P_3 = H3 P_2 = [[2, 2], [0.5, 1]]:
+    row sums (2, 1), (2, 3), (4, 1.5); column sums (1, 2), (2, 3), (2.5, 3)."""
+    mixings = [[[1.0, 1.0], [0.0, 1.0]], [[1.0, 0.0], [1.0, 1.0]], [[2.0, 0.0], [0.0, 0.5]]]
+    connections = torch.nn.ModuleList(HyperConnection(8, 2, "hc", layer_index=k) for k in range(3))
+    sublayer = torch.nn.Linear(8, 8)
+    with torch.no_grad():
+        for connection, mixing in zip(connections, mixings):
+            connection.alpha.zero_()
+            connection.static_res.copy_(torch.tensor(mixing).T)
+    torch.manual_seed(0)
+    streams = torch.randn(4, 5, 16)  # [s, b, n*C]: 20 tokens
+    with record_mappings(connections) as recorder:
+        for connection in connections:
+            streams = connection(streams, sublayer)
+    profile = gain_profile(recorder.h_res)
+    assert profile.forward_max == profile.forward_mean == [2.0, 3.0, 4.0]
+    assert profile.backward_max == profile.backward_mean == [2.0, 3.0, 3.0]
 
 
 def test_bad_input_raises():

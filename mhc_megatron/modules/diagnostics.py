@@ -1,12 +1,18 @@
 """Stability diagnostics of the stream mixing: the Amax gain magnitude and per-layer H_res statistics.
 
-The composite mapping of a token through layers ``1..L`` is ``P = H_res(L) ... H_res(1)`` (each
-``H_res`` multiplies the streams from the left). mHC's Amax gain magnitude (paper, fig. 3 and 7):
+The composite mapping of a token through sub-layers ``1..l`` is ``P_l = H_res(l) ... H_res(1)``
+(each ``H_res`` multiplies the streams from the left: ``out[i] = sum_j H_res[i, j] x[j]``, stream i
+is row i). mHC's Amax gain magnitude (paper, fig. 3 and 7) of one token's ``P``:
 
     forward gain  = max_i sum_j |P[i, j]|     (max absolute row sum: how much a stream can grow)
     backward gain = max_j sum_i |P[i, j]|     (max absolute column sum: the same for gradients)
 
-each averaged over tokens. A doubly stochastic ``P`` has both gains equal to 1.
+The forward gain bounds ``max_i |(P x)_i|`` over inputs with ``max_j |x_j| <= 1`` and is reached by
+``x_j = sign(P[i*, j])``; the gradient reaching stream ``j`` is ``sum_i P[i, j] g_i``, hence columns
+for the backward gain. (Applying ``H_res`` transposed swaps the two: a slip some implementations
+made.) A doubly stochastic ``P`` has both gains equal to 1. ``token_gains`` computes them per token;
+the reductions over tokens are the mean (``amax_gain``, logged during training) and, with the mean,
+the max (``gain_profile``: one value per depth ``l``, the stability study's measure).
 
 Recording is off by default and costs nothing then. Inside ``record_mappings(model)`` every
 hyper-connection of ``model`` hands its detached ``h_res`` ([..., n, n], n*n floats per token) to a
@@ -14,7 +20,8 @@ recorder, in call order::
 
     with record_mappings(model) as recorder:
         model(tokens)
-    gain = recorder.amax_gain()            # AmaxGain(forward=..., backward=...)
+    gain = recorder.amax_gain()            # AmaxGain(forward=..., backward=...), token means
+    profile = gain_profile(recorder.h_res) # GainProfile: per depth, max and mean over tokens
     table = recorder.layer_statistics()    # one HResStatistics per sub-layer
 """
 
@@ -67,12 +74,16 @@ def _check_matrices(h_res: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return matrices
 
 
-def _gains(matrix: torch.Tensor) -> AmaxGain:
+def token_gains(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(forward, backward)`` gains of each matrix of ``matrix [..., n, n]``, each ``[...]``: the
+    max absolute row sum and the max absolute column sum."""
     magnitude = matrix.abs()
-    return AmaxGain(
-        forward=magnitude.sum(dim=-1).amax(dim=-1).mean().item(),
-        backward=magnitude.sum(dim=-2).amax(dim=-1).mean().item(),
-    )
+    return magnitude.sum(dim=-1).amax(dim=-1), magnitude.sum(dim=-2).amax(dim=-1)
+
+
+def _gains(matrix: torch.Tensor) -> AmaxGain:
+    forward, backward = token_gains(matrix)
+    return AmaxGain(forward=forward.mean().item(), backward=backward.mean().item())
 
 
 def composite_mapping(h_res: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -87,6 +98,37 @@ def composite_mapping(h_res: Sequence[torch.Tensor]) -> torch.Tensor:
 def amax_gain(h_res: Sequence[torch.Tensor]) -> AmaxGain:
     """Amax gain magnitudes of the composite mapping of ``h_res`` (forward order), token-averaged."""
     return _gains(composite_mapping(h_res))
+
+
+@dataclass(frozen=True)
+class GainProfile:
+    """Amax gains of the composite mappings ``P_1, ..., P_L`` (index ``l - 1`` holds depth ``l``:
+    the product of the first ``l`` sub-layers' ``H_res``), reduced over the tokens: ``*_max`` is the
+    largest token's gain, ``*_mean`` the mean over tokens. The whole model's gain is the last entry."""
+
+    forward_max: list[float]
+    backward_max: list[float]
+    forward_mean: list[float]
+    backward_mean: list[float]
+
+    def to_dict(self) -> dict[str, list[float]]:
+        return {name: list(values) for name, values in vars(self).items()}
+
+
+def gain_profile(h_res: Sequence[torch.Tensor]) -> GainProfile:
+    """The ``GainProfile`` of ``h_res`` (forward order, each ``[..., n, n]`` over the same tokens),
+    computed in float64."""
+    matrices = _check_matrices(h_res)
+    columns: dict[str, list[float]] = {name: [] for name in ("forward_max", "backward_max", "forward_mean", "backward_mean")}
+    product = None
+    for matrix in matrices:
+        product = matrix if product is None else matrix @ product
+        forward, backward = token_gains(product)
+        columns["forward_max"].append(forward.max().item())
+        columns["backward_max"].append(backward.max().item())
+        columns["forward_mean"].append(forward.mean().item())
+        columns["backward_mean"].append(backward.mean().item())
+    return GainProfile(**columns)
 
 
 def hres_statistics(h_res: torch.Tensor, layer_index: int = 0) -> HResStatistics:

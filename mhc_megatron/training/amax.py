@@ -1,8 +1,8 @@
-"""The Amax gain of the whole model's stream mixing, measured during a training step.
+"""The Amax gain of the whole model's stream mixing, measured during a training step or on a probe batch.
 
 Each pipeline rank records the ``h_res`` of its own sub-layers (the first micro-batch's, the one
-every stage processes first); the ranks of one pipeline exchange them and the product runs over
-all sub-layers in global order, as ``diagnostics.amax_gain`` defines it.
+every stage processes first); the ranks of one pipeline exchange them and the products run over
+all sub-layers in global order, as ``diagnostics.amax_gain`` and ``diagnostics.gain_profile`` define them.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from megatron.core import parallel_state
 
-from mhc_megatron.modules.diagnostics import AmaxGain, MappingRecorder, amax_gain
+from mhc_megatron.modules.diagnostics import AmaxGain, GainProfile, MappingRecorder, amax_gain, gain_profile
 
 
 def first_micro_batch_mappings(recorder: MappingRecorder, max_tokens: int) -> dict[int, torch.Tensor]:
@@ -24,11 +24,10 @@ def first_micro_batch_mappings(recorder: MappingRecorder, max_tokens: int) -> di
     return mappings
 
 
-def pipeline_amax_gain(recorder: MappingRecorder, max_tokens: int = 4096) -> AmaxGain | None:
-    """Amax gain over every sub-layer of the pipeline (collective over the pipeline group when it
-    has more than one rank; none without pipelining).
-
-    Returns ``None`` when no hyper-connection recorded anything (the residual model).
+def pipeline_mappings(recorder: MappingRecorder, max_tokens: int = 4096) -> list[torch.Tensor]:
+    """Every sub-layer's ``h_res [tokens, n, n]`` of the whole pipeline in global order (collective
+    over the pipeline group when it has more than one rank; none without pipelining); empty when no
+    hyper-connection recorded anything (the residual model).
 
     Why no collective on a pipeline of one: gloo copies a large message (more than ATen's 32768
     elements per task) on its own worker thread with ``at::parallel_for``, which starts a second
@@ -44,6 +43,17 @@ def pipeline_amax_gain(recorder: MappingRecorder, max_tokens: int = 4096) -> Ama
         gathered = [{} for _ in range(torch.distributed.get_world_size(group))]
         torch.distributed.all_gather_object(gathered, local, group=group)
     merged = {index: h_res for part in gathered for index, h_res in part.items()}
-    if not merged:
-        return None
-    return amax_gain([merged[index] for index in sorted(merged)])
+    return [merged[index] for index in sorted(merged)]
+
+
+def pipeline_amax_gain(recorder: MappingRecorder, max_tokens: int = 4096) -> AmaxGain | None:
+    """``amax_gain`` of ``pipeline_mappings`` (token means); ``None`` for the residual model."""
+    mappings = pipeline_mappings(recorder, max_tokens)
+    return amax_gain(mappings) if mappings else None
+
+
+def pipeline_gain_profile(recorder: MappingRecorder, max_tokens: int = 4096) -> GainProfile | None:
+    """``gain_profile`` of ``pipeline_mappings`` (per depth, max and mean over tokens); ``None`` for
+    the residual model."""
+    mappings = pipeline_mappings(recorder, max_tokens)
+    return gain_profile(mappings) if mappings else None

@@ -50,6 +50,11 @@ class TrainingArguments:
         measurements (metrics.jsonl gets every step). save: checkpoint directory; save_interval
         (0: only at the end). load: checkpoint directory to resume from (its latest iteration);
         finetune: load only the weights and start at step 0 with a fresh optimizer.
+        gain_profile_interval (0: never): every this many steps, and after steps 1 and
+            ``train_iters``, HC and mHC runs forward a fixed probe batch (the first micro-batch of the
+            first validation batch; the first training batch without validation data) and log the
+            Amax gains of the composite stream mixing at every depth, max and mean over its tokens
+            (``gain_profile`` in metrics.jsonl; ``modules/diagnostics.py`` defines them).
         run_dir: where config.yaml, metrics.jsonl and tensorboard/ go. wandb / wandb_project:
         also log to Weights & Biases (offline unless WANDB_MODE says otherwise).
     Model building (``GPTModel`` arguments; the transformer's own fields are the model keys):
@@ -86,6 +91,7 @@ class TrainingArguments:
     eval_interval: int = 0
     eval_iters: int = 2
     log_interval: int = 10
+    gain_profile_interval: int = 0
     save: str | None = None
     save_interval: int = 0
     load: str | None = None
@@ -102,7 +108,7 @@ class TrainingArguments:
         for name in ("train_iters", "micro_batch_size", "global_batch_size", "seq_length", "log_interval",
                      "eval_iters", "make_vocab_size_divisible_by"):
             _require_int(name, getattr(self, name), minimum=1 if name != "train_iters" else 0)
-        for name in ("lr_warmup_iters", "eval_interval", "save_interval"):
+        for name in ("lr_warmup_iters", "eval_interval", "save_interval", "gain_profile_interval"):
             _require_int(name, getattr(self, name), minimum=0)
         _require_int("max_consecutive_skips", self.max_consecutive_skips, minimum=1)
         if self.exit_duration_in_mins is not None and not self.exit_duration_in_mins > 0:

@@ -26,7 +26,7 @@ from mhc_megatron.megatron.parallel import local_device
 from mhc_megatron.megatron.pipeline.exchange_timing import P2PTimer
 from mhc_megatron.megatron.pipeline.step import mean_loss, run_schedule, train_step, wrap_with_ddp
 from mhc_megatron.modules.diagnostics import record_mappings
-from mhc_megatron.training.amax import pipeline_amax_gain
+from mhc_megatron.training.amax import pipeline_amax_gain, pipeline_gain_profile
 from mhc_megatron.training.builders import (
     build_data,
     build_model,
@@ -34,13 +34,8 @@ from mhc_megatron.training.builders import (
     data_parallel_size,
     parameter_counts,
 )
-from mhc_megatron.training.checkpoints import (
-    has_checkpoints,
-    holds_checkpoint,
-    load_training_checkpoint,
-    save_training_checkpoint,
-    unfinished_saves,
-)
+from mhc_megatron.training.checkpoint_files import has_checkpoints, holds_checkpoint, unfinished_saves
+from mhc_megatron.training.checkpoints import load_training_checkpoint, save_training_checkpoint
 from mhc_megatron.training.config import RunConfig
 from mhc_megatron.training.exit_requests import ExitRequests
 from mhc_megatron.training.metrics import MetricsLogger, format_bytes
@@ -104,6 +99,20 @@ def evaluate(model, config: MhcTransformerConfig, batches: StepBatches, eval_ite
     for chunk in model:
         chunk.train()
     return mean_loss(losses)
+
+
+def probe_gain_profile(model, config: MhcTransformerConfig, batches: StepBatches) -> dict[str, list[float]] | None:
+    """The ``GainProfile`` (as a dict) of the model's stream mixing on the fixed probe batch: the
+    first micro-batch of ``batches``' first global batch, forward only, in eval mode (collective
+    over the pipeline group). ``None`` for the residual model."""
+    for chunk in model:
+        chunk.eval()
+    with torch.no_grad(), record_mappings(torch.nn.ModuleList(model)) as recorder:
+        run_schedule(model, config, batches.global_batch(0), forward_only=True)
+    for chunk in model:
+        chunk.train()
+    profile = pipeline_gain_profile(recorder)
+    return None if profile is None else profile.to_dict()
 
 
 def _check_output_directories(args) -> None:
@@ -224,6 +233,13 @@ class Trainer:
             self.iteration % args.eval_interval == 0 or self.iteration == args.train_iters
         ):
             record["eval_loss"] = evaluate(self.model, self.config, self.data.valid, args.eval_iters)
+        if args.gain_profile_interval and self.config.hc_mode != "residual" and (
+            self.iteration == 1 or self.iteration % args.gain_profile_interval == 0 or self.iteration == args.train_iters
+        ):
+            probe = self.data.valid if self.data.valid is not None else self.data.train
+            profile = probe_gain_profile(self.model, self.config, probe)
+            record.update(gain_forward_max=profile["forward_max"][-1], gain_backward_max=profile["backward_max"][-1],
+                          gain_profile=profile)
         return record
 
     def _check_divergence(self, record: dict) -> None:

@@ -6,7 +6,9 @@ output is a terminal).
 Per-step record keys: ``step``, ``loss``, ``lr``, ``grad_norm``, ``step_time_s``, ``tokens_per_s``,
 ``peak_mem_bytes``, ``consumed_samples``; ``skipped`` (steps whose loss or gradients were non-finite:
 which of them; ``loss`` is then ``null`` when it was the loss, ``grad_norm`` always); ``amax_gain_forward`` / ``amax_gain_backward`` (HC and mHC,
-every ``log_interval``); ``eval_loss`` (evaluation steps). A resumed run appends to the same file.
+every ``log_interval``: token means over the step's first micro-batch); ``gain_profile`` (HC and mHC, when
+``gain_profile_interval`` is set: ``{forward_max, backward_max, forward_mean, backward_mean}``, a list over
+depth each, on a fixed probe batch, and the whole model's ``gain_forward_max`` / ``gain_backward_max``); ``eval_loss`` (evaluation steps). A resumed run appends to the same file.
 """
 
 from __future__ import annotations

@@ -79,6 +79,7 @@ CONSUMERS = {
     "eval_interval": "mhc_megatron.training.builders:build_data",
     "eval_iters": "mhc_megatron.training.loop:Trainer.step",
     "log_interval": "mhc_megatron.training.loop:Trainer.step",
+    "gain_profile_interval": "mhc_megatron.training.loop:Trainer.step",
     "save": "mhc_megatron.training.loop:Trainer.run",
     "save_interval": "mhc_megatron.training.loop:Trainer.run",
     "load": "mhc_megatron.training.loop:Trainer._resume",

@@ -14,7 +14,7 @@ def initial_weights(dataset, tmp_path_factory):
 
 
 def train(dataset, run_dir, *overrides, nproc=1):
-    run_train(*TINY, f"data_path={dataset}", "train_iters=4", "eval_interval=2", "eval_iters=1",
+    run_train(*TINY, f"data_path={dataset}", "train_iters=4", "eval_interval=2", "eval_iters=1", "gain_profile_interval=2",
               f"data_dir={run_dir / 'data'}", f"run_dir={run_dir}", *overrides, nproc=nproc)
     return read_metrics(run_dir)
 
@@ -43,8 +43,29 @@ def test_two_processes_match_one(layout, single_process, dataset, tmp_path):
         # as the gradient norm: Adam turns the layouts' rounding differences into weight differences
         # that the gain (2 % above 1 here, measured: 1.6e-5 apart at TP = 2) shows more than the loss
         assert two.get("amax_gain_backward") == pytest.approx(one.get("amax_gain_backward"), rel=1e-4)
+        # the probe's depth profile: every stage's sub-layers, gathered in order (PP = 2)
+        for key, values in one.get("gain_profile", {}).items():
+            assert two["gain_profile"][key] == pytest.approx(values, rel=1e-4), key
     assert single_process[-1]["loss"] < single_process[0]["loss"]
     assert all(r["amax_gain_backward"] > 1.01 for r in single_process if "amax_gain_backward" in r)
+
+
+def test_the_gain_profile_is_logged_on_the_probe_batch(single_process):
+    """After steps 1, 2 (the interval) and 4 (the last): one value per sub-layer (4 layers x 2),
+    the whole model's gain is the last depth's, and the max over tokens bounds the mean."""
+    profiled = [r for r in single_process if "gain_profile" in r]
+    assert [r["step"] for r in profiled] == [1, 2, 4]
+    for record in profiled:
+        profile = record["gain_profile"]
+        assert sorted(profile) == ["backward_max", "backward_mean", "forward_max", "forward_mean"]
+        assert all(len(values) == 8 for values in profile.values())
+        assert record["gain_forward_max"] == profile["forward_max"][-1]
+        assert record["gain_backward_max"] == profile["backward_max"][-1]
+        for reduction in ("forward", "backward"):
+            assert all(m >= a for m, a in zip(profile[f"{reduction}_max"], profile[f"{reduction}_mean"]))
+        # one Sinkhorn iteration: rows exact, columns off by a little that compounds with depth
+        assert profile["forward_max"] == pytest.approx([1.0] * 8, abs=1e-5)
+        assert min(profile["backward_max"]) > 1.0
 
 
 def test_resume_gives_the_uninterrupted_losses(dataset, tmp_path):
