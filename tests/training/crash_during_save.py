@@ -13,7 +13,7 @@ import sys
 
 from pathlib import Path
 
-from mhc_megatron.training import checkpoints, loop
+from mhc_megatron.training import checkpoint_files, checkpoints, loop
 from mhc_megatron.training.cli import main
 
 
@@ -22,7 +22,7 @@ def die() -> None:
 
 
 def kill_during_save(iteration: int, at: str) -> None:
-    directory = checkpoints.iteration_directory("", iteration).name
+    directory = checkpoint_files.iteration_directory("", iteration).name
     saving = False
     save_training_checkpoint, replace, save_checkpoint = loop.save_training_checkpoint, os.replace, checkpoints.save_checkpoint
 
@@ -32,9 +32,9 @@ def kill_during_save(iteration: int, at: str) -> None:
         return save_training_checkpoint(save_dir, number, *args, **kwargs)
 
     def watched_replace(source, target):
-        if saving and at == "renaming" and str(source).endswith(directory + checkpoints.PARTIAL):
+        if saving and at == "renaming" and str(source).endswith(directory + checkpoint_files.PARTIAL):
             die()
-        if saving and at == "tracking" and str(target).endswith(checkpoints.TRACKER):
+        if saving and at == "tracking" and str(target).endswith(checkpoint_files.TRACKER):
             die()
         return replace(source, target)
 

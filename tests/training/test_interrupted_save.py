@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from mhc_megatron.training.checkpoints import TRACKER, resolve_checkpoint, unfinished_saves
+from mhc_megatron.training.checkpoint_files import TRACKER, resolve_checkpoint, unfinished_saves
 
 from .conftest import TINY, read_metrics, run_train
 
