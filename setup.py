@@ -21,9 +21,9 @@ setup(
         "pyyaml",  # configs
         "tensorboard",  # metrics
         "tqdm",  # progress
-        "matplotlib",  # mhc-compare plots
+        "matplotlib",  # mhc-compare and mhc-study plots
     ],
-    extras_require={"test": ["pytest"]},
+    extras_require={"test": ["pytest", "pytest-xdist"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     entry_points={
@@ -31,6 +31,7 @@ setup(
             "mhc-train=mhc_megatron.training.cli:main",
             "mhc-preprocess=mhc_megatron.data.preprocess:main",
             "mhc-compare=mhc_megatron.compare.cli:main",
+            "mhc-study=mhc_megatron.study.cli:main",
             "mhc-bench=mhc_megatron.bench.cli:main",
             "mhc-plan=mhc_megatron.plan.cli:main",
         ]

@@ -33,7 +33,7 @@ LAYERS = [
     ("mhc_megatron.megatron",),  # the package's public names
     ("mhc_megatron.data",),
     ("mhc_megatron.training",),
-    ("mhc_megatron.bench", "mhc_megatron.compare", "mhc_megatron.train"),
+    ("mhc_megatron.bench", "mhc_megatron.compare", "mhc_megatron.study", "mhc_megatron.train"),
 ]
 WITHOUT_MEGATRON = LAYERS[: LAYERS.index(("mhc_megatron.megatron.patching",))]
 WITHOUT_TORCH = LAYERS[:2]
