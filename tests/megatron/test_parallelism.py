@@ -54,14 +54,15 @@ def test_moe_with_expert_parallelism_matches_single_process(tmp_path):
 
 
 def test_checkpoint_from_tp2_pp2_loads_at_tp1_pp1_and_back(dense_reference, tmp_path):
-    sharded = run_parallel_case(
-        4, tmp_path / "tp2pp2.json", "--tp", "2", "--pp", "2", "--save", str(tmp_path / "tp2pp2")
-    )
-    single = run_parallel_case(1, tmp_path / "single.json", "--load", str(tmp_path / "tp2pp2"))
-    assert_same_run(single, sharded)
+    """One TP=2 x PP=2 run both saves (first: its initial weights, which every layout draws equal to
+    the single process's, tests/megatron/test_initialization.py) and loads (then: the single process's
+    checkpoint); a single process loading the sharded save must then run as the reference too."""
     checkpoint, reference = dense_reference
-    back = run_parallel_case(4, tmp_path / "back.json", "--tp", "2", "--pp", "2", "--load", str(checkpoint))
+    back = run_parallel_case(4, tmp_path / "back.json", "--tp", "2", "--pp", "2", "--save", str(tmp_path / "tp2pp2"),
+                             "--load", str(checkpoint))
     assert_same_run(back, reference)
+    single = run_parallel_case(1, tmp_path / "single.json", "--load", str(tmp_path / "tp2pp2"))
+    assert_same_run(single, reference)
 
 
 def test_hc_mode_under_sequence_and_interleaved_pipeline_parallelism(tmp_path):
