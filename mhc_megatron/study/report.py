@@ -169,27 +169,33 @@ def _plot_loss(path: Path, summary: dict) -> None:
     _save(figure, path)
 
 
-def _plot_gain_steps(path: Path, summary: dict) -> None:
+def _direction_panels(path: Path, xlabel: str, ylabel: str, draw) -> None:
+    """Forward (left) and backward (right) gain panels, log scale; ``draw(axes, direction)`` plots."""
     figure = Figure(figsize=(10, 4))
     for column, direction in enumerate(("forward", "backward")):
         axes = figure.add_subplot(1, 2, column + 1)
+        draw(axes, direction)
+        axes.set_yscale("log")
+        axes.set_xlabel(xlabel)
+        axes.set_ylabel(ylabel.format(direction=direction))
+        axes.grid(alpha=0.3, which="both")
+        axes.legend(fontsize=7)
+    _save(figure, path)
+
+
+def _plot_gain_steps(path: Path, summary: dict) -> None:
+    def draw(axes, direction: str) -> None:
         for mode in summary["study"]["modes"]:
             for index, run in enumerate(_base_runs(summary, mode)):
                 if run["gain_steps"]:
                     axes.plot(run["gain_steps"], run[f"gain_{direction}"], color=COLORS[mode], lw=1,
                               label=MODE_NAMES[mode] if index == 0 else None)
-        axes.set_yscale("log")
-        axes.set_xlabel("step")
-        axes.set_ylabel(f"{direction} gain (whole model, max over tokens)")
-        axes.grid(alpha=0.3, which="both")
-        axes.legend()
-    _save(figure, path)
+
+    _direction_panels(path, "step", "{direction} gain (whole model, max over tokens)", draw)
 
 
 def _plot_gain_depth(path: Path, summary: dict) -> None:
-    figure = Figure(figsize=(10, 4))
-    for column, direction in enumerate(("forward", "backward")):
-        axes = figure.add_subplot(1, 2, column + 1)
+    def draw(axes, direction: str) -> None:
         for mode in summary["study"]["modes"]:
             runs = [r for r in _base_runs(summary, mode) if r["profiles"]]
             for index, run in enumerate(runs):
@@ -201,12 +207,8 @@ def _plot_gain_depth(path: Path, summary: dict) -> None:
                     axes.plot(range(1, len(values) + 1), values, color=COLORS[mode], lw=1,
                               ls="-" if last else ":" if step == steps[0] else "--",
                               label=f"{MODE_NAMES[mode]} step {step}" if index == 0 else None)
-        axes.set_yscale("log")
-        axes.set_xlabel("depth (sub-layers)")
-        axes.set_ylabel(f"{direction} gain of the product up to depth")
-        axes.grid(alpha=0.3, which="both")
-        axes.legend(fontsize=7)
-    _save(figure, path)
+
+    _direction_panels(path, "depth (sub-layers)", "{direction} gain of the product up to depth", draw)
 
 
 def _plot_grad_norm(path: Path, summary: dict) -> None:
