@@ -87,17 +87,26 @@ def _max_over_ranks(value: float) -> float:
     return tensor.item()
 
 
-def evaluate(model, config: MhcTransformerConfig, batches: StepBatches, eval_iters: int) -> float | None:
-    """Mean loss over the first ``eval_iters`` global batches of ``batches`` (last stage; else None)."""
+@contextlib.contextmanager
+def _forward_only(model):
+    """The model's chunks in eval mode, without autograd, while inside."""
     for chunk in model:
         chunk.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for chunk in model:
+            chunk.train()
+
+
+def evaluate(model, config: MhcTransformerConfig, batches: StepBatches, eval_iters: int) -> float | None:
+    """Mean loss over the first ``eval_iters`` global batches of ``batches`` (last stage; else None)."""
     losses = []
-    with torch.no_grad():
+    with _forward_only(model):
         for step in range(eval_iters):
             losses += run_schedule(model, config, batches.global_batch(step * batches.global_batch_size),
                                    forward_only=True)
-    for chunk in model:
-        chunk.train()
     return mean_loss(losses)
 
 
@@ -105,12 +114,8 @@ def probe_gain_profile(model, config: MhcTransformerConfig, batches: StepBatches
     """The ``GainProfile`` (as a dict) of the model's stream mixing on the fixed probe batch: the
     first micro-batch of ``batches``' first global batch, forward only, in eval mode (collective
     over the pipeline group). ``None`` for the residual model."""
-    for chunk in model:
-        chunk.eval()
-    with torch.no_grad(), record_mappings(torch.nn.ModuleList(model)) as recorder:
+    with _forward_only(model), record_mappings(torch.nn.ModuleList(model)) as recorder:
         run_schedule(model, config, batches.global_batch(0), forward_only=True)
-    for chunk in model:
-        chunk.train()
     profile = pipeline_gain_profile(recorder)
     return None if profile is None else profile.to_dict()
 
