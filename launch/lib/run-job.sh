@@ -2,8 +2,8 @@
 # Sourced by launch/torchrun.sh and launch/slurm/train.sbatch: run the job's command to its end and
 # return mhc-train's own exit status.
 #
-# torchrun exits with 1 whenever a worker fails, whatever the worker's status; mhc-train's local
-# rank 0 writes its status to $MHC_EXIT_STATUS_FILE (mhc_megatron/training/cli.py), and run_job
+# torchrun exits with 1 whenever a worker fails, whatever the worker's status; every rank of
+# mhc-train writes its status to $MHC_EXIT_STATUS_FILE (mhc_megatron/training/cli.py), and run_job
 # returns that one when it was written: 0 done, 2 bad input, 3 diverged, 75 interrupted by the exit
 # signal or the time budget after saving (resume with load=). A job that died before writing it
 # returns the command's own status.

@@ -91,13 +91,18 @@ def _error(error: Exception, status: int) -> None:
 
 
 def _exit(status: int) -> None:
-    """Exit with ``status``, first written to ``$MHC_EXIT_STATUS_FILE`` when set (by each node's local
-    rank 0): torchrun exits with 1 whatever its workers' statuses, so the launch scripts read the
-    status there (an interrupted run's 75 is how they know to requeue it)."""
+    """Exit with ``status``, first written to ``$MHC_EXIT_STATUS_FILE`` when set: torchrun exits with 1
+    whatever its workers' statuses, so the launch scripts read the status there (an interrupted run's
+    75 is how they know to requeue it). Every rank of the node writes it (the same status on every
+    rank): torchrun terminates the other workers as soon as one exits with a status other than 0, so
+    the rank that exits first must be one that wrote it. Each writes its own file and renames it into
+    place, so a reader sees one whole status."""
     path = os.environ.get("MHC_EXIT_STATUS_FILE")
-    if path and os.environ["LOCAL_RANK"] == "0":
-        with open(path, "w") as file:
+    if path:
+        written = f"{path}.rank{os.environ['LOCAL_RANK']}"
+        with open(written, "w") as file:
             file.write(f"{status}\n")
+        os.replace(written, path)
     sys.exit(status)
 
 

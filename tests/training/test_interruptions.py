@@ -41,13 +41,14 @@ def uninterrupted(dataset, tmp_path_factory) -> list[dict]:
     return read_metrics(run_dir)
 
 
-def start_job(arguments: list[str]) -> tuple[subprocess.Popen, list[str]]:
-    """``mhc-train`` under torchrun with 2 processes, read up to the line the last rank prints once
+def start_job(arguments: list[str], status_file: Path) -> tuple[subprocess.Popen, list[str]]:
+    """``mhc-train`` under torchrun with 2 processes, its ranks writing their exit status to
+    ``status_file`` (as under the launch scripts), read up to the line the last rank prints once
     every rank has built the model (the exit-signal handler is in place by then); returns the agent
     and the output read so far."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                "-m", "mhc_megatron.train", *arguments]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "MHC_EXIT_STATUS_FILE": str(status_file)}
     agent = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     output = []
     for line in agent.stdout:
@@ -68,13 +69,15 @@ def resumed_matches(arguments: list[str], save: Path, run_dir: Path, uninterrupt
 
 def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(dataset, uninterrupted, tmp_path):
     """DP = 2; SIGTERM reaches rank 1's process only, during step 1: both ranks finish the step,
-    save, and exit with 75; resumed, the run gives the losses of the uninterrupted one exactly."""
-    common, save = job(dataset, tmp_path / "data"), tmp_path / "checkpoints"
-    agent, output = start_job([*common, f"run_dir={tmp_path / 'parts'}", f"save={save}"])
+    save, and exit with 75, the status the launch scripts read, whichever rank exits first (torchrun
+    terminates the other then); resumed, the run gives the losses of the uninterrupted one exactly."""
+    common, save, status_file = job(dataset, tmp_path / "data"), tmp_path / "checkpoints", tmp_path / "status"
+    agent, output = start_job([*common, f"run_dir={tmp_path / 'parts'}", f"save={save}"], status_file)
     os.kill(worker_of_rank(agent, 1), signal.SIGTERM)
     output = "".join(output) + agent.communicate(timeout=120)[0]
     assert "stopping after step 1: SIGTERM received" in output, output
-    assert output.count(f"exitcode  : {EXIT_STATUS}") == 1, output  # torchrun's report: the first worker to exit
+    assert f"exitcode  : {EXIT_STATUS}" in output, output  # torchrun's report: the first worker to exit
+    assert status_file.read_text() == f"{EXIT_STATUS}\n"
     assert [r["step"] for r in read_metrics(tmp_path / "parts")] == [1]
     assert (save / "latest_checkpointed_iteration.txt").read_text() == "1\n"
     resumed_matches(common, save, tmp_path / "parts", uninterrupted)
@@ -87,7 +90,7 @@ def test_a_killed_rank_ends_the_job_at_once_and_the_rerun_resumes(dataset, unint
     rerun with load= reproduces the uninterrupted run from the last checkpoint."""
     common, save = job(dataset, tmp_path / "data"), tmp_path / "checkpoints"
     agent, output = start_job([*common, "save_interval=1", "distributed_timeout_minutes=1",
-                               f"run_dir={tmp_path / 'parts'}", f"save={save}"])
+                               f"run_dir={tmp_path / 'parts'}", f"save={save}"], tmp_path / "status")
     while not (save / "latest_checkpointed_iteration.txt").is_file():
         assert agent.poll() is None, "".join(output) + agent.communicate()[0]
         time.sleep(0.05)
