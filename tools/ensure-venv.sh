@@ -68,8 +68,9 @@ echo "setup: installing pinned packages (constraints.txt); the first time downlo
 pip=("$venv/bin/python" -m pip --disable-pip-version-check --no-input)
 "${pip[@]}" install --quiet -c constraints.txt pip setuptools wheel
 "${pip[@]}" install --quiet -c constraints.txt torch
-# --no-build-isolation: the build must see the pinned torch, never resolve another one.
-"${pip[@]}" install --quiet -c constraints.txt --no-build-isolation --use-pep517 -e ".[test]"
+# --no-build-isolation: the build must see the pinned torch, never resolve another one. The
+# optional extras are installed too, so that the tests run their paths.
+"${pip[@]}" install --quiet -c constraints.txt --no-build-isolation --use-pep517 -e ".[test,wandb]"
 echo "$wanted" >"$stamp"
 versions=$("$venv/bin/python" -c 'from importlib.metadata import version as v; print("torch", v("torch") + ", megatron-core", v("megatron-core"))')
 echo "setup: done ($versions)"

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mhc_megatron.training.exit_requests import signal_number
+from mhc_megatron.training.wandb_run import check_wandb_installed
 
 LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root")
 POSITION_EMBEDDINGS = ("rope", "learned_absolute", "none")
@@ -56,7 +57,8 @@ class TrainingArguments:
             Amax gains of the composite stream mixing at every depth, max and mean over its tokens
             (``gain_profile`` in metrics.jsonl; ``modules/diagnostics.py`` defines them).
         run_dir: where config.yaml, metrics.jsonl and tensorboard/ go. wandb / wandb_project:
-        also log to Weights & Biases (offline unless WANDB_MODE says otherwise).
+        also log to Weights & Biases (the ``wandb`` extra; offline without an API key, see
+        ``wandb_run.py``).
     Model building (``GPTModel`` arguments; the transformer's own fields are the model keys):
         position_embedding_type, untie_embeddings_and_output_weights,
         swiglu (gated SiLU MLP), make_vocab_size_divisible_by (vocabulary padding, times TP).
@@ -140,6 +142,8 @@ class TrainingArguments:
             )
         if self.finetune and not self.load:
             raise ValueError("finetune=true loads weights from 'load', but load is not set")
+        if self.wandb:
+            check_wandb_installed()
 
     @property
     def decay_iters(self) -> int:

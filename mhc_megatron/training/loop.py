@@ -298,6 +298,8 @@ class Trainer:
                      f"at step {self.iteration}")
             _say(f"metrics: {self.run_dir / 'metrics.jsonl'} (TensorBoard: {self.run_dir / 'tensorboard'}); "
                  f"peak memory {format_bytes(_peak_memory_bytes())}")
+            if metrics.wandb_location is not None:
+                _say(metrics.wandb_location)
         return TrainResult(self.iteration, self.run_dir, checkpoint, interrupted_by)
 
 

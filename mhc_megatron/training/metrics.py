@@ -1,6 +1,6 @@
 """Where a run's numbers go: ``metrics.jsonl`` (every step), TensorBoard (always), Weights & Biases
-(when installed and enabled; offline unless ``WANDB_MODE`` says otherwise, so it never asks to log
-in or needs the network) and the console (a line per ``log_interval``, or a progress bar when the
+(``wandb=true``: the same records and the resolved config; offline without an API key, see
+``wandb_run.py``) and the console (a line per ``log_interval``, or a progress bar when the
 output is a terminal).
 
 Per-step record keys: ``step``, ``loss``, ``lr``, ``grad_norm``, ``step_time_s``, ``tokens_per_s``,
@@ -14,12 +14,13 @@ depth each, on a fixed probe batch, and the whole model's ``gain_forward_max`` /
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
+
+from mhc_megatron.training.wandb_run import start_wandb_run, where_logged
 
 
 def format_bytes(count: float) -> str:
@@ -66,25 +67,14 @@ class MetricsLogger:
         self.first_step = self.first_loss = self.last_loss = None
         self.jsonl = (self.run_dir / "metrics.jsonl").open("a")
         self.tensorboard = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=start_step + 1)
-        self.wandb_run = self._start_wandb(config or {}, wandb_project) if use_wandb else None
+        self.wandb_run = (
+            start_wandb_run(self.run_dir, wandb_project, config or {}, resuming=start_step > 0) if use_wandb else None
+        )
+        self.wandb_location = where_logged(self.wandb_run) if self.wandb_run is not None else None
         self.bar = (
             tqdm(total=train_iters, initial=start_step, unit="step", dynamic_ncols=True)
             if sys.stdout.isatty()
             else None
-        )
-
-    def _start_wandb(self, config: dict, project: str):
-        try:
-            import wandb
-        except ImportError:
-            print("metrics: wandb=true but the wandb package is not installed; logging without it")
-            return None
-        return wandb.init(
-            project=project,
-            dir=str(self.run_dir),
-            config=config,
-            mode=os.environ.get("WANDB_MODE", "offline"),
-            name=self.run_dir.name,
         )
 
     def log(self, record: dict) -> None:
