@@ -32,6 +32,7 @@ setup(
             "mhc-preprocess=mhc_megatron.data.preprocess:main",
             "mhc-compare=mhc_megatron.compare.cli:main",
             "mhc-study=mhc_megatron.study.cli:main",
+            "mhc-convert=mhc_megatron.convert.cli:main",
             "mhc-bench=mhc_megatron.bench.cli:main",
             "mhc-plan=mhc_megatron.plan.cli:main",
         ]

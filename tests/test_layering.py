@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "mhc_megatron"
 
 LAYERS = [
-    ("mhc_megatron", "mhc_megatron.method", "mhc_megatron.jsonl"),  # the method's constants; no torch
+    ("mhc_megatron", "mhc_megatron.method", "mhc_megatron.jsonl", "mhc_megatron.world"),  # the method's constants; no torch
     ("mhc_megatron.plan",),  # the planner; no torch
     ("mhc_megatron.ops", "mhc_megatron._C"),  # the operators and their compiled kernels
     ("mhc_megatron.modules",),
@@ -33,7 +33,7 @@ LAYERS = [
     ("mhc_megatron.megatron",),  # the package's public names
     ("mhc_megatron.data",),
     ("mhc_megatron.training",),
-    ("mhc_megatron.bench", "mhc_megatron.compare", "mhc_megatron.study", "mhc_megatron.train"),
+    ("mhc_megatron.bench", "mhc_megatron.compare", "mhc_megatron.convert", "mhc_megatron.study", "mhc_megatron.train"),
 ]
 WITHOUT_MEGATRON = LAYERS[: LAYERS.index(("mhc_megatron.megatron.patching",))]
 WITHOUT_TORCH = LAYERS[:2]

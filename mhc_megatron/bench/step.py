@@ -34,7 +34,6 @@ import datetime
 import json
 import os
 import shlex
-import socket
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -44,6 +43,7 @@ import torch
 from mhc_megatron.bench.memory import cpu_model
 from mhc_megatron.bench.step_parts import CONNECTION_PARTS, PARTS, StepParts
 from mhc_megatron.method import NUM_STREAMS, default_block_size
+from mhc_megatron.world import default_to_world_of_one
 
 # name -> (hc_mode, how block recompute rebuilds, or None: no block recompute)
 VARIANTS = {"residual": ("residual", None), "hc": ("hc", None), "mhc": ("mhc", None),
@@ -282,13 +282,6 @@ def command_line(args: argparse.Namespace) -> str:
     return shlex.join(words)
 
 
-def _free_port() -> str:
-    """A TCP port free now on this machine, for the gloo world of one."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return str(probe.getsockname()[1])
-
-
 def machine() -> dict:
     """The CPU, the threads torch uses, the fused kernels' instruction-set level and the versions."""
     from megatron.core import __version__ as megatron_version
@@ -347,9 +340,7 @@ def run(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     block_size = args.block_size or default_block_size(shape.streams, 2 * shape.layers)
-    for name, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", _free_port()), ("RANK", "0"),
-                        ("WORLD_SIZE", "1")):
-        os.environ.setdefault(name, value)
+    default_to_world_of_one()
     started = datetime.datetime.now(datetime.timezone.utc)
     initialize_parallel(seed=SEED)
     try:

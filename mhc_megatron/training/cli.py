@@ -22,6 +22,8 @@ import sys
 import warnings
 from collections.abc import Sequence
 
+from mhc_megatron.world import default_to_world_of_one
+
 # Notices megatron-core and torch print on every start that say nothing about this run: the
 # optional Apex / Transformer Engine fallbacks, experimental or deprecated APIs we do not use
 # (GPTModel still is megatron-core's GPT), and torch's CUDA_HOME probe on machines without CUDA.
@@ -35,7 +37,7 @@ _START_UP_NOTICES = (
 )
 
 
-def _quiet_start_up_notices() -> None:
+def quiet_start_up_notices() -> None:
     for text in _START_UP_NOTICES:
         warnings.filterwarnings("ignore", message=text, category=UserWarning)
     logging.getLogger("megatron.core.models.gpt.gpt_model").setLevel(logging.ERROR)
@@ -54,11 +56,8 @@ def _parse_args(argv: Sequence[str] | None):
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser, args = _parse_args(argv)
-    # Started without torchrun: a world of one process on a free local port.
-    for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
-        os.environ.setdefault(name, value)
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    _quiet_start_up_notices()
+    default_to_world_of_one()  # started without torchrun
+    quiet_start_up_notices()
     from mhc_megatron.training.config import RunConfig
     from mhc_megatron.training.exit_requests import EXIT_STATUS as INTERRUPTED
     from mhc_megatron.training.loop import TrainingDiverged, train
@@ -104,12 +103,4 @@ def _exit(status: int) -> None:
             file.write(f"{status}\n")
         os.replace(written, path)
     sys.exit(status)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 

@@ -10,7 +10,6 @@ CI is set (CI machines are root with apt-get): then, as on any other failure to 
 
 import os
 import shlex
-import socket
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,13 +26,6 @@ CLUSTER = ROOT / "tools/slurm-cluster.sh"
 UNABLE = 3
 # The environment of every launch, as tests/training/conftest.py runs its commands.
 QUIET = {"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-
-
-def free_port() -> int:
-    """A TCP port of 127.0.0.1 that nothing listens on (for a rendezvous)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def cluster(*args: str | Path) -> subprocess.CompletedProcess:

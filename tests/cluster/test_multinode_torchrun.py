@@ -6,7 +6,9 @@ import subprocess
 import sys
 import time
 
-from .conftest import QUIET, ROOT, assert_matches_one_process, free_port, read_metrics
+from mhc_megatron.world import free_port
+
+from .conftest import QUIET, ROOT, assert_matches_one_process, read_metrics
 
 
 def wait_for_all(agents: list[subprocess.Popen], timeout: float) -> list[int]:

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import QUIET, ROOT, Job, assert_matches_one_process, free_port, read_metrics, run_train
+from mhc_megatron.world import free_port
+
+from .conftest import QUIET, ROOT, Job, assert_matches_one_process, read_metrics, run_train
 
 SCRIPT = "launch/slurm/train.sbatch"
 

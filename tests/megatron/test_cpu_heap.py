@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import os
 import platform
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from mhc_megatron.world import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 CPU_HEAP = ROOT / "mhc_megatron" / "megatron" / "cpu_heap.py"
@@ -107,10 +108,7 @@ def test_initialize_parallel_keeps_the_heap_on_cpu():
             "initialize_parallel()\n"
             "print(cpu_heap.keep_freed_heap())\n"
             "destroy_parallel()\n")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = str(probe.getsockname()[1])
-    env = _environment(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK="0", WORLD_SIZE="1")
+    env = _environment(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180, env=env)
     assert result.returncode == 0, result.stderr
     expected = "kept" if platform.libc_ver()[0] == "glibc" else "not glibc"

@@ -72,6 +72,20 @@ def _flat_tensors(state: dict):
             yield value
 
 
+def check_saved_tensors(tensors, saved_tensors: dict, directory: str | Path) -> None:
+    """Raise ``ValueError`` naming the first of ``tensors`` (``ShardedTensor``s) that the checkpoint
+    ``directory``, whose tensor metadata is ``saved_tensors``, lacks or holds with another global shape."""
+    for tensor in tensors:
+        if tensor.key not in saved_tensors:
+            raise ValueError(f"checkpoint {str(directory)!r} has no tensor {tensor.key!r}")
+        saved_shape = tuple(saved_tensors[tensor.key].global_shape)
+        if saved_shape != tuple(tensor.global_shape):
+            raise ValueError(
+                f"checkpoint tensor {tensor.key!r} has global shape {saved_shape}, "
+                f"the model expects {tuple(tensor.global_shape)}"
+            )
+
+
 def check_checkpoint(
     model_chunks: list[torch.nn.Module], config: MhcTransformerConfig, directory: str | Path, with_optimizer: bool = False
 ) -> dict:
@@ -95,15 +109,7 @@ def check_checkpoint(
                 f"checkpoint {str(directory)!r} was saved with {field}={saved.get(field)!r}, "
                 f"but the config has {field}={value!r}"
             )
-    for tensor in _flat_tensors(_sharded_state(model_chunks)):
-        if tensor.key not in saved_tensors:
-            raise ValueError(f"checkpoint {str(directory)!r} has no tensor {tensor.key!r}")
-        saved_shape = tuple(saved_tensors[tensor.key].global_shape)
-        if saved_shape != tuple(tensor.global_shape):
-            raise ValueError(
-                f"checkpoint tensor {tensor.key!r} has global shape {saved_shape}, "
-                f"the model expects {tuple(tensor.global_shape)}"
-            )
+    check_saved_tensors(_flat_tensors(_sharded_state(model_chunks)), saved_tensors, directory)
     if with_optimizer and not any(key.startswith("optimizer.") for key in saved_tensors):
         raise ValueError(
             f"checkpoint {str(directory)!r} holds no optimizer state; load only its weights (finetune=true) "
