@@ -37,18 +37,7 @@ from pathlib import Path
 
 import torch
 
-from mhc_megatron.convert.session import (
-    LogitDifference,
-    SourceCheckpoint,
-    build_single_model,
-    check_output_directory,
-    hyper_connection_parameters,
-    load_all_but,
-    megatron_process,
-    probe_logits,
-    save_converted,
-    single_process_run,
-)
+from mhc_megatron.convert import session
 from mhc_megatron.ops import backends
 from mhc_megatron.ops import mappings as mapping_ops
 from mhc_megatron.ops.checks import coefficient_dtype
@@ -114,10 +103,10 @@ class Converted:
 
     checkpoint: Path
     config: Path
-    logits: LogitDifference
+    logits: session.LogitDifference
 
 
-def _check_megatron_lm_args(source: SourceCheckpoint, run: RunConfig) -> None:
+def _check_megatron_lm_args(source: session.SourceCheckpoint, run: RunConfig) -> None:
     """When the checkpoint holds Megatron-LM's ``args``, its sizes must be the config's."""
     args = source.common.get("args")
     if args is None:
@@ -139,15 +128,15 @@ def from_megatron_lm(config: str | Path | None, overrides: list[str], load: str 
     """Convert Megatron-LM's mHC checkpoint ``load`` into the model of the run ``config`` + ``overrides``
     (``hc_mode=mhc``, ``hc_collapse=mean``, the sizes Megatron-LM trained), saved as the save directory
     ``output`` (iteration 0) with ``output/config.yaml``."""
-    run = single_process_run(config, overrides)
+    run = session.single_process_run(config, overrides)
     model_config = run.transformer_config()
     if model_config.hc_mode != "mhc" or model_config.hc_collapse != "mean":
         raise ValueError("Megatron-LM's mHC converts to hc_mode=mhc with hc_collapse=mean; the config has "
                          f"hc_mode={model_config.hc_mode!r}, hc_collapse={model_config.hc_collapse!r}")
     if model_config.virtual_pipeline_model_parallel_size is not None:
         raise ValueError("from-megatron-lm builds one model chunk; unset virtual_pipeline_model_parallel_size")
-    output = check_output_directory(output)
-    source = SourceCheckpoint.open(load)
+    output = session.check_output_directory(output)
+    source = session.SourceCheckpoint.open(load)
     _check_megatron_lm_args(source, run)
     vocab_size = source.padded_vocab_size
     seq_length = run.training.max_position_embeddings or run.training.seq_length
@@ -156,24 +145,24 @@ def from_megatron_lm(config: str | Path | None, overrides: list[str], load: str 
         if key not in source.tensors:
             raise ValueError(f"checkpoint {str(source.directory)!r} has no tensor {key!r}: not a checkpoint of "
                              "Megatron-LM's mHC layers")
-    with megatron_process(run):
-        model = build_single_model(run, vocab_size)
-        hyper_connections = hyper_connection_parameters(model)
+    with session.megatron_process(run):
+        model = session.build_single_model(run, vocab_size)
+        hyper_connections = session.hyper_connection_parameters(model)
         unmapped = hyper_connections - set(keys)
         if unmapped:
             raise ValueError(f"parameters with no Megatron-LM counterpart: {sorted(unmapped)}")
-        load_all_but(model, source, hyper_connections)
+        session.load_all_but(model, source, hyper_connections)
         _load_hyper_connections(model, source, keys)
         with backends.use_backend("reference"):  # the same operators as under Megatron-LM's conventions
-            ours = probe_logits(model, vocab_size, seq_length)
+            ours = session.probe_logits(model, vocab_size, seq_length)
         with megatron_lm_conventions():
-            theirs = probe_logits(model, vocab_size, seq_length)
-        checkpoint = save_converted(output, model, run, RunConfig.load(config, overrides),
+            theirs = session.probe_logits(model, vocab_size, seq_length)
+        checkpoint = session.save_converted(output, model, run, RunConfig.load(config, overrides),
                                     {"command": "from-megatron-lm", "source": str(source.directory)})
-    return Converted(checkpoint, output / "config.yaml", LogitDifference.between(ours, theirs))
+    return Converted(checkpoint, output / "config.yaml", session.LogitDifference.between(ours, theirs))
 
 
-def _load_hyper_connections(model: torch.nn.Module, source: SourceCheckpoint, keys: dict) -> None:
+def _load_hyper_connections(model: torch.nn.Module, source: session.SourceCheckpoint, keys: dict) -> None:
     """Fill every ``HyperConnection`` of ``model`` from Megatron-LM's stacked tensors (module docstring)."""
     stacked = source.read(sorted({key for entry in keys.values() for key in entry}))
     parameters = dict(model.named_parameters())

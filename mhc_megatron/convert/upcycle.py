@@ -99,8 +99,9 @@ def upcycle(config: str | Path | None, overrides: list[str], load: str | Path, o
     if isinstance(num_streams, bool) or not isinstance(num_streams, int) or num_streams < 2:
         raise ValueError(f"upcycle needs num_streams >= 2 (one stream is the residual model), got {num_streams!r}")
     source_run = single_process_run(config, overrides)
-    if source_run.transformer_config().hc_mode != "residual":
-        raise ValueError(f"upcycle takes a residual model; the config has hc_mode={source_run.transformer_config().hc_mode!r}")
+    source_mode = source_run.transformer_config().hc_mode
+    if source_mode != "residual":
+        raise ValueError(f"upcycle takes a residual model; the config has hc_mode={source_mode!r}")
     architecture = [f"hc_mode={hc_mode}", f"num_streams={num_streams}"]
     target_run = single_process_run(config, [*overrides, *architecture])
     user_target = RunConfig.load(config, [*overrides, *architecture])
