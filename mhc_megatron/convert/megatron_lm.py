@@ -139,7 +139,6 @@ def from_megatron_lm(config: str | Path | None, overrides: list[str], load: str 
     source = session.SourceCheckpoint.open(load)
     _check_megatron_lm_args(source, run)
     vocab_size = source.padded_vocab_size
-    seq_length = run.training.max_position_embeddings or run.training.seq_length
     keys = megatron_lm_keys(model_config.num_layers)
     for key in sorted({key for entry in keys.values() for key in entry}):
         if key not in source.tensors:
@@ -154,9 +153,9 @@ def from_megatron_lm(config: str | Path | None, overrides: list[str], load: str 
         session.load_all_but(model, source, hyper_connections)
         _load_hyper_connections(model, source, keys)
         with backends.use_backend("reference"):  # the same operators as under Megatron-LM's conventions
-            ours = session.probe_logits(model, vocab_size, seq_length)
+            ours = session.probe_logits(model, vocab_size, run.training.seq_length)
         with megatron_lm_conventions():
-            theirs = session.probe_logits(model, vocab_size, seq_length)
+            theirs = session.probe_logits(model, vocab_size, run.training.seq_length)
         checkpoint = session.save_converted(output, model, run, RunConfig.load(config, overrides),
                                     {"command": "from-megatron-lm", "source": str(source.directory)})
     return Converted(checkpoint, output / "config.yaml", session.LogitDifference.between(ours, theirs))

@@ -122,7 +122,8 @@ def load_all_but(model: torch.nn.Module, source: SourceCheckpoint, skipped: set[
 
 
 def probe_logits(model: torch.nn.Module, vocab_size: int, seq_length: int) -> torch.Tensor:
-    """Logits ``[b, s, vocab]`` of ``model`` (eval mode, no autograd) on a fixed batch of random tokens."""
+    """Logits ``[b, s, vocab]`` of ``model`` (eval mode, no autograd) on a fixed batch of random tokens,
+    ``s`` = ``seq_length`` (the run's, which fits its positions) or ``PROBE_TOKENS`` if shorter."""
     generator = torch.Generator().manual_seed(0)
     length = min(seq_length, PROBE_TOKENS)
     tokens = torch.randint(vocab_size, (PROBE_BATCH, length), generator=generator)

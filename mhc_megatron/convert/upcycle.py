@@ -112,15 +112,15 @@ def upcycle(config: str | Path | None, overrides: list[str], load: str | Path, o
         raise ValueError(f"checkpoint {str(source.directory)!r} holds an hc_mode={saved['hc_mode']!r} model; "
                          "upcycle takes a residual one")
     vocab_size = source.padded_vocab_size
-    seq_length = source_run.training.max_position_embeddings or source_run.training.seq_length
     with megatron_process(source_run):
         residual = build_single_model(source_run, vocab_size)
         load_checkpoint([residual], source_run.transformer_config(), source.directory)
         converted = build_single_model(target_run, vocab_size)
         load_all_but(converted, source, hyper_connection_parameters(converted))
         start_as_residual(converted, pre_bias)
-        difference = LogitDifference.between(probe_logits(converted, vocab_size, seq_length),
-                                              probe_logits(residual, vocab_size, seq_length))
+        length = source_run.training.seq_length
+        difference = LogitDifference.between(probe_logits(converted, vocab_size, length),
+                                              probe_logits(residual, vocab_size, length))
         checkpoint = save_converted(output, converted, target_run, user_target,
                                     {"command": "upcycle", "source": str(source.directory), "hc_mode": hc_mode,
                                      "num_streams": num_streams, "pre_bias": pre_bias})
