@@ -116,3 +116,14 @@ def test_the_time_budget_stops_the_run_after_saving(dataset, tmp_path):
     assert ("mhc-train: interrupted after step 1 (the time budget exit_duration_in_mins=0.0001 ran out); resume "
             "with load=<the save directory> (exit status 75)") in result.stderr
     assert (save / "latest_checkpointed_iteration.txt").read_text() == "1\n"
+
+
+def test_a_budget_that_runs_out_on_the_last_step_leaves_the_run_finished(dataset, tmp_path):
+    """The 6 ms budget is gone before step 1 ends, and step 1 is the last: the run is done (exit 0,
+    no "interrupted"), not stopped for the budget."""
+    save = tmp_path / "checkpoints"
+    result = run_command([sys.executable, "-m", "mhc_megatron.train", *TINY, f"data_path={dataset}", "train_iters=1",
+                          "lr_warmup_iters=0", "exit_duration_in_mins=0.0001", f"save={save}",
+                          f"run_dir={tmp_path / 'run'}", f"data_dir={tmp_path / 'data'}"])
+    assert "interrupted" not in result.stderr and "stopping after" not in result.stdout, result.stdout + result.stderr
+    assert (save / "latest_checkpointed_iteration.txt").read_text() == "1\n"
