@@ -20,7 +20,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedTensor
 from megatron.core.utils import unwrap_model
 
 from mhc_megatron.megatron import destroy_parallel, initialize_parallel, parallel_layout
-from mhc_megatron.megatron.model.checkpointing import check_saved_tensors
+from mhc_megatron.megatron.model.checkpointing import check_saved_tensors, read_checkpoint_metadata
 from mhc_megatron.modules import HyperConnection, StreamCollapse
 from mhc_megatron.training.builders import build_model
 from mhc_megatron.training.checkpoint_files import has_checkpoints, resolve_checkpoint
@@ -49,11 +49,7 @@ class SourceCheckpoint:
     def open(cls, load: str | Path) -> SourceCheckpoint:
         """The checkpoint ``load`` stands for (a save directory's latest iteration, or one iteration)."""
         directory = resolve_checkpoint(load)
-        try:
-            tensors = dist_checkpointing.load_tensors_metadata(str(directory))
-            common = dist_checkpointing.load_common_state_dict(str(directory))
-        except Exception as error:  # a missing or corrupt metadata file, of whatever kind
-            raise ValueError(f"{str(directory)!r} is not a readable distributed checkpoint: {error}") from error
+        common, tensors = read_checkpoint_metadata(directory)
         return cls(directory, tensors, common)
 
     @property
@@ -115,10 +111,21 @@ def load_all_but(model: torch.nn.Module, source: SourceCheckpoint, skipped: set[
     wanted = {key: value for key, value in model.sharded_state_dict().items() if key not in skipped}
     check_saved_tensors((v for v in wanted.values() if isinstance(v, ShardedTensor)), source.tensors, source.directory)
     loaded = dist_checkpointing.load(wanted, str(source.directory))  # and the checkpoint's common state
-    missing, unexpected = model.load_state_dict({key: loaded[key] for key in wanted}, strict=False)
+    _load_all_but_state(model, {key: loaded[key] for key in wanted}, skipped, source.directory)
+
+
+def copy_all_but(model: torch.nn.Module, source_model: torch.nn.Module, skipped: set[str]) -> None:
+    """Copy every entry of ``model``'s state but ``skipped`` from ``source_model`` (already loaded),
+    which must have all of them, with the same shapes, and nothing else."""
+    _load_all_but_state(model, source_model.state_dict(), skipped, "the source model")
+
+
+def _load_all_but_state(model: torch.nn.Module, state: dict, skipped: set[str], source) -> None:
+    """``model.load_state_dict(state)`` where exactly ``skipped`` may be missing from ``state``."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
     left = set(missing) - skipped
     if left or unexpected:
-        raise RuntimeError(f"loading {source.directory} left {sorted(left)} unloaded and {sorted(unexpected)} unused")
+        raise RuntimeError(f"loading {source} left {sorted(left)} unloaded and {sorted(unexpected)} unused")
 
 
 def probe_logits(model: torch.nn.Module, vocab_size: int, seq_length: int) -> torch.Tensor:

@@ -44,8 +44,8 @@ from mhc_megatron.convert.session import (
     SourceCheckpoint,
     build_single_model,
     check_output_directory,
+    copy_all_but,
     hyper_connection_parameters,
-    load_all_but,
     megatron_process,
     probe_logits,
     save_converted,
@@ -116,7 +116,7 @@ def upcycle(config: str | Path | None, overrides: list[str], load: str | Path, o
         residual = build_single_model(source_run, vocab_size)
         load_checkpoint([residual], source_run.transformer_config(), source.directory)
         converted = build_single_model(target_run, vocab_size)
-        load_all_but(converted, source, hyper_connection_parameters(converted))
+        copy_all_but(converted, residual, hyper_connection_parameters(converted))  # the checkpoint is read once
         start_as_residual(converted, pre_bias)
         length = source_run.training.seq_length
         difference = LogitDifference.between(probe_logits(converted, vocab_size, length),

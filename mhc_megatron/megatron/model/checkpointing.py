@@ -72,6 +72,17 @@ def _flat_tensors(state: dict):
             yield value
 
 
+def read_checkpoint_metadata(directory: str | Path) -> tuple[dict, dict]:
+    """``(common state, tensor metadata)`` of the checkpoint ``directory``; a ``ValueError`` when its
+    metadata is missing or unreadable."""
+    try:
+        common = dist_checkpointing.load_common_state_dict(str(directory))
+        saved_tensors = dist_checkpointing.load_tensors_metadata(str(directory))
+    except Exception as error:  # a missing or corrupt metadata file, of whatever kind
+        raise ValueError(f"{str(directory)!r} is not a readable distributed checkpoint: {error}") from error
+    return common, saved_tensors
+
+
 def check_saved_tensors(tensors, saved_tensors: dict, directory: str | Path) -> None:
     """Raise ``ValueError`` naming the first of ``tensors`` (``ShardedTensor``s) that the checkpoint
     ``directory``, whose tensor metadata is ``saved_tensors``, lacks or holds with another global shape."""
@@ -94,11 +105,7 @@ def check_checkpoint(
     directory = Path(directory)
     if not directory.is_dir():
         raise ValueError(f"checkpoint directory {str(directory)!r} does not exist")
-    try:
-        common = dist_checkpointing.load_common_state_dict(str(directory))
-        saved_tensors = dist_checkpointing.load_tensors_metadata(str(directory))
-    except Exception as error:  # a missing or corrupt metadata file, of whatever kind
-        raise ValueError(f"{str(directory)!r} is not a readable distributed checkpoint: {error}") from error
+    common, saved_tensors = read_checkpoint_metadata(directory)
     saved = common.get("mhc")
     if saved is None:
         raise ValueError(f"checkpoint {str(directory)!r} has no 'mhc' architecture record")
