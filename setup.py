@@ -23,7 +23,7 @@ setup(
         "tqdm",  # progress
         "matplotlib",  # mhc-compare and mhc-study plots
     ],
-    extras_require={"test": ["pytest", "pytest-xdist"], "wandb": ["wandb"]},
+    extras_require={"test": ["pytest", "pytest-xdist"], "wandb": ["wandb"], "deepspeed": ["deepspeed"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     entry_points={

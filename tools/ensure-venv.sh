@@ -70,7 +70,7 @@ pip=("$venv/bin/python" -m pip --disable-pip-version-check --no-input)
 "${pip[@]}" install --quiet -c constraints.txt torch
 # --no-build-isolation: the build must see the pinned torch, never resolve another one. The
 # optional extras are installed too, so that the tests run their paths.
-"${pip[@]}" install --quiet -c constraints.txt --no-build-isolation --use-pep517 -e ".[test,wandb]"
+"${pip[@]}" install --quiet -c constraints.txt --no-build-isolation --use-pep517 -e ".[test,wandb,deepspeed]"
 echo "$wanted" >"$stamp"
 versions=$("$venv/bin/python" -c 'from importlib.metadata import version as v; print("torch", v("torch") + ", megatron-core", v("megatron-core"))')
 echo "setup: done ($versions)"

@@ -84,7 +84,7 @@ class _SinglePipeline:
         args = run.training
         self.model = wrap_with_ddp(build_model(run, self.config, VOCAB), self.config, args.use_distributed_optimizer)
         self.config.no_sync_func = self.model[0].no_sync
-        self.optimizer, _ = build_training_optimizer(run, self.config, self.model)
+        self.optimizer = build_training_optimizer(run, self.config, self.model)
         tokens = torch.randint(0, VOCAB, (args.micro_batch_size, args.seq_length))
         batch = MicroBatch(tokens, torch.roll(tokens, -1, 1), torch.ones_like(tokens, dtype=torch.float32))
         self.batches = [batch] * micro_batches

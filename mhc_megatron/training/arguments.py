@@ -7,6 +7,7 @@ reads a config without a glossary.
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 
 from mhc_megatron.training.exit_requests import signal_number
@@ -14,6 +15,8 @@ from mhc_megatron.training.wandb_run import check_wandb_installed
 
 LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root")
 POSITION_EMBEDDINGS = ("rope", "learned_absolute", "none")
+ENGINES = ("megatron", "deepspeed")
+ZERO_STAGES = (1, 2, 3)
 
 
 @dataclass
@@ -45,6 +48,11 @@ class TrainingArguments:
     Optimizer and schedule (megatron-core's Adam and ``OptimizerParamScheduler``):
         lr, min_lr, lr_warmup_iters, lr_decay_iters (default ``train_iters``), lr_decay_style,
         weight_decay, adam_beta1, adam_beta2, adam_eps, clip_grad, use_distributed_optimizer.
+    Engine:
+        engine: ``megatron`` (megatron-core's DDP, optimizer and pipeline schedules) or ``deepspeed``
+            (the same model, TP = PP = 1, trained by ``deepspeed.initialize`` with ZeRO; the
+            ``deepspeed`` extra; ``deepspeed_engine.py``). zero_stage: DeepSpeed's ZeRO stage, 1, 2
+            or 3 (``engine=deepspeed`` only; default 1).
     Evaluation, logging, checkpoints:
         eval_interval (0: never), eval_iters: validation batches per evaluation (the same ones each
         time, so evaluations compare). log_interval: steps between console lines and Amax-gain
@@ -105,6 +113,8 @@ class TrainingArguments:
     untie_embeddings_and_output_weights: bool = False
     swiglu: bool = False
     make_vocab_size_divisible_by: int = 128
+    engine: str = "megatron"
+    zero_stage: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("train_iters", "micro_batch_size", "global_batch_size", "seq_length", "log_interval",
@@ -144,10 +154,37 @@ class TrainingArguments:
             raise ValueError("finetune=true loads weights from 'load', but load is not set")
         if self.wandb:
             check_wandb_installed()
+        self._check_engine()
+
+    def _check_engine(self) -> None:
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine must be one of {', '.join(map(repr, ENGINES))}, got {self.engine!r}")
+        if self.engine == "megatron":
+            if self.zero_stage is not None:
+                raise ValueError(
+                    f"zero_stage={self.zero_stage} applies to engine=deepspeed; with engine=megatron shard the "
+                    "optimizer state with use_distributed_optimizer=true, or set engine=deepspeed"
+                )
+            return
+        if self.zero_stage is not None and self.zero_stage not in ZERO_STAGES:
+            raise ValueError(f"zero_stage must be one of {', '.join(map(str, ZERO_STAGES))}, got {self.zero_stage!r}")
+        if self.use_distributed_optimizer:
+            raise ValueError(
+                "use_distributed_optimizer=true is megatron's sharded optimizer; with engine=deepspeed ZeRO "
+                "shards it: set use_distributed_optimizer=false and choose zero_stage"
+            )
+        if importlib.util.find_spec("deepspeed") is None:
+            raise ValueError("engine=deepspeed needs the deepspeed package, which is not installed: "
+                             "pip install -e '.[deepspeed]' (make test installs it), or set engine=megatron")
 
     @property
     def decay_iters(self) -> int:
         return self.lr_decay_iters if self.lr_decay_iters is not None else self.train_iters
+
+    @property
+    def deepspeed_zero_stage(self) -> int:
+        """The ZeRO stage of an ``engine=deepspeed`` run (``zero_stage``, default 1)."""
+        return 1 if self.zero_stage is None else self.zero_stage
 
     @property
     def last_step(self) -> int:

@@ -1,6 +1,6 @@
 """What a run is made of, built from its ``RunConfig`` in every process of the job: the checked
-layout, the data (tokenizer, datasets, step batches), the model chunks, megatron's optimizer and its
-LR schedule."""
+layout, the data (tokenizer, datasets, step batches), the model chunks, megatron's optimizer and the
+LR schedule (the training engines, ``megatron_engine`` and ``deepspeed_engine``, put them together)."""
 
 from __future__ import annotations
 
@@ -38,6 +38,8 @@ def data_parallel_size(run: RunConfig, config: MhcTransformerConfig, world_size:
         )
     data_parallel = world_size // (tp * pp)
     args = run.training
+    if args.engine == "deepspeed":
+        _check_deepspeed_layout(config)
     if args.global_batch_size % (args.micro_batch_size * data_parallel):
         raise ValueError(
             f"global_batch_size ({args.global_batch_size}) must be a multiple of micro_batch_size "
@@ -62,6 +64,18 @@ def data_parallel_size(run: RunConfig, config: MhcTransformerConfig, world_size:
             f"{config.num_attention_heads} unless set): change hidden_size, num_attention_heads or kv_channels"
         )
     return data_parallel
+
+
+def _check_deepspeed_layout(config: MhcTransformerConfig) -> None:
+    """DeepSpeed's ZeRO shards over data-parallel ranks only: no tensor, pipeline or expert parallelism."""
+    for key in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size"):
+        if getattr(config, key) != 1:
+            raise ValueError(
+                f"engine=deepspeed trains data-parallel only (ZeRO shards across the data-parallel ranks), "
+                f"but {key}={getattr(config, key)}: set it to 1, or use engine=megatron"
+            )
+    if config.virtual_pipeline_model_parallel_size is not None:
+        raise ValueError("engine=deepspeed has no pipeline: unset virtual_pipeline_model_parallel_size")
 
 
 @dataclass
@@ -154,9 +168,9 @@ def parameter_counts(chunks: list[torch.nn.Module]) -> tuple[int, int]:
 
 
 def build_training_optimizer(run: RunConfig, config: MhcTransformerConfig, model: list[torch.nn.Module]):
-    """megatron's Adam over the DDP-wrapped ``model`` and its warm-up + decay LR schedule."""
+    """megatron's Adam over the DDP-wrapped ``model`` (``engine=megatron``)."""
     args = run.training
-    optimizer = build_optimizer(
+    return build_optimizer(
         model,
         lr=args.lr,
         min_lr=args.min_lr,
@@ -169,7 +183,14 @@ def build_training_optimizer(run: RunConfig, config: MhcTransformerConfig, model
         bf16=config.bf16,
         params_dtype=config.params_dtype,
     )
-    scheduler = OptimizerParamScheduler(
+
+
+def build_lr_scheduler(run: RunConfig, optimizer) -> OptimizerParamScheduler:
+    """megatron's warm-up + decay schedule of the learning rate and weight decay, over the
+    ``param_groups`` of ``optimizer`` (megatron's or DeepSpeed's): each step sets every group's
+    ``lr`` and its ``weight_decay`` times the group's ``wd_mult``."""
+    args = run.training
+    return OptimizerParamScheduler(
         optimizer,
         init_lr=0.0,
         max_lr=args.lr,
@@ -182,4 +203,3 @@ def build_training_optimizer(run: RunConfig, config: MhcTransformerConfig, model
         wd_incr_steps=max(args.train_iters, 1),
         wd_incr_style="constant",
     )
-    return optimizer, scheduler

@@ -3,9 +3,11 @@ interrupted save left, and which checkpoint ``load`` stands for (``checkpoints``
 
 Layout (Megatron-LM's)::
 
-    SAVE/iter_0000100/          a dist_checkpointing checkpoint (its metadata.json marks one)
+    SAVE/iter_0000100/          a dist_checkpointing checkpoint (its metadata.json marks one), or with
+                                engine=deepspeed DeepSpeed's checkpoint (deepspeed.json marks one)
     SAVE/iter_0000100.partial/  a save in progress, or one that was interrupted
     SAVE/latest_checkpointed_iteration.txt    "100", written last, once the save completed on every rank
+    SAVE/latest                 engine=deepspeed: "iter_0000100", DeepSpeed's tracker, written with ours
 """
 
 from __future__ import annotations
@@ -13,9 +15,12 @@ from __future__ import annotations
 from pathlib import Path
 
 TRACKER = "latest_checkpointed_iteration.txt"
-
-
+DEEPSPEED_TRACKER = "latest"
 PARTIAL = ".partial"
+
+# The file that marks a checkpoint directory of each engine (megatron's: dist_checkpointing's metadata).
+ENGINE_MARKERS = {"megatron": "metadata.json", "deepspeed": "deepspeed.json"}
+DEEPSPEED_RECORD = ENGINE_MARKERS["deepspeed"]
 
 
 def iteration_directory(save_dir: str | Path, iteration: int) -> Path:
@@ -53,9 +58,17 @@ def has_checkpoints(directory: str | Path) -> bool:
     return (Path(directory) / TRACKER).is_file()
 
 
+def checkpoint_engine(directory: str | Path) -> str | None:
+    """The engine whose checkpoint ``directory`` is (``"megatron"``, ``"deepspeed"``), else ``None``."""
+    for engine, marker in ENGINE_MARKERS.items():
+        if (Path(directory) / marker).is_file():
+            return engine
+    return None
+
+
 def holds_checkpoint(directory: str | Path) -> bool:
     """Whether ``load=directory`` has something to load: a save directory or one checkpoint."""
-    return has_checkpoints(directory) or (Path(directory) / "metadata.json").is_file()
+    return has_checkpoints(directory) or checkpoint_engine(directory) is not None
 
 
 def resolve_checkpoint(load_dir: str | Path) -> Path:
@@ -63,7 +76,7 @@ def resolve_checkpoint(load_dir: str | Path) -> Path:
     load_dir = Path(load_dir)
     if not load_dir.is_dir():
         raise ValueError(f"checkpoint directory {str(load_dir)!r} (load) does not exist")
-    if (load_dir / "metadata.json").is_file():
+    if checkpoint_engine(load_dir) is not None:
         return load_dir
     iteration = tracked_iteration(load_dir)
     if iteration is None:

@@ -12,7 +12,9 @@ behind (``unfinished_saves``) is ignored on resume, with a message, and replaced
 of that iteration.
 
 ``load`` may name such a directory (its latest iteration is loaded) or one ``iter_*`` directory;
-``checkpoint_files`` reads the layout (without torch).
+``checkpoint_files`` reads the layout (without torch). These functions write and read the megatron
+engine's checkpoints (``deepspeed_engine`` writes DeepSpeed's in the same layout); ``load_weights``
+reads the weights of either.
 """
 
 from __future__ import annotations
@@ -24,7 +26,14 @@ from pathlib import Path
 import torch
 
 from mhc_megatron.megatron.model.checkpointing import load_checkpoint, save_checkpoint
-from mhc_megatron.training.checkpoint_files import PARTIAL, TRACKER, iteration_directory, resolve_checkpoint, tracked_iteration
+from mhc_megatron.training.checkpoint_files import (
+    PARTIAL,
+    TRACKER,
+    checkpoint_engine,
+    iteration_directory,
+    resolve_checkpoint,
+    tracked_iteration,
+)
 
 
 def save_training_checkpoint(save_dir, iteration: int, model_chunks, optimizer, config, train_state: dict) -> Path:
@@ -56,3 +65,14 @@ def load_training_checkpoint(load_dir, model_chunks, config, optimizer=None) -> 
     ``None``: weights only); returns its directory and saved train state."""
     directory = resolve_checkpoint(load_dir)
     return directory, load_checkpoint(model_chunks, config, directory, optimizer=optimizer)
+
+
+def load_weights(model_chunks, config, directory: Path) -> None:
+    """Load only the weights of checkpoint ``directory``, written by either engine, into the
+    unwrapped ``model_chunks`` (before an engine wraps them: ``finetune``)."""
+    if checkpoint_engine(directory) == "deepspeed":
+        from mhc_megatron.training.deepspeed_engine import load_deepspeed_weights
+
+        load_deepspeed_weights(model_chunks, config, directory)
+    else:
+        load_checkpoint(model_chunks, config, directory)

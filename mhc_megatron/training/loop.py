@@ -1,5 +1,6 @@
-"""The training loop: megatron-core's DDP, optimizer, LR schedule and pipeline schedules driven
-step by step, with evaluation, checkpoints, exact resume and metrics.
+"""The training loop: a training engine (``megatron_engine``: megatron-core's DDP, optimizer and
+pipeline schedules; or ``deepspeed_engine``: DeepSpeed ZeRO) driven step by step with megatron's LR
+schedule, with evaluation, checkpoints, exact resume and metrics.
 
 ``train(run)`` runs in every process of a ``torchrun`` job (or alone). Exact resume holds because
 nothing in a step depends on the past except the weights, the optimizer and the schedule (all
@@ -10,6 +11,7 @@ random state is re-seeded from ``(seed, step)`` before every step.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import resource
 import time
@@ -24,18 +26,18 @@ from mhc_megatron.megatron import destroy_parallel, initialize_parallel, paralle
 from mhc_megatron.megatron.model.transformer_config import MhcTransformerConfig
 from mhc_megatron.megatron.parallel import local_device
 from mhc_megatron.megatron.pipeline.exchange_timing import P2PTimer
-from mhc_megatron.megatron.pipeline.step import mean_loss, run_schedule, train_step, wrap_with_ddp
+from mhc_megatron.megatron.pipeline.step import mean_loss
 from mhc_megatron.modules.diagnostics import record_mappings
 from mhc_megatron.training.amax import pipeline_amax_gain, pipeline_gain_profile
-from mhc_megatron.training.builders import (
-    build_data,
-    build_model,
-    build_training_optimizer,
-    data_parallel_size,
-    parameter_counts,
+from mhc_megatron.training.builders import build_data, build_model, data_parallel_size, parameter_counts
+from mhc_megatron.training.checkpoint_files import (
+    checkpoint_engine,
+    has_checkpoints,
+    holds_checkpoint,
+    resolve_checkpoint,
+    unfinished_saves,
 )
-from mhc_megatron.training.checkpoint_files import has_checkpoints, holds_checkpoint, unfinished_saves
-from mhc_megatron.training.checkpoints import load_training_checkpoint, save_training_checkpoint
+from mhc_megatron.training.checkpoints import load_weights
 from mhc_megatron.training.config import RunConfig
 from mhc_megatron.training.exit_requests import ExitRequests
 from mhc_megatron.training.metrics import MetricsLogger, format_bytes
@@ -100,24 +102,34 @@ def _forward_only(model):
             chunk.train()
 
 
-def evaluate(model, config: MhcTransformerConfig, batches: StepBatches, eval_iters: int) -> float | None:
+def evaluate(engine, batches: StepBatches, eval_iters: int) -> float | None:
     """Mean loss over the first ``eval_iters`` global batches of ``batches`` (last stage; else None)."""
     losses = []
-    with _forward_only(model):
+    with _forward_only(engine.chunks):
         for step in range(eval_iters):
-            losses += run_schedule(model, config, batches.global_batch(step * batches.global_batch_size),
-                                   forward_only=True)
+            losses += engine.forward_only(batches.global_batch(step * batches.global_batch_size))
     return mean_loss(losses)
 
 
-def probe_gain_profile(model, config: MhcTransformerConfig, batches: StepBatches) -> dict[str, list[float]] | None:
+def probe_gain_profile(engine, batches: StepBatches) -> dict[str, list[float]] | None:
     """The ``GainProfile`` (as a dict) of the model's stream mixing on the fixed probe batch: the
     first micro-batch of ``batches``' first global batch, forward only, in eval mode (collective
     over the pipeline group). ``None`` for the residual model."""
-    with _forward_only(model), record_mappings(torch.nn.ModuleList(model)) as recorder:
-        run_schedule(model, config, batches.global_batch(0), forward_only=True)
+    with _forward_only(engine.chunks), record_mappings(torch.nn.ModuleList(engine.chunks)) as recorder:
+        engine.forward_only(batches.global_batch(0))
     profile = pipeline_gain_profile(recorder)
     return None if profile is None else profile.to_dict()
+
+
+def build_engine(run: RunConfig, config: MhcTransformerConfig, chunks: list[torch.nn.Module], data_parallel: int):
+    """The run's training engine (``engine``) over the model ``chunks``."""
+    if run.training.engine == "deepspeed":
+        from mhc_megatron.training.deepspeed_engine import DeepSpeedEngine
+
+        return DeepSpeedEngine(run, config, chunks, data_parallel)
+    from mhc_megatron.training.megatron_engine import MegatronEngine
+
+    return MegatronEngine(run, config, chunks)
 
 
 def _check_output_directories(args) -> None:
@@ -138,7 +150,9 @@ def _check_output_directories(args) -> None:
 
 class Trainer:
     """One process's share of a run: built from ``run`` in ``__init__`` (after the process groups),
-    resumed from ``load`` if set, then ``run()`` trains to ``last_step``."""
+    resumed from ``load`` if set, then ``run()`` trains to ``last_step``. ``finetune`` loads the
+    weights of a checkpoint of either engine into the model before the engine wraps it; a resume
+    loads a checkpoint of the run's own engine (weights, optimizer, schedule, position)."""
 
     def __init__(self, run: RunConfig, config: MhcTransformerConfig) -> None:
         self.run_config, self.args, self.config = run, run.training, config
@@ -150,35 +164,52 @@ class Trainer:
         self.data = build_data(run, config, data_parallel)
         chunks = build_model(run, config, self.data.vocab_size)
         total_params, hc_params = parameter_counts(chunks)
-        self.model = wrap_with_ddp(chunks, config, self.args.use_distributed_optimizer)
-        self.optimizer, self.scheduler = build_training_optimizer(run, config, self.model)
         self.iteration = self.consumed_samples = 0
         self.skipped_steps: list[int] = []  # the current run of consecutive non-finite steps
         self.saved_iteration: int | None = None  # the step whose checkpoint exists (saved or loaded)
         # time blocked in pipeline exchanges (pipeline/exchange_timing.py), logged per step when pipelined
         self.p2p_timer = P2PTimer() if config.pipeline_model_parallel_size > 1 else None
-        self._resume()
+        checkpoint = self._checkpoint_to_load()
+        if checkpoint is not None and self.args.finetune:
+            load_weights(chunks, config, checkpoint)
+            _say(f"loaded weights of {checkpoint}")
+        self.engine = build_engine(run, config, chunks, data_parallel)
+        self.optimizer, self.scheduler = self.engine.optimizer, self.engine.scheduler
+        if checkpoint is not None and not self.args.finetune:
+            self._resume(checkpoint)
+        if _is_logging_rank() and self.engine.name == "deepspeed":
+            (self.run_dir / "deepspeed_config.json").write_text(json.dumps(self.engine.settings, indent=1) + "\n")
         _say(
             f"model: {config.num_layers} layers, hidden {config.hidden_size}, hc_mode {config.hc_mode} "
             f"(n = {config.stream_count}), {total_params:,} parameters ({hc_params:,} in hyper-connections); "
             f"world {torch.distributed.get_world_size()} = TP {config.tensor_model_parallel_size} x "
-            f"PP {config.pipeline_model_parallel_size} x DP {data_parallel}"
+            f"PP {config.pipeline_model_parallel_size} x DP {data_parallel}; engine {self.engine.description}"
         )
 
-    def _resume(self) -> None:
+    def _checkpoint_to_load(self) -> Path | None:
+        """The checkpoint directory ``load`` stands for, ``None`` when there is nothing to load yet
+        (``load`` = ``save`` names where a run resumes once it has saved)."""
         args = self.args
         if args.load:
             for left in unfinished_saves(args.load):
                 _say(f"ignoring {left}: a save that did not finish (the job stopped during it)")
         if not args.load or (args.load == args.save and not has_checkpoints(args.load)):
-            return  # nothing to load (load = save names where a run resumes once it has saved)
-        optimizer = None if args.finetune else self.optimizer
-        directory, state = load_training_checkpoint(args.load, self.model, self.config, optimizer=optimizer)
-        if not args.finetune:
-            self.iteration, self.consumed_samples = state["iteration"], state["consumed_samples"]
-            self.scheduler.load_state_dict(state["scheduler"])
-            self.saved_iteration = self.iteration
-        _say(f"loaded {'weights of ' if args.finetune else ''}{directory} (resuming after step {self.iteration})")
+            return None
+        directory = resolve_checkpoint(args.load)
+        saved_by = checkpoint_engine(directory)
+        if not args.finetune and saved_by != args.engine:
+            raise ValueError(
+                f"checkpoint {str(directory)!r} (load) was saved by engine={saved_by}; a run resumes with the "
+                f"engine that saved it: set engine={saved_by}, or finetune=true to start from its weights alone"
+            )
+        return directory
+
+    def _resume(self, directory: Path) -> None:
+        state = self.engine.load(directory)
+        self.iteration, self.consumed_samples = state["iteration"], state["consumed_samples"]
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.saved_iteration = self.iteration
+        _say(f"loaded {directory} (resuming after step {self.iteration})")
 
     def save(self) -> Path:
         state = {
@@ -186,9 +217,7 @@ class Trainer:
             "consumed_samples": self.consumed_samples,
             "scheduler": self.scheduler.state_dict(),
         }
-        directory = save_training_checkpoint(
-            self.args.save, self.iteration, self.model, self.optimizer, self.config, state
-        )
+        directory = self.engine.save(self.args.save, self.iteration, state)
         self.saved_iteration = self.iteration
         _say(f"saved checkpoint {directory}")
         return directory
@@ -204,12 +233,11 @@ class Trainer:
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         started = time.perf_counter()
-        recording = record_mappings(torch.nn.ModuleList(self.model)) if log_gain else contextlib.nullcontext()
+        recording = record_mappings(torch.nn.ModuleList(self.engine.chunks)) if log_gain else contextlib.nullcontext()
         with recording as recorder:
             if self.p2p_timer is not None:
                 self.p2p_timer.reset()
-            loss, grad_norm, nonfinite = train_step(self.model, self.optimizer, self.config, micro_batches,
-                                                    self.p2p_timer)
+            loss, grad_norm, nonfinite = self.engine.train_step(micro_batches, self.p2p_timer)
         if nonfinite:
             self.scheduler.step(-1)  # a skipped step leaves the LR schedule where it was
         if torch.cuda.is_available():
@@ -237,12 +265,12 @@ class Trainer:
         if self.data.valid is not None and (
             self.iteration % args.eval_interval == 0 or self.iteration == args.train_iters
         ):
-            record["eval_loss"] = evaluate(self.model, self.config, self.data.valid, args.eval_iters)
+            record["eval_loss"] = evaluate(self.engine, self.data.valid, args.eval_iters)
         if args.gain_profile_interval and self.config.hc_mode != "residual" and (
             self.iteration == 1 or self.iteration % args.gain_profile_interval == 0 or self.iteration == args.train_iters
         ):
             probe = self.data.valid if self.data.valid is not None else self.data.train
-            profile = probe_gain_profile(self.model, self.config, probe)
+            profile = probe_gain_profile(self.engine, probe)
             record.update(gain_forward_max=profile["forward_max"][-1], gain_backward_max=profile["backward_max"][-1],
                           gain_profile=profile)
         return record

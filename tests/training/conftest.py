@@ -31,6 +31,14 @@ def dataset(tmp_path_factory) -> Path:
     return prefix
 
 
+@pytest.fixture(scope="module")
+def initial_weights(dataset, tmp_path_factory) -> Path:
+    """The initial weights of the tiny model (the default seed, one process), saved by a zero-step run."""
+    save = tmp_path_factory.mktemp("init") / "checkpoints"
+    run_train(*TINY, f"data_path={dataset}", "train_iters=0", "lr_warmup_iters=0", f"save={save}", f"run_dir={save.parent / 'run'}")
+    return save
+
+
 def run_command(command: list[str], expect_success: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
@@ -49,3 +57,10 @@ def run_train(*overrides: str, nproc: int = 1, expect_success: bool = True) -> s
 
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_four_steps(dataset: Path, run_dir: Path, *overrides: str, nproc: int = 1) -> list[dict]:
+    """The tiny model trained 4 steps (evaluated, and its gain profile probed, every 2); its metrics."""
+    run_train(*TINY, f"data_path={dataset}", "train_iters=4", "eval_interval=2", "eval_iters=1", "gain_profile_interval=2",
+              f"data_dir={run_dir / 'data'}", f"run_dir={run_dir}", *overrides, nproc=nproc)
+    return read_metrics(run_dir)

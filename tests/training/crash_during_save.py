@@ -13,7 +13,7 @@ import sys
 
 from pathlib import Path
 
-from mhc_megatron.training import checkpoint_files, checkpoints, loop
+from mhc_megatron.training import checkpoint_files, checkpoints, megatron_engine
 from mhc_megatron.training.cli import main
 
 
@@ -24,7 +24,7 @@ def die() -> None:
 def kill_during_save(iteration: int, at: str) -> None:
     directory = checkpoint_files.iteration_directory("", iteration).name
     saving = False
-    save_training_checkpoint, replace, save_checkpoint = loop.save_training_checkpoint, os.replace, checkpoints.save_checkpoint
+    save_training_checkpoint, replace, save_checkpoint = megatron_engine.save_training_checkpoint, os.replace, checkpoints.save_checkpoint
 
     def watched_save_training_checkpoint(save_dir, number, *args, **kwargs):
         nonlocal saving
@@ -45,7 +45,7 @@ def kill_during_save(iteration: int, at: str) -> None:
                 os.truncate(path, path.stat().st_size // 2)
             die()
 
-    loop.save_training_checkpoint = watched_save_training_checkpoint
+    megatron_engine.save_training_checkpoint = watched_save_training_checkpoint
     checkpoints.save_checkpoint = watched_save_checkpoint
     os.replace = watched_replace
 

@@ -5,6 +5,9 @@ Usage: ``torchrun --nproc-per-node N nonfinite_worker.py --data PREFIX --run-dir
 sees a NaN in its loss or in its first gradient buffer, so only the all-reduced flag can make the
 other ranks skip. Each rank writes ``DIR/rank<r>.json``: ``{"rank", "optimizer_steps", "error"}``
 (the message of ``TrainingDiverged``, or ``null``).
+
+With ``engine=deepspeed`` the NaN goes into rank R's loss at those steps (so into its gradients,
+which DeepSpeed reduces), and ``optimizer_steps`` is DeepSpeed's own count of the steps it applied (``global_steps - skipped_steps``); ``--nan-grad-steps`` is for the megatron engine.
 """
 
 import argparse
@@ -16,6 +19,7 @@ import torch
 
 from mhc_megatron.megatron import destroy_parallel, initialize_parallel, parallel_layout
 from mhc_megatron.megatron.pipeline import step as step_module
+from mhc_megatron.training import deepspeed_engine
 from mhc_megatron.training.config import RunConfig
 from mhc_megatron.training.exit_requests import ExitRequests
 from mhc_megatron.training.loop import Trainer, TrainingDiverged
@@ -52,6 +56,15 @@ def main():
         return losses
 
     step_module.forward_backward = faulty_forward_backward
+    gpt_loss = deepspeed_engine.gpt_loss
+
+    def faulty_gpt_loss(model, batch):
+        loss, record = gpt_loss(model, batch)
+        if rank == args.fault_rank and trainer.iteration + 1 in args.nan_loss_steps:
+            return loss * float("nan"), {"lm loss": record["lm loss"] * float("nan")}
+        return loss, record
+
+    deepspeed_engine.gpt_loss = faulty_gpt_loss
     optimizer_steps = 0
     optimizer_step = trainer.optimizer.step
 
@@ -67,6 +80,8 @@ def main():
             trainer.run(exit_requests)
     except TrainingDiverged as diverged:
         error = str(diverged)
+    if trainer.engine.name == "deepspeed":
+        optimizer_steps = trainer.engine.engine.global_steps - trainer.engine.engine.skipped_steps
     report = {"rank": rank, "optimizer_steps": optimizer_steps, "error": error}
     (args.report_dir / f"rank{rank}.json").write_text(json.dumps(report))
     destroy_parallel()

@@ -67,9 +67,9 @@ CONSUMERS = {
     "tokenizer": "mhc_megatron.training.builders:build_data",
     "lr": "mhc_megatron.training.builders:build_training_optimizer",
     "min_lr": "mhc_megatron.training.builders:build_training_optimizer",
-    "lr_warmup_iters": "mhc_megatron.training.builders:build_training_optimizer",
+    "lr_warmup_iters": "mhc_megatron.training.builders:build_lr_scheduler",
     "lr_decay_iters": "mhc_megatron.training.arguments:TrainingArguments.decay_iters",
-    "lr_decay_style": "mhc_megatron.training.builders:build_training_optimizer",
+    "lr_decay_style": "mhc_megatron.training.builders:build_lr_scheduler",
     "weight_decay": "mhc_megatron.training.builders:build_training_optimizer",
     "adam_beta1": "mhc_megatron.training.builders:build_training_optimizer",
     "adam_beta2": "mhc_megatron.training.builders:build_training_optimizer",
@@ -82,8 +82,8 @@ CONSUMERS = {
     "gain_profile_interval": "mhc_megatron.training.loop:Trainer.step",
     "save": "mhc_megatron.training.loop:Trainer.run",
     "save_interval": "mhc_megatron.training.loop:Trainer.run",
-    "load": "mhc_megatron.training.loop:Trainer._resume",
-    "finetune": "mhc_megatron.training.loop:Trainer._resume",
+    "load": "mhc_megatron.training.loop:Trainer._checkpoint_to_load",
+    "finetune": "mhc_megatron.training.loop:Trainer._checkpoint_to_load",
     "run_dir": "mhc_megatron.training.loop:Trainer.__init__",
     "wandb": "mhc_megatron.training.loop:Trainer.run",
     "wandb_project": "mhc_megatron.training.loop:Trainer.run",
@@ -91,6 +91,8 @@ CONSUMERS = {
     "untie_embeddings_and_output_weights": "mhc_megatron.training.builders:build_model",
     "swiglu": "mhc_megatron.training.config:RunConfig.transformer_config",
     "make_vocab_size_divisible_by": "mhc_megatron.training.builders:build_data",
+    "engine": "mhc_megatron.training.loop:build_engine",
+    "zero_stage": "mhc_megatron.training.arguments:TrainingArguments.deepspeed_zero_stage",
 }
 
 # initialize_model_parallel arguments named otherwise than the config field they stand for (its

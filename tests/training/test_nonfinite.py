@@ -49,6 +49,29 @@ def test_a_nonfinite_step_on_one_rank_is_skipped_on_every_rank(dataset, tmp_path
     assert tensors and all(torch.isfinite(t).all() for t in tensors)
 
 
+def test_deepspeed_skips_a_step_whose_loss_is_nonfinite_on_one_rank(dataset, tmp_path):
+    """ZeRO-2, DP = 2; rank 1 alone sees a NaN loss at steps 2, 4 and 5: DeepSpeed's overflow check
+    (on the reduced gradients) skips them on both ranks, the LR schedule holds, and the second skip
+    in a row stops the run."""
+    result = run_command([
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(WORKER),
+        f"--data={dataset}", f"--run-dir={tmp_path / 'run'}", f"--report-dir={tmp_path}", "--fault-rank=1",
+        "--nan-loss-steps=2,4,5", "--", *TINY, "engine=deepspeed", "zero_stage=2", "train_iters=10", "lr_warmup_iters=0",
+        "lr_decay_style=linear", "max_consecutive_skips=2", f"data_dir={tmp_path / 'data'}",
+    ])  # fmt: skip
+    reports = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    for report in reports:
+        assert report["optimizer_steps"] == 2, report  # steps 1 and 3
+        assert report["error"].startswith("the run diverged: the loss or gradients were non-finite at steps 4 to 5 "), report
+    records = read_metrics(tmp_path / "run")
+    assert [r.get("skipped") for r in records] == [None, ["loss", "gradients"], None, ["loss", "gradients"],
+                                                   ["loss", "gradients"]]
+    assert records[1]["loss"] is None and records[1]["grad_norm"] is None and math.isfinite(records[2]["loss"])
+    lrs = [r["lr"] for r in records]
+    assert lrs[2] == lrs[1] < lrs[0] and lrs[3] == lrs[4] < lrs[2]
+    assert "step 2: skipped: non-finite loss and gradients" in result.stdout
+
+
 def _tensors(value):
     if isinstance(value, torch.Tensor):
         yield value

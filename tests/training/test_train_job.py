@@ -2,27 +2,13 @@
 
 import pytest
 
-from .conftest import TINY, read_metrics, run_train
-
-
-@pytest.fixture(scope="module")
-def initial_weights(dataset, tmp_path_factory):
-    """The initial weights of the tiny model (the default seed, one process), saved by a zero-step run."""
-    save = tmp_path_factory.mktemp("init") / "checkpoints"
-    run_train(*TINY, f"data_path={dataset}", "train_iters=0", "lr_warmup_iters=0", f"save={save}", f"run_dir={save.parent / 'run'}")
-    return save
-
-
-def train(dataset, run_dir, *overrides, nproc=1):
-    run_train(*TINY, f"data_path={dataset}", "train_iters=4", "eval_interval=2", "eval_iters=1", "gain_profile_interval=2",
-              f"data_dir={run_dir / 'data'}", f"run_dir={run_dir}", *overrides, nproc=nproc)
-    return read_metrics(run_dir)
+from .conftest import TINY, read_metrics, run_train, train_four_steps
 
 
 @pytest.fixture(scope="module")
 def single_process(initial_weights, dataset, tmp_path_factory):
     """One process, starting from the saved initial weights (``finetune``)."""
-    return train(dataset, tmp_path_factory.mktemp("single"), f"load={initial_weights}", "finetune=true")
+    return train_four_steps(dataset, tmp_path_factory.mktemp("single"), f"load={initial_weights}", "finetune=true")
 
 
 @pytest.mark.parametrize(
@@ -33,7 +19,7 @@ def single_process(initial_weights, dataset, tmp_path_factory):
 )
 def test_two_processes_match_one(layout, single_process, dataset, tmp_path):
     """Each layout starts from the seed alone: the same initial model as the saved one."""
-    parallel = train(dataset, tmp_path, *layout, nproc=2)
+    parallel = train_four_steps(dataset, tmp_path, *layout, nproc=2)
     assert [r["step"] for r in parallel] == [1, 2, 3, 4]
     assert all(("p2p_blocked_s" in r) == ("pipeline_model_parallel_size=2" in layout) for r in parallel)
     for one, two in zip(single_process, parallel):

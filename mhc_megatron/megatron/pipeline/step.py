@@ -67,11 +67,20 @@ def _masked_mean_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
     return loss, {"lm loss": loss.detach().clone()}
 
 
+def _per_token_loss(model, batch: MicroBatch) -> torch.Tensor:
+    return model(batch.tokens, batch.position_ids, None, labels=batch.labels)
+
+
 def gpt_forward_step(data_iterator, model):
     """``forward_step_func`` for megatron's schedules: per-token loss and its masked mean."""
     batch = next(data_iterator)
-    per_token_loss = model(batch.tokens, batch.position_ids, None, labels=batch.labels)
-    return per_token_loss, partial(_masked_mean_loss, batch.loss_mask)
+    return _per_token_loss(model, batch), partial(_masked_mean_loss, batch.loss_mask)
+
+
+def gpt_loss(model, batch: MicroBatch) -> tuple[torch.Tensor, dict]:
+    """Without a schedule (one stage, e.g. under DeepSpeed): the masked mean loss of ``batch``
+    through the whole ``model`` and its record ``{"lm loss": detached copy}``, as the schedules give."""
+    return _masked_mean_loss(batch.loss_mask, _per_token_loss(model, batch))
 
 
 def forward_backward_function(config: MhcTransformerConfig):
