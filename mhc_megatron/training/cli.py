@@ -40,6 +40,8 @@ _START_UP_NOTICES = (
 def quiet_start_up_notices() -> None:
     for text in _START_UP_NOTICES:
         warnings.filterwarnings("ignore", message=text, category=UserWarning)
+    # DeepSpeed's ZeRO calls collectives that torch 2.13 deprecates (all_gather_into_tensor, ...), each time
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     logging.getLogger("megatron.core.models.gpt.gpt_model").setLevel(logging.ERROR)
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 

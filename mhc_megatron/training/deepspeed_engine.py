@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sysconfig
 from pathlib import Path
 
 import torch
@@ -80,6 +81,16 @@ def deepspeed_config(run: RunConfig, config: MhcTransformerConfig, data_parallel
     }
 
 
+def _put_ninja_on_path() -> None:
+    """On CPU, DeepSpeed compiles its shared-memory all-reduce at its first start (cached in
+    ``~/.cache/torch_extensions``) with ninja, which it looks up on ``PATH``: when no ninja is there,
+    use the one the ``deepspeed`` extra installed beside this interpreter (a venv that is not
+    activated is not on ``PATH``)."""
+    scripts = sysconfig.get_path("scripts")
+    if shutil.which("ninja") is None and shutil.which("ninja", path=scripts) is not None:
+        os.environ["PATH"] = os.pathsep.join([scripts, os.environ.get("PATH", "")])
+
+
 def optimizer_param_groups(chunks: list[torch.nn.Module], run: RunConfig) -> list[dict]:
     """megatron-core's parameter groups of ``chunks`` for the run's optimizer settings: the same
     groups, ``wd_mult`` (0 for biases and 1-D parameters) and LR bounds as megatron's optimizer."""
@@ -94,6 +105,7 @@ class DeepSpeedEngine:
 
     def __init__(self, run: RunConfig, config: MhcTransformerConfig, chunks: list[torch.nn.Module],
                  data_parallel: int) -> None:
+        _put_ninja_on_path()
         import deepspeed
 
         (chunk,) = chunks
