@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -36,9 +37,12 @@ from mhc_megatron.training.checkpoint_files import (
 )
 
 
-def save_training_checkpoint(save_dir, iteration: int, model_chunks, optimizer, config, train_state: dict) -> Path:
-    """Save iteration ``iteration`` under ``save_dir`` on every rank: into ``iter_N.partial``, renamed
-    ``iter_N`` once every rank has written its part, then the tracker advanced (module docstring)."""
+def save_iteration(save_dir, iteration: int, write: Callable[[Path], None],
+                   other_trackers: dict[str, str] | None = None) -> Path:
+    """Save iteration ``iteration`` under ``save_dir`` on every rank, as every engine does (module
+    docstring): ``write(partial)`` writes this rank's part into ``iter_N.partial``, which is renamed
+    ``iter_N`` once every rank has written, then ``other_trackers`` (file name -> text) and last the
+    tracker are replaced atomically."""
     directory = iteration_directory(save_dir, iteration)
     partial = directory.with_name(directory.name + PARTIAL)
     if tracked_iteration(save_dir) == iteration:
@@ -49,15 +53,26 @@ def save_training_checkpoint(save_dir, iteration: int, model_chunks, optimizer, 
             if stale.exists():
                 shutil.rmtree(stale)
     torch.distributed.barrier()
-    save_checkpoint(model_chunks, config, partial, optimizer=optimizer, train_state=train_state)
+    write(partial)
     torch.distributed.barrier()
     if rank0:
         os.replace(partial, directory)
-        tracker = Path(save_dir) / f".{TRACKER}{PARTIAL}"
-        tracker.write_text(f"{iteration}\n")
-        os.replace(tracker, Path(save_dir) / TRACKER)
+        for name, text in {**(other_trackers or {}), TRACKER: f"{iteration}\n"}.items():
+            written = Path(save_dir) / f".{name}{PARTIAL}"
+            written.write_text(text)
+            os.replace(written, Path(save_dir) / name)
     torch.distributed.barrier()
     return directory
+
+
+def save_training_checkpoint(save_dir, iteration: int, model_chunks, optimizer, config, train_state: dict) -> Path:
+    """Save the megatron engine's ``model_chunks``, ``optimizer`` and ``train_state`` as iteration
+    ``iteration`` under ``save_dir`` (``save_iteration``)."""
+
+    def write(partial: Path) -> None:
+        save_checkpoint(model_chunks, config, partial, optimizer=optimizer, train_state=train_state)
+
+    return save_iteration(save_dir, iteration, write)
 
 
 def load_training_checkpoint(load_dir, model_chunks, config, optimizer=None) -> tuple[Path, dict]:

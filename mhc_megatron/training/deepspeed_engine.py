@@ -42,14 +42,8 @@ from mhc_megatron.megatron.model.transformer_config import MhcTransformerConfig
 from mhc_megatron.megatron.pipeline.exchange_timing import P2PTimer
 from mhc_megatron.megatron.pipeline.step import MicroBatch, StepOutcome, gpt_loss, mean_loss
 from mhc_megatron.training.builders import build_lr_scheduler
-from mhc_megatron.training.checkpoint_files import (
-    DEEPSPEED_RECORD,
-    DEEPSPEED_TRACKER,
-    PARTIAL,
-    TRACKER,
-    iteration_directory,
-    tracked_iteration,
-)
+from mhc_megatron.training.checkpoint_files import DEEPSPEED_RECORD, DEEPSPEED_TRACKER, iteration_directory
+from mhc_megatron.training.checkpoints import save_iteration
 from mhc_megatron.training.config import RunConfig
 
 _NEVER_PRINT = 1 << 30  # DeepSpeed's own progress line (steps_per_print): the trainer logs every step
@@ -141,32 +135,19 @@ class DeepSpeedEngine:
         return [gpt_loss(self.engine, micro_batch)[1] for micro_batch in micro_batches]
 
     def save(self, save_dir: str | Path, iteration: int, train_state: dict) -> Path:
-        """DeepSpeed's checkpoint of every rank into ``iter_N.partial``, renamed and tracked once all
-        ranks have written (module docstring)."""
-        directory = iteration_directory(save_dir, iteration)
-        partial = directory.with_name(directory.name + PARTIAL)
-        if tracked_iteration(save_dir) == iteration:
-            raise ValueError(f"refusing to save over {directory}: it is the checkpoint {Path(save_dir) / TRACKER} names")
-        rank0 = torch.distributed.get_rank() == 0
-        if rank0:
-            for stale in (partial, directory):  # an earlier save of this iteration that did not finish
-                if stale.exists():
-                    shutil.rmtree(stale)
-        torch.distributed.barrier()
-        self.engine.save_checkpoint(str(save_dir), tag=partial.name, client_state={"train_state": train_state},
-                                    save_latest=False)
-        torch.distributed.barrier()
-        if rank0:
-            record = {"mhc": architecture_record(self.config), "zero_stage": self.zero_stage,
-                      "data_parallel_size": self.data_parallel, "iteration": iteration}
-            (partial / DEEPSPEED_RECORD).write_text(json.dumps(record, indent=1) + "\n")
-            os.replace(partial, directory)
-            for tracker, text in ((DEEPSPEED_TRACKER, directory.name), (TRACKER, str(iteration))):
-                written = Path(save_dir) / f".{tracker}{PARTIAL}"
-                written.write_text(f"{text}\n" if tracker == TRACKER else text)
-                os.replace(written, Path(save_dir) / tracker)
-        torch.distributed.barrier()
-        return directory
+        """DeepSpeed's checkpoint of every rank, with this module's record, saved as iteration
+        ``iteration`` (``checkpoints.save_iteration``); DeepSpeed's ``latest`` is advanced with ours."""
+
+        def write(partial: Path) -> None:
+            self.engine.save_checkpoint(str(save_dir), tag=partial.name, client_state={"train_state": train_state},
+                                        save_latest=False)  # ends with a barrier: every rank has written
+            if torch.distributed.get_rank() == 0:
+                record = {"mhc": architecture_record(self.config), "zero_stage": self.zero_stage,
+                          "data_parallel_size": self.data_parallel, "iteration": iteration}
+                (partial / DEEPSPEED_RECORD).write_text(json.dumps(record, indent=1) + "\n")
+
+        name = iteration_directory(save_dir, iteration).name
+        return save_iteration(save_dir, iteration, write, other_trackers={DEEPSPEED_TRACKER: name})
 
     def load(self, directory: Path) -> dict:
         """Resume from DeepSpeed checkpoint ``directory`` (weights, ZeRO optimizer state, train

@@ -2,8 +2,8 @@
 same global batch, stop-and-resume equals the uninterrupted run, the parameter groups are megatron's,
 and checkpoints move between the engines as weights (``finetune``), never as a resume.
 
-Tolerance against megatron: rel 1e-5 on the loss, 1e-4 on the gradient norm and the Amax gain (as
-between megatron's own layouts, test_train_job.py): both engines run torch's AdamW in float32 on the
+Tolerance against megatron: ``assert_same_training``'s (rel 1e-5 on the loss, 1e-4 on the gradient
+norm and the Amax gain, as between megatron's own layouts in test_train_job.py): both engines run torch's AdamW in float32 on the
 same micro-batches; they differ in the order of the gradient reductions (megatron's DDP buckets,
 ZeRO's partitions), i.e. in float32 rounding, which Adam turns into small weight differences.
 """
@@ -17,21 +17,9 @@ import pytest
 from mhc_megatron.training.builders import data_parallel_size
 from mhc_megatron.training.config import RunConfig
 
-from .conftest import TINY, read_metrics, run_command, run_train, train_four_steps
+from .conftest import TINY, assert_same_training, read_metrics, run_command, run_train, train_four_steps
 
 WORKER = Path(__file__).with_name("deepspeed_groups_worker.py")
-
-
-def matches_megatron(runs: list[dict], megatron: list[dict]) -> None:
-    assert [r["step"] for r in runs] == [1, 2, 3, 4]
-    for ours, reference in zip(runs, megatron):
-        assert ours["lr"] == reference["lr"]
-        assert ours["loss"] == pytest.approx(reference["loss"], rel=1e-5), (ours, reference)
-        assert ours["grad_norm"] == pytest.approx(reference["grad_norm"], rel=1e-4), (ours, reference)
-        assert ours.get("eval_loss") == pytest.approx(reference.get("eval_loss"), rel=1e-5)
-        assert ours.get("amax_gain_backward") == pytest.approx(reference.get("amax_gain_backward"), rel=1e-4)
-        for key, values in reference.get("gain_profile", {}).items():
-            assert ours["gain_profile"][key] == pytest.approx(values, rel=1e-4), key
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +41,7 @@ def test_zero1_from_megatron_weights_matches_megatron(megatron_dp2, initial_weig
     """ZeRO-1 starting from megatron's checkpoint of the initial weights (``finetune``): the same run."""
     runs = train_four_steps(dataset, tmp_path, "engine=deepspeed", "zero_stage=1", f"load={initial_weights}",
                             "finetune=true", nproc=2)
-    matches_megatron(runs, megatron_dp2)
+    assert_same_training(runs, megatron_dp2)
     settings = json.loads((tmp_path / "deepspeed_config.json").read_text())
     assert settings["zero_optimization"]["stage"] == 1
     assert settings["gradient_accumulation_steps"] == 2 and settings["train_batch_size"] == 8
@@ -61,7 +49,7 @@ def test_zero1_from_megatron_weights_matches_megatron(megatron_dp2, initial_weig
 
 def test_zero2_matches_megatron(megatron_dp2, zero2):
     run_dir, runs = zero2
-    matches_megatron(runs, megatron_dp2)
+    assert_same_training(runs, megatron_dp2)
     save = run_dir / "checkpoints"
     assert (save / "latest_checkpointed_iteration.txt").read_text() == "4\n"
     assert (save / "latest").read_text() == "iter_0000004"
@@ -72,7 +60,7 @@ def test_zero2_matches_megatron(megatron_dp2, zero2):
 
 
 def test_zero3_matches_megatron(megatron_dp2, dataset, tmp_path):
-    matches_megatron(train_four_steps(dataset, tmp_path, "engine=deepspeed", "zero_stage=3", nproc=2), megatron_dp2)
+    assert_same_training(train_four_steps(dataset, tmp_path, "engine=deepspeed", "zero_stage=3", nproc=2), megatron_dp2)
 
 
 def test_stop_and_resume_equals_the_uninterrupted_run(zero2, dataset, tmp_path):

@@ -2,7 +2,7 @@
 
 import pytest
 
-from .conftest import TINY, read_metrics, run_train, train_four_steps
+from .conftest import TINY, assert_same_training, read_metrics, run_train, train_four_steps
 
 
 @pytest.fixture(scope="module")
@@ -22,16 +22,7 @@ def test_two_processes_match_one(layout, single_process, dataset, tmp_path):
     parallel = train_four_steps(dataset, tmp_path, *layout, nproc=2)
     assert [r["step"] for r in parallel] == [1, 2, 3, 4]
     assert all(("p2p_blocked_s" in r) == ("pipeline_model_parallel_size=2" in layout) for r in parallel)
-    for one, two in zip(single_process, parallel):
-        assert two["loss"] == pytest.approx(one["loss"], rel=1e-5), (one, two)
-        assert two["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-4), (one, two)
-        assert two.get("eval_loss") == pytest.approx(one.get("eval_loss"), rel=1e-5)
-        # as the gradient norm: Adam turns the layouts' rounding differences into weight differences
-        # that the gain (2 % above 1 here, measured: 1.6e-5 apart at TP = 2) shows more than the loss
-        assert two.get("amax_gain_backward") == pytest.approx(one.get("amax_gain_backward"), rel=1e-4)
-        # the probe's depth profile: every stage's sub-layers, gathered in order (PP = 2)
-        for key, values in one.get("gain_profile", {}).items():
-            assert two["gain_profile"][key] == pytest.approx(values, rel=1e-4), key
+    assert_same_training(parallel, single_process)  # the gain profile: every stage's sub-layers, in order (PP = 2)
     assert single_process[-1]["loss"] < single_process[0]["loss"]
     assert all(r["amax_gain_backward"] > 1.01 for r in single_process if "amax_gain_backward" in r)
 
