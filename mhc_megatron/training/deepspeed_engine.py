@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 from megatron.core.optimizer import OptimizerConfig, _get_param_groups, get_standard_config_overrides
 
-from mhc_megatron.megatron.model.checkpointing import architecture_record
+from mhc_megatron.megatron.model.checkpointing import architecture_record, check_architecture
 from mhc_megatron.megatron.model.transformer_config import MhcTransformerConfig
 from mhc_megatron.megatron.pipeline.exchange_timing import P2PTimer
 from mhc_megatron.megatron.pipeline.step import MicroBatch, StepOutcome, gpt_loss, mean_loss
@@ -125,10 +125,10 @@ class DeepSpeedEngine:
             self.engine.backward(loss)
             self.engine.step()
             records.append(record)
+        if self.engine.was_step_applied():  # the same on every rank: ZeRO all-reduces its overflow check
+            return StepOutcome(mean_loss(records), self.engine.get_global_grad_norm(), ())
         nonfinite_loss = torch.stack([~torch.isfinite(record["lm loss"]) for record in records]).any().float()
         torch.distributed.all_reduce(nonfinite_loss, op=torch.distributed.ReduceOp.MAX)
-        if self.engine.was_step_applied():
-            return StepOutcome(mean_loss(records), self.engine.get_global_grad_norm(), ())
         return StepOutcome(mean_loss(records), None, ("loss", "gradients") if nonfinite_loss.item() else ("gradients",))
 
     def forward_only(self, micro_batches: list[MicroBatch]) -> list:
@@ -175,12 +175,7 @@ def read_deepspeed_record(directory: Path, config: MhcTransformerConfig) -> dict
         record = json.loads((Path(directory) / DEEPSPEED_RECORD).read_text())
     except (OSError, ValueError) as error:
         raise ValueError(f"checkpoint {str(directory)!r}: cannot read its {DEEPSPEED_RECORD}: {error}") from error
-    for field, value in architecture_record(config).items():
-        if record.get("mhc", {}).get(field) != value:
-            raise ValueError(
-                f"checkpoint {str(directory)!r} was saved with {field}={record.get('mhc', {}).get(field)!r}, "
-                f"but the config has {field}={value!r}"
-            )
+    check_architecture(record.get("mhc"), config, directory)
     return record
 
 

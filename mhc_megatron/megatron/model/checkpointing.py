@@ -32,6 +32,19 @@ def architecture_record(config: MhcTransformerConfig) -> dict:
     return record
 
 
+def check_architecture(saved: dict | None, config: MhcTransformerConfig, directory: str | Path) -> None:
+    """Raise ``ValueError`` naming the first field of ``architecture_record(config)`` that the record
+    ``saved`` with checkpoint ``directory`` (``None``: it has none) holds with another value."""
+    if saved is None:
+        raise ValueError(f"checkpoint {str(directory)!r} has no 'mhc' architecture record")
+    for field, value in architecture_record(config).items():
+        if saved.get(field) != value:
+            raise ValueError(
+                f"checkpoint {str(directory)!r} was saved with {field}={saved.get(field)!r}, "
+                f"but the config has {field}={value!r}"
+            )
+
+
 def _chunk_keys(model_chunks: list[torch.nn.Module]) -> list[str]:
     """megatron's naming: ``model`` for one chunk, ``model0``, ``model1``, ... for virtual stages."""
     return ["model"] if len(model_chunks) == 1 else [f"model{i}" for i in range(len(model_chunks))]
@@ -106,16 +119,7 @@ def check_checkpoint(
     if not directory.is_dir():
         raise ValueError(f"checkpoint directory {str(directory)!r} does not exist")
     common, saved_tensors = read_checkpoint_metadata(directory)
-    saved = common.get("mhc")
-    if saved is None:
-        raise ValueError(f"checkpoint {str(directory)!r} has no 'mhc' architecture record")
-    expected = architecture_record(config)
-    for field, value in expected.items():
-        if saved.get(field) != value:
-            raise ValueError(
-                f"checkpoint {str(directory)!r} was saved with {field}={saved.get(field)!r}, "
-                f"but the config has {field}={value!r}"
-            )
+    check_architecture(common.get("mhc"), config, directory)
     check_saved_tensors(_flat_tensors(_sharded_state(model_chunks)), saved_tensors, directory)
     if with_optimizer and not any(key.startswith("optimizer.") for key in saved_tensors):
         raise ValueError(
