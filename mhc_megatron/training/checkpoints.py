@@ -12,9 +12,10 @@ behind (``unfinished_saves``) is ignored on resume, with a message, and replaced
 of that iteration.
 
 ``load`` may name such a directory (its latest iteration is loaded) or one ``iter_*`` directory;
-``checkpoint_files`` reads the layout (without torch). These functions write and read the megatron
-engine's checkpoints (``deepspeed_engine`` writes DeepSpeed's in the same layout); ``load_weights``
-reads the weights of either.
+``checkpoint_files`` reads the layout (without torch) and resolves ``load``. These functions write
+the megatron engine's checkpoints (``deepspeed_engine`` writes DeepSpeed's in the same layout,
+``megatron_engine`` loads with ``checkpointing.load_checkpoint``); ``load_weights`` reads the weights
+of either.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ from mhc_megatron.training.checkpoint_files import (
     TRACKER,
     checkpoint_engine,
     iteration_directory,
-    resolve_checkpoint,
     tracked_iteration,
 )
 
@@ -73,13 +73,6 @@ def save_training_checkpoint(save_dir, iteration: int, model_chunks, optimizer, 
         save_checkpoint(model_chunks, config, partial, optimizer=optimizer, train_state=train_state)
 
     return save_iteration(save_dir, iteration, write)
-
-
-def load_training_checkpoint(load_dir, model_chunks, config, optimizer=None) -> tuple[Path, dict]:
-    """Load the checkpoint ``load_dir`` stands for into the model (and ``optimizer``, unless
-    ``None``: weights only); returns its directory and saved train state."""
-    directory = resolve_checkpoint(load_dir)
-    return directory, load_checkpoint(model_chunks, config, directory, optimizer=optimizer)
 
 
 def load_weights(model_chunks, config, directory: Path) -> None:

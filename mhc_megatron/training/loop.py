@@ -196,8 +196,8 @@ class Trainer:
         if not args.load or (args.load == args.save and not has_checkpoints(args.load)):
             return None
         directory = resolve_checkpoint(args.load)
-        saved_by = checkpoint_engine(directory)
-        if not args.finetune and saved_by != args.engine:
+        saved_by = checkpoint_engine(directory)  # None: unreadable, which the engine's loader says
+        if not args.finetune and saved_by not in (None, args.engine):
             raise ValueError(
                 f"checkpoint {str(directory)!r} (load) was saved by engine={saved_by}; a run resumes with the "
                 f"engine that saved it: set engine={saved_by}, or finetune=true to start from its weights alone"

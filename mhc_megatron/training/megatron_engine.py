@@ -15,11 +15,12 @@ from pathlib import Path
 
 import torch
 
+from mhc_megatron.megatron.model.checkpointing import load_checkpoint
 from mhc_megatron.megatron.model.transformer_config import MhcTransformerConfig
 from mhc_megatron.megatron.pipeline.exchange_timing import P2PTimer
 from mhc_megatron.megatron.pipeline.step import MicroBatch, StepOutcome, run_schedule, train_step, wrap_with_ddp
 from mhc_megatron.training.builders import build_lr_scheduler, build_training_optimizer
-from mhc_megatron.training.checkpoints import load_training_checkpoint, save_training_checkpoint
+from mhc_megatron.training.checkpoints import save_training_checkpoint
 from mhc_megatron.training.config import RunConfig
 
 
@@ -43,4 +44,4 @@ class MegatronEngine:
         return save_training_checkpoint(save_dir, iteration, self.chunks, self.optimizer, self.config, train_state)
 
     def load(self, directory: Path) -> dict:
-        return load_training_checkpoint(directory, self.chunks, self.config, optimizer=self.optimizer)[1]
+        return load_checkpoint(self.chunks, self.config, directory, optimizer=self.optimizer)
